@@ -1,0 +1,420 @@
+"""The one TOML config file: parsed and validated at start-up and on SIGHUP.
+
+Every problem is reported as ``ConfigError`` naming the file, the key and what is wrong, so an
+operator can fix a typo without reading code. Unknown keys are errors too: a misspelt limit that
+silently falls back to a default is how reputations get burnt.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|m|mb|g|gb)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3}
+_SIZE_UNITS["gb"] = _SIZE_UNITS["g"]
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
+_RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
+_RATE_PERIODS |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the operator: file, key, problem."""
+
+    def __init__(self, path: str | Path, key: str, problem: str) -> None:
+        self.path, self.key, self.problem = str(path), key, problem
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A message rate: ``count`` per ``period`` seconds."""
+
+    count: float
+    period: float
+
+    @property
+    def interval(self) -> float:
+        return self.period / self.count
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: HostPort
+    kind: str
+
+
+@dataclass(frozen=True)
+class Source:
+    address: str
+    ehlo: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Shaping:
+    max_connections: int
+    max_connections_per_source: int
+    max_rate: Rate | None
+    max_rate_per_source: Rate | None
+    max_messages_per_connection: int
+    pool: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    first: float
+    multiplier: float
+    max_interval: float
+    jitter: float
+    max_age: float
+    delay_warning: float
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    hostname: str
+    spool_path: Path
+    log_level: str
+    shutdown_timeout: float
+    listeners: tuple[Listener, ...]
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_message_size: int
+    max_recipients: int
+    max_errors: int
+    session_timeout: float
+    nameservers: tuple[HostPort, ...]
+    dns_timeout: float
+    delivery_port: int
+    connect_timeout: float
+    command_timeout: float
+    idle_connection_time: float
+    starttls: str
+    max_active: int
+    routes: dict[str, HostPort]
+    shaping_default: Shaping
+    shaping_domains: dict[str, Shaping]
+    retry: Retry
+    pools: dict[str, tuple[Source, ...]]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def shaping_for(self, domain: str) -> Shaping:
+        return self.shaping_domains.get(domain, self.shaping_default)
+
+    def route_for(self, domain: str) -> HostPort | None:
+        return self.routes.get(domain) or self.routes.get("*")
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted_networks)
+
+
+class _Section:
+    """Reads keys of one TOML table, remembering which were used to flag unknown ones."""
+
+    def __init__(self, path: Path, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, "must be a table")
+        self.path, self.prefix, self.data, self.used = path, prefix, data, set[str]()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            raise ConfigError(self.path, self.key(name), f"must be a {names}, got {value!r}")
+        return value
+
+    def positive_int(self, name: str, default: int, minimum: int = 1) -> int:
+        value = self.get(name, default, int)
+        if value < minimum:
+            raise ConfigError(self.path, self.key(name), f"must be >= {minimum}, got {value}")
+        return value
+
+    def duration(self, name: str, default: str, allow_zero: bool = False) -> float:
+        raw = self.get(name, default, (str, int, float))
+        seconds = _parse_duration(raw)
+        if seconds is None or (seconds <= 0 and not allow_zero):
+            raise ConfigError(
+                self.path, self.key(name), f"must be a duration like '30s', '5m', '2h', got {raw!r}"
+            )
+        return seconds
+
+    def size(self, name: str, default: str) -> int:
+        raw = self.get(name, default, (str, int))
+        m = _SIZE.match(str(raw))
+        if not m or int(m.group(1)) <= 0:
+            raise ConfigError(self.path, self.key(name), f"must be a size like '25MB', got {raw!r}")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower() if m.group(2) else None]
+
+    def rate(self, name: str) -> Rate | None:
+        raw = self.get(name, "", str)
+        if not raw:
+            return None
+        m = _RATE.match(raw)
+        if not m or float(m.group(1)) <= 0:
+            raise ConfigError(
+                self.path, self.key(name), f"must be a rate like '100/min' or '', got {raw!r}"
+            )
+        return Rate(float(m.group(1)), _RATE_PERIODS[m.group(2)])
+
+    def table(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.path, self.key(name), self.data.get(name, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self.path, self.key(unknown[0]), "unknown key")
+
+
+def _parse_duration(raw: str | int | float) -> float | None:
+    if isinstance(raw, int | float):
+        return float(raw)
+    m = _DURATION.match(raw)
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)] if m else None
+
+
+def parse_hostport(raw: str, default_port: int | None) -> HostPort:
+    """Parse ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", raw)
+    if m:
+        host, port = m.group(1), m.group(2)
+    elif raw.count(":") == 1:
+        host, port = raw.split(":")
+    else:
+        host, port = raw, None
+    if not host or (port is None and default_port is None):
+        raise ValueError(f"expected host:port, got {raw!r}")
+    number = int(port) if port is not None and port.isdigit() else default_port
+    if (port is not None and not port.isdigit()) or number is None or not 0 < number < 65536:
+        raise ValueError(f"bad port in {raw!r}")
+    return HostPort(host, number)
+
+
+def _hostport(section: _Section, name: str, raw: Any, default_port: int | None) -> HostPort:
+    if not isinstance(raw, str):
+        raise ConfigError(section.path, section.key(name), f"must be a string, got {raw!r}")
+    try:
+        return parse_hostport(raw, default_port)
+    except ValueError as exc:
+        raise ConfigError(section.path, section.key(name), str(exc)) from None
+
+
+def _shaping(section: _Section, base: Shaping | None, pools: dict[str, Any]) -> Shaping:
+    d = base or Shaping(20, 10, None, None, 100, "")
+
+    def pick(name: str, value: Any) -> Any:
+        return value if name in section.data else getattr(d, name)
+
+    shaping = Shaping(
+        max_connections=section.positive_int("max_connections", d.max_connections),
+        max_connections_per_source=section.positive_int(
+            "max_connections_per_source", d.max_connections_per_source
+        ),
+        max_rate=pick("max_rate", section.rate("max_rate")),
+        max_rate_per_source=pick("max_rate_per_source", section.rate("max_rate_per_source")),
+        max_messages_per_connection=section.positive_int(
+            "max_messages_per_connection", d.max_messages_per_connection
+        ),
+        pool=section.get("pool", d.pool, str),
+    )
+    if shaping.pool and shaping.pool not in pools:
+        raise ConfigError(section.path, section.key("pool"), f"no pool named {shaping.pool!r}")
+    section.finish()
+    return shaping
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate ``path``; raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    return _build(path, raw)
+
+
+def _build(path: Path, raw: dict[str, Any]) -> Config:
+    top = _Section(path, "", raw)
+
+    server = top.table("server")
+    hostname = server.get("hostname", "localhost", str)
+    if not _HOSTNAME.match(hostname):
+        raise ConfigError(path, "server.hostname", f"not a valid host name: {hostname!r}")
+    spool_raw = server.get("spool_path", "spool/relayd.sqlite", str)
+    spool_path = (path.parent / spool_raw).resolve()
+    log_level = server.get("log_level", "info", str).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(path, "server.log_level", "must be debug, info, warning or error")
+    shutdown_timeout = server.duration("shutdown_timeout", "30s")
+    server.finish()
+
+    top.used.add("listeners")
+    listeners_raw = raw.get("listeners", [{"address": "127.0.0.1:25", "kind": "relay"}])
+    if not isinstance(listeners_raw, list) or not listeners_raw:
+        raise ConfigError(path, "listeners", "must be a non-empty array of tables")
+    listeners = []
+    for i, item in enumerate(listeners_raw):
+        sec = _Section(path, f"listeners[{i}]", item)
+        address = _hostport(sec, "address", sec.get("address", "", str), None)
+        kind = sec.get("kind", "relay", str)
+        if kind != "relay":
+            raise ConfigError(path, sec.key("kind"), f"unknown listener kind {kind!r} (relay)")
+        sec.finish()
+        listeners.append(Listener(address, kind))
+
+    ingress = top.table("ingress")
+    nets = []
+    for i, net in enumerate(ingress.get("trusted_networks", ["127.0.0.1/32", "::1/128"], list)):
+        try:
+            nets.append(ipaddress.ip_network(net, strict=False))
+        except (ValueError, TypeError):
+            raise ConfigError(
+                path, f"ingress.trusted_networks[{i}]", f"not a CIDR: {net!r}"
+            ) from None
+    max_message_size = ingress.size("max_message_size", "25MB")
+    max_recipients = ingress.positive_int("max_recipients", 1000)
+    max_errors = ingress.positive_int("max_errors", 10)
+    session_timeout = ingress.duration("session_timeout", "300s")
+    ingress.finish()
+
+    dns = top.table("dns")
+    nameservers = tuple(
+        _hostport(dns, f"nameservers[{i}]", ns, 53)
+        for i, ns in enumerate(dns.get("nameservers", [], list))
+    )
+    dns_timeout = dns.duration("timeout", "5s")
+    dns.finish()
+
+    pools_sec = top.table("pools")
+    pools: dict[str, tuple[Source, ...]] = {}
+    for name in pools_sec.data:
+        pool = pools_sec.table(name)
+        sources = []
+        for i, src in enumerate(pool.get("sources", [], list)):
+            s = _Section(path, f"{pool.key('sources')}[{i}]", src)
+            address = s.get("address", "", str)
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(
+                    path, s.key("address"), f"not an IP address: {address!r}"
+                ) from None
+            ehlo = s.get("ehlo", hostname, str)
+            if not _HOSTNAME.match(ehlo):
+                raise ConfigError(path, s.key("ehlo"), f"not a valid host name: {ehlo!r}")
+            weight = s.positive_int("weight", 1)
+            s.finish()
+            sources.append(Source(address, ehlo, weight))
+        if not sources:
+            raise ConfigError(path, pool.key("sources"), "a pool needs at least one source")
+        pool.finish()
+        pools[name] = tuple(sources)
+    pools_sec.finish()
+
+    delivery = top.table("delivery")
+    delivery_port = delivery.positive_int("port", 25)
+    connect_timeout = delivery.duration("connect_timeout", "30s")
+    command_timeout = delivery.duration("command_timeout", "300s")
+    idle_connection_time = delivery.duration("idle_connection_time", "2s")
+    starttls = delivery.get("starttls", "may", str)
+    if starttls not in ("may", "never"):
+        raise ConfigError(path, "delivery.starttls", "must be 'may' or 'never'")
+    max_active = delivery.positive_int("max_active", 2000, minimum=10)
+    delivery.finish()
+
+    routes_sec = top.table("routes")
+    routes = {
+        dom.lower(): _hostport(routes_sec, dom, target, 25)
+        for dom, target in routes_sec.data.items()
+    }
+    routes_sec.used.update(routes_sec.data)
+
+    shaping_sec = top.table("shaping")
+    default = _shaping(shaping_sec.table("default"), None, pools)
+    domains_sec = shaping_sec.table("domains")
+    domains = {
+        dom.lower(): _shaping(domains_sec.table(dom), default, pools) for dom in domains_sec.data
+    }
+    domains_sec.finish()
+    shaping_sec.finish()
+
+    retry_sec = top.table("retry")
+    retry = Retry(
+        first=retry_sec.duration("first", "5m"),
+        multiplier=retry_sec.get("multiplier", 2.0, float),
+        max_interval=retry_sec.duration("max_interval", "1h"),
+        jitter=retry_sec.get("jitter", 0.1, float),
+        max_age=retry_sec.duration("max_age", "5d"),
+        delay_warning=retry_sec.duration("delay_warning", 0, allow_zero=True),
+    )
+    if retry.multiplier < 1:
+        raise ConfigError(path, "retry.multiplier", "must be >= 1")
+    if not 0 <= retry.jitter < 1:
+        raise ConfigError(path, "retry.jitter", "must be in [0, 1)")
+    retry_sec.finish()
+    top.finish()
+
+    return Config(
+        path=path,
+        hostname=hostname,
+        spool_path=spool_path,
+        log_level=log_level,
+        shutdown_timeout=shutdown_timeout,
+        listeners=tuple(listeners),
+        trusted_networks=tuple(nets),
+        max_message_size=max_message_size,
+        max_recipients=max_recipients,
+        max_errors=max_errors,
+        session_timeout=session_timeout,
+        nameservers=nameservers,
+        dns_timeout=dns_timeout,
+        delivery_port=delivery_port,
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        idle_connection_time=idle_connection_time,
+        starttls=starttls,
+        max_active=max_active,
+        routes=routes,
+        shaping_default=default,
+        shaping_domains=domains,
+        retry=retry,
+        pools=pools,
+        raw=raw,
+    )

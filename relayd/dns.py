@@ -1,0 +1,133 @@
+"""Where mail for a domain goes: static routes, else MX records (RFC 5321 section 5.1).
+
+Answers are cached for their TTL. A domain's failures are classified here once: null MX and
+NXDOMAIN are permanent (bounce without retry), SERVFAIL and timeouts temporary (retry later).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.resolver
+
+from relayd.config import HostPort
+
+NEGATIVE_TTL = 300.0  # NXDOMAIN/NODATA cached this long at most
+TEMPFAIL_TTL = 5.0  # SERVFAIL/timeouts: short, so the next attempt asks again
+
+
+class LookupFailure(Exception):
+    """A destination that cannot be resolved; ``code`` and ``reply`` go into the log and DSN."""
+
+    def __init__(self, code: int, reply: str) -> None:
+        super().__init__(f"{code} {reply}")
+        self.code, self.reply = code, reply
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass(frozen=True)
+class Route:
+    """The hosts to try in order, and the site: the key that shaping limits are shared on."""
+
+    hosts: tuple[HostPort, ...]
+    site: str
+
+
+class Resolver:
+    def __init__(
+        self,
+        nameservers: tuple[HostPort, ...],
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if nameservers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [ns.host for ns in nameservers]
+            self._resolver.port = nameservers[0].port
+        else:
+            self._resolver = dns.asyncresolver.Resolver()
+        self._resolver.lifetime = timeout
+        self._resolver.timeout = timeout
+        self._clock = clock
+        self._cache: dict[tuple[str, int], tuple[float, list | LookupFailure]] = {}
+
+    async def route(self, domain: str, port: int, static: HostPort | None) -> Route:
+        """The hosts for ``domain``: the static route if one applies, else its MX hosts."""
+        if static is not None:
+            return Route((static,), f"route:{static}")
+        if domain.startswith("[") and domain.endswith("]"):
+            literal = domain[1:-1].removeprefix("IPv6:")
+            return Route((HostPort(literal, port),), f"literal:{literal}")
+        mx = await self._query(domain, dns.rdatatype.MX)
+        if not mx:  # NODATA: the domain itself is its mail host (RFC 5321 5.1)
+            if not await self.addresses(domain):
+                raise LookupFailure(550, f"5.1.2 no MX, A or AAAA record for {domain}")
+            return Route((HostPort(domain, port),), f"{domain}:{port}")
+        if len(mx) == 1 and str(mx[0].exchange) == ".":
+            raise LookupFailure(556, f"5.1.10 {domain} does not accept mail (null MX)")
+        by_pref: dict[int, list[str]] = {}
+        for rr in mx:
+            by_pref.setdefault(rr.preference, []).append(str(rr.exchange).rstrip(".").lower())
+        hosts: list[HostPort] = []
+        for pref in sorted(by_pref):
+            names = by_pref[pref]
+            random.shuffle(names)
+            hosts += (HostPort(name, port) for name in names)
+        return Route(tuple(hosts), ",".join(sorted(h.host for h in hosts)) + f":{port}")
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of ``host``; [] when it has none."""
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        found: list[str] = []
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                found += (rr.address for rr in await self._query(host, rdtype))
+            except LookupFailure as exc:
+                if not exc.permanent:
+                    raise
+        return found
+
+    async def _query(self, name: str, rdtype: int) -> list:
+        key = (name.lower(), rdtype)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit and hit[0] > now:
+            if isinstance(hit[1], LookupFailure):
+                raise hit[1]
+            return hit[1]
+        what = f"{dns.rdatatype.to_text(rdtype)} {name}"
+        try:
+            answer = await self._resolver.resolve(name, rdtype, search=False)
+            value: list | LookupFailure = list(answer)
+            ttl = float(answer.rrset.ttl) if answer.rrset is not None else NEGATIVE_TTL
+        except dns.resolver.NoAnswer:
+            value, ttl = [], NEGATIVE_TTL
+        except dns.resolver.NXDOMAIN:
+            value, ttl = LookupFailure(550, f"5.1.2 domain {name} does not exist"), NEGATIVE_TTL
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            value, ttl = LookupFailure(451, f"4.4.3 DNS lookup failed for {what}"), TEMPFAIL_TTL
+        except dns.exception.DNSException as exc:
+            value, ttl = LookupFailure(451, f"4.4.3 DNS error for {what}: {exc}"), TEMPFAIL_TTL
+        self._cache[key] = (now + max(ttl, 1.0), value)
+        if len(self._cache) > 100_000:
+            self._prune(now)
+        if isinstance(value, LookupFailure):
+            raise value
+        return value
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+            del self._cache[key]

@@ -1,0 +1,52 @@
+"""Traffic shaping: message rates (GCRA) and weighted rotation of source addresses.
+
+Connection limits are plain counters kept by the scheduler's sites; what lives here is the
+arithmetic that decides *when* the next message may go and *from where*.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from relayd.config import Rate, Source
+
+
+class Gcra:
+    """Generic cell rate algorithm: smooth spacing at ``rate`` with no burst beyond one.
+
+    ``reserve()`` books the next slot and says how long to wait for it, so concurrent senders
+    never share a slot and the rate holds however many connections there are.
+    """
+
+    def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self._clock, self._tat = rate, clock, 0.0
+
+    def reserve(self) -> float:
+        now = self._clock()
+        tat = max(self._tat, now)
+        self._tat = tat + self.rate.interval
+        return tat - now
+
+
+class Rotation:
+    """Smooth weighted round robin (as nginx): sources in proportion to weight, interleaved."""
+
+    def __init__(self, sources: tuple[Source, ...]) -> None:
+        self.sources = sources
+        self._current = [0] * len(sources)
+
+    def pick(self, usable: Callable[[Source], bool]) -> Source | None:
+        """The next source for which ``usable`` holds (e.g. below its connection limit)."""
+        best, total = -1, 0
+        for i, src in enumerate(self.sources):
+            if not usable(src):
+                continue
+            total += src.weight
+            self._current[i] += src.weight
+            if best < 0 or self._current[i] > self._current[best]:
+                best = i
+        if best < 0:
+            return None
+        self._current[best] -= total
+        return self.sources[best]

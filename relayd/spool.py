@@ -1,0 +1,445 @@
+"""The spool: one SQLite file in WAL mode, the single source of truth.
+
+A body is stored once in ``messages``; each recipient has its own row in ``recipients`` with its
+delivery state. All writes of the daemon go through one writer thread that runs every operation
+queued since its last commit inside one transaction and one fsync (group commit): concurrent
+arrivals share the cost of durability instead of paying one fsync each. Each operation runs in
+its own savepoint so that one failing operation cannot undo its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+
+class State(IntEnum):
+    PENDING = 0  # accepted, never tried
+    DEFERRED = 1  # tried, waiting for next_attempt
+    DELIVERED = 2
+    BOUNCED = 3
+    HELD = 4  # set aside by the operator
+    ACTIVE = 5  # loaded into the daemon's memory; reset to PENDING/DEFERRED at start-up
+
+
+FINAL = (State.DELIVERED, State.BOUNCED)
+
+_SCHEMA = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL UNIQUE,
+    sender TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    helo TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    body BLOB NOT NULL
+);
+CREATE TABLE recipients (
+    id INTEGER PRIMARY KEY,
+    msg_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    rcpt TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    next_attempt REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_code INTEGER,
+    last_reply TEXT,
+    last_mx TEXT,
+    last_attempt REAL,
+    reported INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX recipients_msg ON recipients(msg_id);
+CREATE INDEX recipients_domain ON recipients(domain);
+CREATE INDEX recipients_fresh ON recipients(next_attempt) WHERE state = 0;
+CREATE INDEX recipients_deferred ON recipients(next_attempt) WHERE state = 1;
+CREATE INDEX recipients_active ON recipients(msg_id) WHERE state = 5;
+CREATE TABLE control (
+    id INTEGER PRIMARY KEY,
+    action TEXT NOT NULL,
+    msg_ids TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+_REPORTED_FAILED = 1
+_REPORTED_DELAYED = 2
+
+
+def new_queue_id() -> str:
+    """Time-ordered, unique, short: 10 hex digits of microseconds plus 6 random ones."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"[-16:]
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open the spool; ``readonly`` connections are what relayctl uses to only look."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create or upgrade the schema; refuse a spool written by a newer relayd."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"spool schema version {version} is newer than this relayd's")
+    if version == 0:
+        conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+
+@dataclass
+class Recipient:
+    id: int
+    rcpt: str
+    attempts: int
+
+
+@dataclass
+class Job:
+    """One message to the recipients it has at one domain: what one SMTP transaction carries."""
+
+    msg_id: int
+    queue_id: str
+    sender: str
+    domain: str
+    received_at: float
+    smtputf8: bool
+    body: bytes
+    recipients: list[Recipient]
+
+
+@dataclass
+class Result:
+    """The outcome of one attempt for one recipient."""
+
+    rcpt_id: int
+    state: State  # DELIVERED, DEFERRED or BOUNCED
+    code: int
+    reply: str
+    mx: str
+    next_attempt: float = 0.0
+
+
+@dataclass
+class NewMessage:
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+    client: str
+    helo: str
+    origin: str
+    smtputf8: bool
+    received_at: float
+    active: bool  # the scheduler took it straight into memory
+    ids: list[int] = field(default_factory=list)  # recipient row ids, set on insert
+    msg_id: int = 0
+
+
+@dataclass
+class Report:
+    """A message that needs a DSN: the failed (or delayed) recipients and the original."""
+
+    kind: str  # "failed" or "delayed"
+    queue_id: str
+    sender: str
+    received_at: float
+    body: bytes
+    recipients: list[tuple[str, int, str, str]]  # rcpt, code, reply, mx
+
+
+class Writer:
+    """The spool's single writer thread with group commit.
+
+    ``submit(fn)`` runs ``fn(conn)`` on the writer thread and resolves to its return value once
+    the transaction holding it is durable.
+    """
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop, max_batch: int = 2000) -> None:
+        self.path, self.loop, self.max_batch = path, loop, max_batch
+        self.conn = connect(path)
+        migrate(self.conn)
+        self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Any] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = self.loop.create_future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.conn.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is None:
+                stop = True
+            ops = [op for op in batch if op is not None]
+            if not ops:
+                continue
+            outcomes = self._run_batch(ops)
+            self.loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _run_batch(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list:
+        conn = self.conn
+        outcomes: list[tuple[asyncio.Future, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, fut in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((fut, True, fn(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((fut, False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            outcomes = [(fut, False, exc) for _, fut in ops]
+        return outcomes
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]]) -> None:
+    for fut, ok, value in outcomes:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+# Operations below run on the writer thread, inside the group transaction.
+
+
+def insert_message(msg: NewMessage, now: float) -> Callable[[sqlite3.Connection], NewMessage]:
+    def op(conn: sqlite3.Connection) -> NewMessage:
+        cur = conn.execute(
+            "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin,"
+            " smtputf8, body) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                msg.queue_id,
+                msg.sender,
+                msg.received_at,
+                len(msg.body),
+                msg.client,
+                msg.helo,
+                msg.origin,
+                int(msg.smtputf8),
+                msg.body,
+            ),
+        )
+        msg.msg_id = cur.lastrowid or 0
+        state = State.ACTIVE if msg.active else State.PENDING
+        msg.ids = []
+        for rcpt in msg.recipients:
+            cur = conn.execute(
+                "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+                " VALUES (?,?,?,?,?)",
+                (msg.msg_id, rcpt, domain_of(rcpt), int(state), now),
+            )
+            msg.ids.append(cur.lastrowid or 0)
+        return msg
+
+    return op
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def reset_active(conn: sqlite3.Connection) -> int:
+    """At start-up: whatever was in the last process's memory goes back to waiting."""
+    cur = conn.execute(
+        "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 0 ELSE 1 END WHERE state = 5"
+    )
+    return cur.rowcount
+
+
+def load_due(
+    now: float, fresh_limit: int, deferred_limit: int
+) -> Callable[[sqlite3.Connection], list[Job]]:
+    """Take due recipients into memory: never-tried mail first, so a deferred backlog cannot
+    starve new mail; marks them ACTIVE so the next load skips them."""
+
+    def op(conn: sqlite3.Connection) -> list[Job]:
+        rows: list[tuple] = []
+        for state, limit in ((State.PENDING, fresh_limit), (State.DEFERRED, deferred_limit)):
+            if limit <= 0:
+                continue
+            rows += conn.execute(
+                f"SELECT id, msg_id, rcpt, domain, attempts FROM recipients "
+                f"WHERE state = {int(state)} AND next_attempt <= ? "
+                f"ORDER BY next_attempt LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        if not rows:
+            return []
+        conn.executemany("UPDATE recipients SET state = 5 WHERE id = ?", [(r[0],) for r in rows])
+        return _jobs(conn, rows)
+
+    return op
+
+
+def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
+    msg_ids = sorted({r[1] for r in rows})
+    messages: dict[int, tuple] = {}
+    for chunk in _chunks(msg_ids, 500):
+        marks = ",".join("?" * len(chunk))
+        for m in conn.execute(
+            f"SELECT id, queue_id, sender, received_at, smtputf8, body FROM messages "
+            f"WHERE id IN ({marks})",
+            chunk,
+        ):
+            messages[m[0]] = m
+    jobs: dict[tuple[int, str], Job] = {}
+    for rid, msg_id, rcpt, domain, attempts in rows:
+        m = messages[msg_id]
+        job = jobs.get((msg_id, domain))
+        if job is None:
+            job = jobs[(msg_id, domain)] = Job(
+                msg_id, m[1], m[2], domain, m[3], bool(m[4]), m[5], []
+            )
+        job.recipients.append(Recipient(rid, rcpt, attempts))
+    return list(jobs.values())
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def record_results(
+    results: list[Result], now: float, delay_warning: float
+) -> Callable[[sqlite3.Connection], list[Report]]:
+    """Store attempt outcomes; settle each touched message: DSN for newly failed recipients
+    once none of its recipients is still in memory, removal once all are final.
+
+    A result only applies to a recipient still ACTIVE (or HELD, for final outcomes), so an
+    operator's delete or hold during the attempt wins over it.
+    """
+
+    def op(conn: sqlite3.Connection) -> list[Report]:
+        touched: set[int] = set()
+        for r in results:
+            if r.state is State.DEFERRED:
+                cond, next_attempt = "state = 5", r.next_attempt
+            else:
+                cond, next_attempt = "state IN (4, 5)", 0.0
+            row = conn.execute(
+                f"UPDATE recipients SET state = ?, attempts = attempts + 1, last_code = ?,"
+                f" last_reply = ?, last_mx = ?, last_attempt = ?, next_attempt = ?"
+                f" WHERE id = ? AND {cond} RETURNING msg_id",
+                (int(r.state), r.code, r.reply, r.mx, now, next_attempt, r.rcpt_id),
+            ).fetchone()
+            if row:
+                touched.add(row[0])
+        reports = []
+        for msg_id in sorted(touched):
+            reports += _settle_message(conn, msg_id, now, delay_warning)
+        return reports
+
+    return op
+
+
+def _settle_message(
+    conn: sqlite3.Connection, msg_id: int, now: float, delay_warning: float
+) -> list[Report]:
+    rows = conn.execute(
+        "SELECT id, rcpt, state, last_code, last_reply, last_mx, reported FROM recipients"
+        " WHERE msg_id = ?",
+        (msg_id,),
+    ).fetchall()
+    states = {r[2] for r in rows}
+    if State.ACTIVE in states or State.PENDING in states:
+        return []
+    msg = conn.execute(
+        "SELECT queue_id, sender, received_at, body FROM messages WHERE id = ?", (msg_id,)
+    ).fetchone()
+    reports = []
+    failed = [r for r in rows if r[2] == State.BOUNCED and not r[6] & _REPORTED_FAILED]
+    if failed:
+        reports.append(
+            Report("failed", msg[0], msg[1], msg[2], msg[3], [r[1:2] + r[3:6] for r in failed])
+        )
+        conn.executemany(
+            "UPDATE recipients SET reported = reported | 1 WHERE id = ?", [(r[0],) for r in failed]
+        )
+    if delay_warning and now - msg[2] >= delay_warning:
+        delayed = [r for r in rows if r[2] == State.DEFERRED and not r[6] & _REPORTED_DELAYED]
+        if delayed:
+            reports.append(
+                Report(
+                    "delayed", msg[0], msg[1], msg[2], msg[3], [r[1:2] + r[3:6] for r in delayed]
+                )
+            )
+            conn.executemany(
+                "UPDATE recipients SET reported = reported | 2 WHERE id = ?",
+                [(r[0],) for r in delayed],
+            )
+    if states <= set(FINAL):
+        conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
+    return reports
+
+
+def release_jobs(jobs: list[Job]) -> Callable[[sqlite3.Connection], None]:
+    """Give jobs that were taken into memory but not attempted back to the spool."""
+
+    def op(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "UPDATE recipients SET state = CASE WHEN attempts = 0 THEN 0 ELSE 1 END"
+            " WHERE id = ? AND state = 5",
+            [(r.id,) for job in jobs for r in job.recipients],
+        )
+
+    return op
+
+
+def control_events(after: int) -> Callable[[sqlite3.Connection], list[tuple[int, str, str]]]:
+    def op(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+        return conn.execute(
+            "SELECT id, action, msg_ids FROM control WHERE id > ? ORDER BY id", (after,)
+        ).fetchall()
+
+    return op
+
+
+def last_control_id(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT coalesce(max(id), 0) FROM control").fetchone()[0]
