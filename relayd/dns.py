@@ -52,8 +52,8 @@ class Resolver:
     ) -> None:
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.port = nameservers[0].port  # before nameservers: they copy it
             self._resolver.nameservers = [ns.host for ns in nameservers]
-            self._resolver.port = nameservers[0].port
         else:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.lifetime = timeout
