@@ -1,0 +1,50 @@
+"""Small helpers shared by the tests: polling with a deadline, ports, mail submission."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def send(port: int, rcpts: list[str], sender: str = "app@sender.test", subject: str = "hi") -> str:
+    """Submit one message; returns relayd's 250 reply text (with the queue id)."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(rcpts), subject
+    msg.set_content("hello\n")
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(msg.as_bytes())
+    assert code == 250, reply
+    return reply.decode()
+
+
+def mx_zone(dns, domain: str, *hosts: tuple[int, str, str]) -> None:
+    """Publish MX records for ``domain``: (preference, host name, address)."""
+    for pref, host, ip in hosts:
+        dns.add(domain, "MX", f"{pref} {host}")
+        dns.add(host, "A", ip)

@@ -1,0 +1,201 @@
+"""End-to-end delivery through relayd: DNS answers and MX behaviour decide each outcome."""
+
+from __future__ import annotations
+
+import email
+import smtplib
+
+import pytest
+from support.util import mx_zone, send, wait_until
+
+
+def test_delivers_with_received_message_id_and_date(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    reply = send(r.port, ["bob@example.test"])
+    queue_id = reply.rsplit(" ", 1)[1]
+    got = mx.wait_for_messages(1)[0]
+    assert got.rcpts == ["bob@example.test"] and got.mail_from == "app@sender.test"
+    parsed = email.message_from_bytes(got.data)
+    assert f"id {queue_id}" in parsed["Received"]
+    assert parsed["Message-ID"] and parsed["Date"]
+    event = r.wait_event("delivered", queue_id=queue_id)[0]
+    for key in ("sender", "rcpt", "domain", "mx", "source_ip", "code", "response", "attempt"):
+        assert key in event
+    assert event["code"] == 250 and event["mx"].startswith("mx1.example.test[127.0.0.10]")
+
+
+def test_primary_mx_down_goes_to_secondary(relay, dns_server, fake_mx):
+    mx_zone(
+        dns_server,
+        "example.test",
+        (10, "mx1.example.test", "127.0.0.11"),  # nothing listens there
+        (20, "mx2.example.test", "127.0.0.12"),
+    )
+    secondary = fake_mx("127.0.0.12")
+    r = relay()
+    send(r.port, ["bob@example.test"])
+    assert secondary.wait_for_messages(1)[0].rcpts == ["bob@example.test"]
+    assert r.wait_event("delivered")[0]["mx"].startswith("mx2.example.test")
+
+
+def test_primary_mx_greets_with_4xx_goes_to_secondary(relay, dns_server, fake_mx):
+    mx_zone(
+        dns_server,
+        "example.test",
+        (10, "mx1.example.test", "127.0.0.10"),
+        (20, "mx2.example.test", "127.0.0.12"),
+    )
+    primary = fake_mx("127.0.0.10", on_connect="421 4.3.2 busy")
+    secondary = fake_mx("127.0.0.12")
+    r = relay()
+    send(r.port, ["bob@example.test"])
+    secondary.wait_for_messages(1)
+    assert primary.messages == []
+
+
+def test_4xx_then_success_on_retry(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    mx.data_replies.append("451 4.7.1 greylisted, try later")
+    r = relay()
+    send(r.port, ["bob@example.test"])
+    deferred = r.wait_event("deferred")[0]
+    assert deferred["code"] == 451 and "greylisted" in deferred["response"]
+    mx.wait_for_messages(1, timeout=15)
+    delivered = r.wait_event("delivered")[0]
+    assert delivered["attempt"] == 2
+
+
+def test_5xx_bounces_with_dsn_to_sender(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "sender.test", (10, "mx.sender.test", "127.0.0.20"))
+    mx = fake_mx("127.0.0.10", rcpt_replies={"gone@example.test": "550 5.1.1 no such user"})
+    sender_mx = fake_mx("127.0.0.20")
+    r = relay()
+    reply = send(r.port, ["gone@example.test", "ok@example.test"])
+    queue_id = reply.rsplit(" ", 1)[1]
+    assert mx.wait_for_messages(1)[0].rcpts == ["ok@example.test"]
+    dsn = sender_mx.wait_for_messages(1)[0]
+    assert dsn.mail_from == "" and dsn.rcpts == ["app@sender.test"]
+    report = email.message_from_bytes(dsn.data)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    fields = [dict(block.items()) for block in status.get_payload()]
+    per_rcpt = [f for f in fields if "Final-Recipient" in f]
+    assert len(per_rcpt) == 1
+    assert per_rcpt[0]["Final-Recipient"] == "rfc822; gone@example.test"
+    assert per_rcpt[0]["Action"] == "failed" and per_rcpt[0]["Status"] == "5.1.1"
+    assert "no such user" in per_rcpt[0]["Diagnostic-Code"]
+    headers = next(p for p in report.walk() if p.get_content_type() == "text/rfc822-headers")
+    assert queue_id in headers.get_payload()
+
+
+def test_no_bounce_for_a_bounce(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    fake_mx("127.0.0.10", rcpt_reply="550 5.1.1 no such user")
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.port) as client:
+        client.sendmail("<>", ["gone@example.test"], b"Subject: dsn\r\n\r\nbody\r\n")
+    r.wait_event("bounced")
+    r.wait_event("dsn_suppressed")
+    assert r.events("dsn_queued") == []
+
+
+def test_null_mx_bounces_without_attempt(relay, dns_server, fake_mx):
+    dns_server.add("nullmx.test", "MX", "0 .")
+    r = relay()
+    send(r.port, ["x@nullmx.test"])
+    event = r.wait_event("bounced", rcpt="x@nullmx.test")[0]
+    assert event["code"] == 556 and "5.1.10" in event["response"]
+    assert event["attempt"] == 1
+
+
+def test_nxdomain_bounces_without_retry(relay, dns_server):
+    r = relay()
+    send(r.port, ["x@nowhere.test"])
+    event = r.wait_event("bounced", rcpt="x@nowhere.test")[0]
+    assert event["code"] == 550 and "5.1.2" in event["response"]
+
+
+def test_servfail_defers_not_bounces(relay, dns_server, fake_mx):
+    dns_server.add("flaky.test", "MX", "10 mx.flaky.test")
+    dns_server.add("mx.flaky.test", "A", "127.0.0.10")
+    dns_server.set_servfail("flaky.test")
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    send(r.port, ["x@flaky.test"])
+    event = r.wait_event("deferred", rcpt="x@flaky.test")[0]
+    assert event["code"] == 451 and "4.4.3" in event["response"]
+    assert r.events("bounced") == []
+    dns_server.clear("flaky.test")
+    assert mx.wait_for_messages(1, timeout=20)[0].rcpts == ["x@flaky.test"]
+
+
+def test_dns_timeout_defers(relay, dns_server):
+    dns_server.add("slow.test", "MX", "10 mx.slow.test")
+    dns_server.set_timeout("slow.test")
+    r = relay({"dns": {"timeout": "1s"}})
+    send(r.port, ["x@slow.test"])
+    event = r.wait_event("deferred", rcpt="x@slow.test")[0]
+    assert "4.4.3" in event["response"]
+
+
+def test_no_mx_but_a_record_delivers_to_domain(relay, dns_server, fake_mx):
+    dns_server.add("plain.test", "A", "127.0.0.10")
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    send(r.port, ["x@plain.test"])
+    assert mx.wait_for_messages(1)[0].rcpts == ["x@plain.test"]
+
+
+def test_expired_message_bounces_with_447(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "sender.test", (10, "mx.sender.test", "127.0.0.20"))
+    fake_mx("127.0.0.10", rcpt_reply="451 4.3.0 try later")
+    sender_mx = fake_mx("127.0.0.20")
+    r = relay({"retry": {"max_age": "2s", "first": "0.5s"}})
+    send(r.port, ["late@example.test"])
+    event = r.wait_event("bounced", rcpt="late@example.test", timeout=20)[0]
+    assert "4.4.7" in event["response"] and "try later" in event["response"]
+    dsn = email.message_from_bytes(sender_mx.wait_for_messages(1)[0].data)
+    status = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+    assert "Status: 4.4.7" in status.as_string()
+
+
+def test_delay_warning_sent_once(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "sender.test", (10, "mx.sender.test", "127.0.0.20"))
+    fake_mx("127.0.0.10", rcpt_reply="451 4.3.0 try later")
+    sender_mx = fake_mx("127.0.0.20")
+    r = relay({"retry": {"delay_warning": "1s", "first": "0.5s", "max_interval": "0.5s"}})
+    send(r.port, ["slow@example.test"])
+    warning = email.message_from_bytes(sender_mx.wait_for_messages(1, timeout=20)[0].data)
+    assert "Delayed" in warning["Subject"]
+    r.wait_event("deferred", n=4, rcpt="slow@example.test", timeout=20)
+    assert len(sender_mx.messages) == 1
+
+
+def test_one_transaction_per_domain_carries_all_its_recipients(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "other.test", (10, "mx.other.test", "127.0.0.11"))
+    mx1, mx2 = fake_mx("127.0.0.10"), fake_mx("127.0.0.11")
+    r = relay()
+    send(r.port, ["a@example.test", "b@example.test", "c@other.test"])
+    assert sorted(mx1.wait_for_messages(1)[0].rcpts) == ["a@example.test", "b@example.test"]
+    assert mx2.wait_for_messages(1)[0].rcpts == ["c@other.test"]
+    assert len(mx1.messages) == 1
+
+
+@pytest.mark.parametrize("reply", ["drop", "stall"])
+def test_connection_lost_or_stalled_defers(relay, dns_server, fake_mx, reply):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    mx.data_replies.append(reply)
+    r = relay({"delivery": {"command_timeout": "1s"}})
+    send(r.port, ["x@example.test"])
+    event = r.wait_event("deferred", rcpt="x@example.test")[0]
+    assert event["code"] == 421 and "4.4.2" in event["response"]
+    wait_until(lambda: mx.messages, 20, "redelivery after the failed attempt")
