@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import smtplib
+import subprocess
 
 import pytest
 from support.util import mx_zone, send, wait_until
@@ -199,3 +200,30 @@ def test_connection_lost_or_stalled_defers(relay, dns_server, fake_mx, reply):
     event = r.wait_event("deferred", rcpt="x@example.test")[0]
     assert event["code"] == 421 and "4.4.2" in event["response"]
     wait_until(lambda: mx.messages, 20, "redelivery after the failed attempt")
+
+
+def test_swaks_submission_to_two_domains(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "other.test", (10, "mx.other.test", "127.0.0.11"))
+    mx1, mx2 = fake_mx("127.0.0.10"), fake_mx("127.0.0.11")
+    r = relay()
+    result = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{r.port}",
+            "--from",
+            "app@sender.test",
+            "--to",
+            "a@example.test,b@other.test",
+            "--header",
+            "Subject: via swaks",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "250 2.0.0 Ok: queued as" in result.stdout
+    assert b"Subject: via swaks" in mx1.wait_for_messages(1)[0].data
+    assert mx2.wait_for_messages(1)[0].rcpts == ["b@other.test"]
