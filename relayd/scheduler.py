@@ -47,10 +47,11 @@ class Site:
     waiters: deque[asyncio.Future[Job | None]] = field(default_factory=deque)
     connections: int = 0
     starting: int = 0  # connections spawned that have not taken their first job yet
+    open: int = 0  # connections established
+    cooldown_until: float = 0.0  # after a failed connect: no more connections than are open
     per_source: Counter[str] = field(default_factory=Counter)
     limiter: Gcra | None = None
     source_limiters: dict[str, Gcra] = field(default_factory=dict)
-    rotation: Rotation | None = None
 
 
 class Scheduler:
@@ -68,8 +69,8 @@ class Scheduler:
         self.clock = clock
         self.rng = rng or random.Random()
         self.sites: dict[str, Site] = {}
-        self.site_of_domain: dict[str, Site] = {}
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
+        self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.active = 0  # jobs in memory
         self.active_retries = 0
         self.tasks: set[asyncio.Task] = set()
@@ -141,8 +142,9 @@ class Scheduler:
 
     def reload(self, config: Config) -> None:
         self.config = config
+        self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         for site in self.sites.values():
-            site.limiter, site.source_limiters, site.rotation = None, {}, None
+            site.limiter, site.source_limiters = None, {}
             self._configure(site)
 
     # -- routing ------------------------------------------------------------------------
@@ -180,8 +182,6 @@ class Scheduler:
         shaping = self.config.shaping_for(site.domain)
         if shaping.max_rate:
             site.limiter = Gcra(shaping.max_rate, time.monotonic)
-        pool = self.config.pools.get(shaping.pool) if shaping.pool else None
-        site.rotation = Rotation(pool) if pool else None
 
     def _shaping(self, site: Site) -> Shaping:
         return self.config.shaping_for(site.domain)
@@ -198,11 +198,10 @@ class Scheduler:
     def _kick(self, site: Site) -> None:
         """Open connections for queued jobs, within the site's and its sources' limits."""
         shaping = self._shaping(site)
-        while (
-            not self.stopping
-            and len(site.queue) > site.starting
-            and site.connections < shaping.max_connections
-        ):
+        limit = shaping.max_connections
+        if site.open and time.monotonic() < site.cooldown_until:
+            limit = min(limit, site.open)
+        while not self.stopping and len(site.queue) > site.starting and site.connections < limit:
             source = self._pick_source(site, shaping)
             if source is False:
                 return
@@ -214,9 +213,10 @@ class Scheduler:
 
     def _pick_source(self, site: Site, shaping: Shaping) -> Source | bool | None:
         """A source below its connection limit; None for the system's default; False: none."""
-        if site.rotation is None:
+        rotation = self.rotations.get(shaping.pool)
+        if rotation is None:
             return None
-        picked = site.rotation.pick(
+        picked = rotation.pick(
             lambda s: site.per_source[s.address] < shaping.max_connections_per_source
         )
         return picked if picked is not None else False
@@ -260,8 +260,9 @@ class Scheduler:
                             cfg.command_timeout,
                         )
                     except ConnectFailure as exc:
-                        self._site_unreachable(site, job, exc, source)
+                        self._connect_failed(site, job, exc, source)
                         break
+                    site.open += 1
                 await self._throttle(site, shaping, source)
                 pairs = await conn.send(job)
                 self._finish(job, pairs, conn.mx, conn.source_ip)
@@ -271,11 +272,24 @@ class Scheduler:
             if first:
                 site.starting -= 1
             if conn is not None:
+                site.open -= 1
                 await conn.close()
             site.connections -= 1
             if source is not None:
                 site.per_source[source.address] -= 1
             self._kick(site)
+            self._forget_if_idle(site)
+
+    def _forget_if_idle(self, site: Site) -> None:
+        """Drop a site with no work and no rate debt, so memory follows the active sites only."""
+        limiters = [site.limiter, *site.source_limiters.values()]
+        if (
+            site.connections == 0
+            and not site.queue
+            and all(lim is None or lim.idle() for lim in limiters)
+            and self.sites.get(site.key) is site
+        ):
+            del self.sites[site.key]
 
     async def _throttle(self, site: Site, shaping: Shaping, source: Source | None) -> None:
         wait = site.limiter.reserve() if site.limiter else 0.0
@@ -289,11 +303,26 @@ class Scheduler:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    def _site_unreachable(
+    def _connect_failed(
         self, site: Site, job: Job, exc: ConnectFailure, source: Source | None
     ) -> None:
-        """No host of the site answers: defer this job and those queued behind it, as Postfix
-        does for a dead destination, rather than paying a connect timeout for each."""
+        """No host of the site took a new connection. While other connections to it work, the
+        site is only full: the job goes back to them, and no new connection is tried for a
+        second. With none open the site is down: defer this job and those queued behind it, as
+        Postfix does for a dead destination, rather than paying a connect timeout for each."""
+        if site.open > 0:
+            site.queue.appendleft(job)
+            site.cooldown_until = time.monotonic() + 1.0
+            log.info(
+                "connect_failed",
+                domain=job.domain,
+                site=site.key,
+                mx=exc.mx,
+                code=exc.code,
+                response=exc.reply,
+                open_connections=site.open,
+            )
+            return
         jobs = [job, *site.queue]
         site.queue.clear()
         for j in jobs:

@@ -28,6 +28,10 @@ class Gcra:
         self._tat = tat + self.rate.interval
         return tat - now
 
+    def idle(self) -> bool:
+        """No slot booked ahead: forgetting this limiter would not let anything through early."""
+        return self._tat <= self._clock()
+
 
 class Rotation:
     """Smooth weighted round robin (as nginx): sources in proportion to weight, interleaved."""

@@ -1,0 +1,472 @@
+"""relayctl: look at relayd's spool and act on it, whether or not relayd runs.
+
+The daemon is the spool's only long-lived writer. relayctl changes rows directly, in one short
+``BEGIN IMMEDIATE`` transaction that also leaves a row in ``control``: the running daemon polls
+that table, drops held or deleted mail from its memory queues and wakes its loader, so a change
+takes effect within a second without any socket between the two. Looking is done on a read-only
+connection, so it can never disturb the daemon.
+
+Every command first builds plain data (dicts and lists), then prints it either as text or, with
+``--json``, as one JSON document; the two outputs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from relayd import config as configuration
+from relayd import spool
+from relayd.daemon import DEFAULT_CONFIG
+from relayd.spool import State
+
+UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
+IN_UNFINISHED = f"({','.join(str(int(s)) for s in UNFINISHED)})"
+STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
+AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
+BUCKETS = (*(f"{m}m" for m in AGE_EDGES), f"{AGE_EDGES[-1]}m+")
+IDS_IN = "(SELECT value FROM json_each(?))"  # one parameter for any number of ids
+
+Row = dict[str, Any]
+
+
+class CtlError(Exception):
+    """A problem the operator can fix (unknown queue id, no spool): stderr, exit status 1."""
+
+
+# -- spool access -------------------------------------------------------------------------
+
+
+def open_spool(path: Path, write: bool) -> sqlite3.Connection:
+    """Open an existing spool; never create one, so a wrong config cannot grow an empty spool
+    that hides the real queue."""
+    if not path.is_file():
+        raise CtlError(f"no spool at {path} (has relayd been started with this config?)")
+    mode = "rw" if write else "ro"
+    conn = sqlite3.connect(f"{path.as_uri()}?mode={mode}", uri=True, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=10000")  # the daemon's group commits are short
+    conn.execute("PRAGMA foreign_keys=ON")  # deleting a message deletes its recipients
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != spool.SCHEMA_VERSION:
+        conn.close()
+        raise CtlError(
+            f"spool {path} has schema version {version}; this relayctl knows version"
+            f" {spool.SCHEMA_VERSION}"
+        )
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, kind: str) -> Iterator[sqlite3.Connection]:
+    """One snapshot for reading (DEFERRED) or the write lock up front (IMMEDIATE), so a change
+    and its control row commit together or not at all."""
+    conn.execute(f"BEGIN {kind}")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# -- reading commands ---------------------------------------------------------------------
+
+
+def queue_shape(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Row]:
+    """Unfinished recipients per domain and message age, like Postfix's qshape: a TOTAL row,
+    then the ``--top`` domains by count."""
+    bucket = " ".join(f"WHEN age < {m * 60} THEN {i}" for i, m in enumerate(AGE_EDGES))
+    counts = conn.execute(
+        f"SELECT domain, CASE {bucket} ELSE {len(AGE_EDGES)} END AS bucket, count(*) FROM"
+        f" (SELECT r.domain, ? - m.received_at AS age FROM recipients r JOIN messages m"
+        f" ON m.id = r.msg_id WHERE r.state IN {IDS_IN}) GROUP BY domain, bucket",
+        (time.time(), _states(args)),
+    ).fetchall()
+    rows: dict[str, Row] = {}
+    total = _shape_row("TOTAL")
+    for domain, index, count in counts:
+        row = rows.setdefault(domain, _shape_row(domain))
+        for target in (row, total):
+            target["total"] += count
+            target[BUCKETS[index]] += count
+    top = sorted(rows.values(), key=lambda r: (-r["total"], r["domain"]))[: args.top]
+    return [total, *top]
+
+
+def _states(args: argparse.Namespace) -> str:
+    """The --state filter as a JSON list for IDS_IN: one state, or every unfinished one."""
+    states = [STATE_CHOICES[args.state]] if args.state else UNFINISHED
+    return json.dumps([int(s) for s in states])
+
+
+def _shape_row(domain: str) -> Row:
+    return {"domain": domain, "total": 0} | dict.fromkeys(BUCKETS, 0)
+
+
+def list_messages(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Row]:
+    """One row per message with an unfinished recipient matching the filters, oldest first."""
+    now = time.time()
+    match = f"r.msg_id = m.id AND r.state IN {IDS_IN}"
+    params: list[Any] = [_states(args)]
+    if args.domain:
+        match += " AND r.domain = ?"
+        params.append(args.domain.lower())
+    where = f"EXISTS (SELECT 1 FROM recipients r WHERE {match})"
+    if args.sender:
+        where += " AND instr(lower(m.sender), lower(?)) > 0"
+        params.append(args.sender)
+    sums = ", ".join(f"sum(r.state = {int(s)})" for s in State)
+    rows = conn.execute(
+        f"SELECT m.queue_id, m.received_at, m.size, m.sender, count(*), {sums}"
+        f" FROM messages m JOIN recipients r ON r.msg_id = m.id WHERE m.id IN"
+        f" (SELECT m.id FROM messages m WHERE {where} ORDER BY m.received_at, m.id LIMIT ?)"
+        f" GROUP BY m.id ORDER BY m.received_at, m.id",
+        (*params, args.limit + 1),
+    ).fetchall()
+    if len(rows) > args.limit:
+        print(f"relayctl: showing the oldest {args.limit} messages (see --limit)", file=sys.stderr)
+    return [
+        {
+            "queue_id": queue_id,
+            "received_at": _iso(received_at),
+            "age_s": round(now - received_at, 1),
+            "size": size,
+            "sender": sender,
+            "recipients": count,
+            "states": {s.name.lower(): n for s, n in zip(State, per_state, strict=True) if n},
+        }
+        for queue_id, received_at, size, sender, count, *per_state in rows[: args.limit]
+    ]
+
+
+def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """Envelope, recipients with their delivery history, and the headers (or whole body)."""
+    msg = conn.execute(
+        "SELECT id, queue_id, sender, received_at, client, helo, origin, size, smtputf8, body"
+        " FROM messages WHERE queue_id = ?",
+        (args.queue_id,),
+    ).fetchone()
+    if msg is None:
+        raise CtlError(f"no message with queue id {args.queue_id}")
+    msg_id, queue_id, sender, received_at, client, helo, origin, size, smtputf8, body = msg
+    recipients = conn.execute(
+        "SELECT rcpt, state, attempts, next_attempt, last_attempt, last_code, last_reply, last_mx"
+        " FROM recipients WHERE msg_id = ? ORDER BY id",
+        (msg_id,),
+    ).fetchall()
+    text = body.decode("utf-8", "replace").replace("\r\n", "\n")
+    return {
+        "queue_id": queue_id,
+        "sender": sender,
+        "received_at": _iso(received_at),
+        "client": client,
+        "helo": helo,
+        "origin": origin,
+        "size": size,
+        "smtputf8": bool(smtputf8),
+        "recipients": [
+            {
+                "rcpt": rcpt,
+                "state": State(state).name.lower(),
+                "attempts": attempts,
+                "next_attempt": _iso(next_at) if state in (State.PENDING, State.DEFERRED) else None,
+                "last_attempt": _iso(last_at) if last_at else None,
+                "last_code": code,
+                "last_reply": reply,
+                "last_mx": mx,
+            }
+            for rcpt, state, attempts, next_at, last_at, code, reply, mx in recipients
+        ],
+        "headers": text.split("\n\n", 1)[0] + "\n",
+    } | ({"body": text} if args.body else {})
+
+
+# -- changing commands --------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """The recipients a changing command applies to: of the named messages, or at a domain."""
+
+    where: str  # condition on recipients
+    params: tuple[Any, ...]
+    msg_ids: tuple[int, ...]  # the named messages; empty for --domain
+
+
+def select(conn: sqlite3.Connection, args: argparse.Namespace) -> Selection:
+    """Resolve queue ids inside the transaction; one unknown id aborts it all."""
+    if args.domain:
+        return Selection("domain = ?", (args.domain.lower(),), ())
+    found = dict(
+        conn.execute(
+            f"SELECT queue_id, id FROM messages WHERE queue_id IN {IDS_IN}",
+            (json.dumps(args.queue_ids),),
+        ).fetchall()
+    )
+    unknown = [q for q in args.queue_ids if q not in found]
+    if unknown:
+        raise CtlError(f"no message with queue id {', '.join(unknown)}; nothing changed")
+    ids = tuple(found.values())
+    return Selection(f"msg_id IN {IDS_IN}", (json.dumps(ids),), ids)
+
+
+@dataclass
+class Changed:
+    touched: list[int]  # the message of each changed recipient
+    removed: dict[int, str] = field(default_factory=dict)  # messages deleted: id -> queue id
+
+
+def hold(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
+    """Unfinished recipients, also those in the daemon's memory, are set aside."""
+    return _update(conn, f"state = {int(State.HELD)}", "state IN (0, 1, 5)", sel, ())
+
+
+def release(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
+    """Held recipients become due at once, as retries if they were ever tried."""
+    state = f"CASE WHEN attempts = 0 THEN {int(State.PENDING)} ELSE {int(State.DEFERRED)} END"
+    return _update(conn, f"state = {state}, next_attempt = ?", "state = 4", sel, (now,))
+
+
+def retry(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
+    """Waiting recipients become due at once; held ones stay held."""
+    return _update(conn, "next_attempt = ?", "state IN (0, 1)", sel, (now,))
+
+
+def _update(
+    conn: sqlite3.Connection, changes: str, cond: str, sel: Selection, values: tuple[Any, ...]
+) -> Changed:
+    rows = conn.execute(
+        f"UPDATE recipients SET {changes} WHERE {cond} AND {sel.where} RETURNING msg_id",
+        (*values, *sel.params),
+    ).fetchall()
+    return Changed([r[0] for r in rows])
+
+
+def delete(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
+    """Drop unfinished recipients without a DSN, then the messages left with nothing to deliver
+    (a message holding only final recipients would otherwise stay in the spool for good)."""
+    touched = conn.execute(
+        f"DELETE FROM recipients WHERE state IN {IN_UNFINISHED} AND {sel.where} RETURNING msg_id",
+        sel.params,
+    ).fetchall()
+    candidates = sorted({r[0] for r in touched} | set(sel.msg_ids))
+    removed = conn.execute(
+        f"DELETE FROM messages WHERE id IN {IDS_IN} AND NOT EXISTS (SELECT 1 FROM recipients r"
+        f" WHERE r.msg_id = messages.id AND r.state IN {IN_UNFINISHED}) RETURNING id, queue_id",
+        (json.dumps(candidates),),
+    ).fetchall()
+    return Changed([r[0] for r in touched], dict(removed))
+
+
+ACTIONS: dict[str, tuple[Callable[[sqlite3.Connection, Selection, float], Changed], str]] = {
+    "hold": (hold, "held"),
+    "release": (release, "released"),
+    "retry": (retry, "rescheduled"),
+    "delete": (delete, "deleted"),
+}
+
+
+def change(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """Apply one action and tell the daemon which messages it touched, atomically."""
+    action, _ = ACTIONS[args.command]
+    now = time.time()
+    changed = action(conn, select(conn, args), now)
+    messages = sorted({*changed.touched, *changed.removed})
+    queue_ids = _queue_ids(conn, messages) | changed.removed
+    if messages:
+        conn.execute(
+            "INSERT INTO control (action, msg_ids, at) VALUES (?, ?, ?)",
+            (args.command, ",".join(map(str, messages)), now),
+        )
+    result: Row = {
+        "action": args.command,
+        "recipients": len(changed.touched),
+        "messages": [queue_ids[m] for m in messages],
+    }
+    if args.command == "delete":
+        result["removed"] = sorted(changed.removed.values())
+    return result
+
+
+def _queue_ids(conn: sqlite3.Connection, msg_ids: list[int]) -> dict[int, str]:
+    return dict(
+        conn.execute(
+            f"SELECT id, queue_id FROM messages WHERE id IN {IDS_IN}", (json.dumps(msg_ids),)
+        ).fetchall()
+    )
+
+
+# -- text output --------------------------------------------------------------------------
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [header, *([("" if v is None else str(v)) for v in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ).rstrip()
+        for r in cells
+    ]
+    return "\n".join(lines)
+
+
+def render_queue(rows: list[Row]) -> str:
+    return table(
+        [[r["domain"], r["total"], *(r[b] for b in BUCKETS)] for r in rows], ["", "T", *BUCKETS]
+    )
+
+
+def render_list(rows: list[Row]) -> str:
+    if not rows:
+        return "queue is empty (or nothing matches)"
+    return table(
+        [
+            [
+                r["queue_id"],
+                _age(r["age_s"]),
+                r["size"],
+                r["sender"] or "<>",
+                r["recipients"],
+                " ".join(f"{k}={v}" for k, v in r["states"].items()),
+            ]
+            for r in rows
+        ],
+        ["QUEUE ID", "AGE", "SIZE", "SENDER", "RCPTS", "STATES"],
+    )
+
+
+def render_show(msg: Row) -> str:
+    envelope = [
+        ["queue id:", msg["queue_id"]],
+        ["sender:", msg["sender"] or "<>"],
+        ["received:", msg["received_at"]],
+        ["client:", f"{msg['client'] or '-'} (helo {msg['helo'] or '-'})"],
+        ["origin:", msg["origin"]],
+        ["size:", f"{msg['size']} bytes{', SMTPUTF8' if msg['smtputf8'] else ''}"],
+    ]
+    recipients = table(
+        [
+            [
+                r["rcpt"],
+                r["state"],
+                r["attempts"],
+                r["next_attempt"] or "-",
+                r["last_mx"] or "-",
+                f"{r['last_code']} {r['last_reply']}" if r["last_code"] else "-",
+            ]
+            for r in msg["recipients"]
+        ],
+        ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST MX", "LAST REPLY"],
+    )
+    content = msg.get("body", msg["headers"])
+    return f"{table(envelope, ['', ''])}\n\n{recipients}\n\n{content}".rstrip("\n")
+
+
+def render_change(result: Row) -> str:
+    _, verb = ACTIONS[result["action"]]
+    text = f"{verb} {result['recipients']} recipient(s) of {len(result['messages'])} message(s)"
+    if "removed" in result:
+        text += f"; removed {len(result['removed'])} message(s) from the spool"
+    return text
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    # --config and --json are accepted before or after the command: the copies on the
+    # subcommands default to SUPPRESS so they do not overwrite a value given up front.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    top = argparse.ArgumentParser(prog="relayctl", description="inspect and manage relayd's queue")
+    top.add_argument(
+        "--config",
+        default=os.environ.get("RELAYD_CONFIG", str(DEFAULT_CONFIG)),
+        help="relayd's TOML config (default: $RELAYD_CONFIG or the bundled conf/relayd.toml)",
+    )
+    top.add_argument("--json", action="store_true", help="print one JSON document")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    states = list(STATE_CHOICES)
+
+    p = sub.add_parser("queue", parents=[common], help="recipients per domain and age (qshape)")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="domains shown (default 20)")
+    p.add_argument("--state", choices=states, help="only recipients in this state")
+    p.set_defaults(run=queue_shape, render=render_queue, write=False)
+
+    p = sub.add_parser("list", parents=[common], help="one line per queued message")
+    p.add_argument("--domain", help="messages with a recipient at this domain")
+    p.add_argument("--state", choices=states, help="messages with a recipient in this state")
+    p.add_argument("--sender", metavar="TEXT", help="sender contains TEXT (case-insensitive)")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="default 1000")
+    p.set_defaults(run=list_messages, render=render_list, write=False)
+
+    p = sub.add_parser("show", parents=[common], help="envelope, recipients and headers")
+    p.add_argument("queue_id", metavar="QUEUE_ID")
+    p.add_argument("--body", action="store_true", help="print the whole message")
+    p.set_defaults(run=show_message, render=render_show, write=False)
+
+    helps = {
+        "hold": "set unfinished recipients aside until released",
+        "release": "make held recipients due now",
+        "retry": "make pending and deferred recipients due now",
+        "delete": "remove recipients (whole messages by id), without a DSN",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, parents=[common], help=text)
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("queue_ids", nargs="*", default=[], metavar="QUEUE_ID")
+        target.add_argument("--domain", help="all recipients at this domain")
+        p.set_defaults(run=change, render=render_change, write=True)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        print(f"relayctl: config error: {exc}", file=sys.stderr)
+        return configuration.EX_CONFIG
+    try:
+        conn = open_spool(cfg.spool_path, args.write)
+        with contextlib.closing(conn), transaction(conn, "IMMEDIATE" if args.write else "DEFERRED"):
+            result = args.run(conn, args)
+    except CtlError as exc:
+        print(f"relayctl: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"relayctl: spool {cfg.spool_path}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else args.render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
