@@ -30,8 +30,14 @@ from relayd import spool
 from relayd.daemon import DEFAULT_CONFIG
 from relayd.spool import State
 
+
+def _in(*states: State) -> str:
+    """A literal SQL list of states, e.g. ``(0,1,5)``."""
+    return f"({','.join(str(int(s)) for s in states)})"
+
+
 UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
-IN_UNFINISHED = f"({','.join(str(int(s)) for s in UNFINISHED)})"
+IN_UNFINISHED = _in(*UNFINISHED)
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
 AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
 BUCKETS = (*(f"{m}m" for m in AGE_EDGES), f"{AGE_EDGES[-1]}m+")
@@ -222,24 +228,29 @@ def select(conn: sqlite3.Connection, args: argparse.Namespace) -> Selection:
 
 @dataclass
 class Changed:
+    """What an action did, for the control row and the report."""
+
     touched: list[int]  # the message of each changed recipient
     removed: dict[int, str] = field(default_factory=dict)  # messages deleted: id -> queue id
 
 
 def hold(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
     """Unfinished recipients, also those in the daemon's memory, are set aside."""
-    return _update(conn, f"state = {int(State.HELD)}", "state IN (0, 1, 5)", sel, ())
+    waiting = _in(State.PENDING, State.DEFERRED, State.ACTIVE)
+    return _update(conn, f"state = {int(State.HELD)}", f"state IN {waiting}", sel, ())
 
 
 def release(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
     """Held recipients become due at once, as retries if they were ever tried."""
     state = f"CASE WHEN attempts = 0 THEN {int(State.PENDING)} ELSE {int(State.DEFERRED)} END"
-    return _update(conn, f"state = {state}, next_attempt = ?", "state = 4", sel, (now,))
+    held = f"state = {int(State.HELD)}"
+    return _update(conn, f"state = {state}, next_attempt = ?", held, sel, (now,))
 
 
 def retry(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
     """Waiting recipients become due at once; held ones stay held."""
-    return _update(conn, "next_attempt = ?", "state IN (0, 1)", sel, (now,))
+    waiting = _in(State.PENDING, State.DEFERRED)
+    return _update(conn, "next_attempt = ?", f"state IN {waiting}", sel, (now,))
 
 
 def _update(
@@ -397,6 +408,12 @@ def _age(seconds: float) -> str:
 # -- command line -------------------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     # --config and --json are accepted before or after the command: the copies on the
     # subcommands default to SUPPRESS so they do not overwrite a value given up front.
@@ -416,7 +433,7 @@ def parser() -> argparse.ArgumentParser:
     states = list(STATE_CHOICES)
 
     p = sub.add_parser("queue", parents=[common], help="recipients per domain and age (qshape)")
-    p.add_argument("--top", type=int, default=20, metavar="N", help="domains shown (default 20)")
+    p.add_argument("--top", type=_count, default=20, metavar="N", help="domains shown (default 20)")
     p.add_argument("--state", choices=states, help="only recipients in this state")
     p.set_defaults(run=queue_shape, render=render_queue, write=False)
 
@@ -424,7 +441,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", help="messages with a recipient at this domain")
     p.add_argument("--state", choices=states, help="messages with a recipient in this state")
     p.add_argument("--sender", metavar="TEXT", help="sender contains TEXT (case-insensitive)")
-    p.add_argument("--limit", type=int, default=1000, metavar="N", help="default 1000")
+    p.add_argument("--limit", type=_count, default=1000, metavar="N", help="default 1000")
     p.set_defaults(run=list_messages, render=render_list, write=False)
 
     p = sub.add_parser("show", parents=[common], help="envelope, recipients and headers")

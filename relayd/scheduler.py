@@ -76,6 +76,7 @@ class Scheduler:
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
         self._poke = asyncio.Event()
+        self._spool_has_due = True  # until a load comes back short: then only new work sets it
         self._control_id = 0
 
     # -- entry points -------------------------------------------------------------------
@@ -112,6 +113,8 @@ class Scheduler:
             self._route(job)
 
     def poke(self) -> None:
+        """Something due may be in the spool (new pending mail, a DSN, an operator's retry)."""
+        self._spool_has_due = True
         self._poke.set()
 
     def start(self) -> None:
@@ -367,8 +370,9 @@ class Scheduler:
                 **({"next_attempt_in_s": round(next_attempt - now, 1)} if next_attempt else {}),
             )
         self.active -= 1
-        if any(r.attempts for r in job.recipients):
-            self.active_retries -= 1
+        self.active_retries -= job.is_retry
+        if self._spool_has_due:
+            self._poke.set()  # room freed: load more now rather than at the next poll
         fut = self.writer.submit(spool.record_results(results, now, retry.delay_warning))
         fut.add_done_callback(self._reports_done)
 
@@ -420,20 +424,19 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), POLL_INTERVAL)
             self._poke.clear()
+            self._spool_has_due = True  # each poll looks once for retries that came due
             while not self.stopping:
                 room = self.config.max_active - self.active
                 retry_room = min(room, self.config.max_active // 2 - self.active_retries)
                 if room <= 0:
                     break
-                jobs = await self.writer.submit(spool.load_due(self.clock(), room, retry_room))
-                if not jobs:
-                    break
+                load = spool.load_due(self.clock(), room, retry_room)
+                jobs, self._spool_has_due = await self.writer.submit(load)
                 for job in jobs:
                     self.active += 1
-                    if any(r.attempts for r in job.recipients):
-                        self.active_retries += 1
+                    self.active_retries += job.is_retry
                     self._route(job)
-                if len(jobs) < room:
+                if not self._spool_has_due or not jobs:
                     break
 
     async def _control(self) -> None:
@@ -454,8 +457,7 @@ class Scheduler:
             for job in site.queue:
                 if job.msg_id in msg_ids:
                     self.active -= 1
-                    if any(r.attempts for r in job.recipients):
-                        self.active_retries -= 1
+                    self.active_retries -= job.is_retry
             site.queue = keep
 
     def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]

@@ -130,6 +130,10 @@ class Job:
     body: bytes
     recipients: list[Recipient]
 
+    @property
+    def is_retry(self) -> bool:
+        return any(r.attempts for r in self.recipients)
+
 
 @dataclass
 class Result:
@@ -294,26 +298,32 @@ def reset_active(conn: sqlite3.Connection) -> int:
 
 
 def load_due(
-    now: float, fresh_limit: int, deferred_limit: int
-) -> Callable[[sqlite3.Connection], list[Job]]:
-    """Take due recipients into memory: never-tried mail first, so a deferred backlog cannot
-    starve new mail; marks them ACTIVE so the next load skips them."""
+    now: float, limit: int, retry_limit: int
+) -> Callable[[sqlite3.Connection], tuple[list[Job], bool]]:
+    """Take due recipients into memory, marking them ACTIVE so the next load skips them;
+    never-tried mail first, so a deferred backlog cannot starve new mail. Also says whether
+    a limit was reached (more may be due)."""
 
-    def op(conn: sqlite3.Connection) -> list[Job]:
+    def op(conn: sqlite3.Connection) -> tuple[list[Job], bool]:
         rows: list[tuple] = []
-        for state, limit in ((State.PENDING, fresh_limit), (State.DEFERRED, deferred_limit)):
-            if limit <= 0:
+        more = False
+        for state, cap in ((State.PENDING, limit), (State.DEFERRED, retry_limit)):
+            cap = min(cap, limit - len(rows))
+            if cap <= 0:
+                more = True
                 continue
-            rows += conn.execute(
+            found = conn.execute(
                 f"SELECT id, msg_id, rcpt, domain, attempts FROM recipients "
                 f"WHERE state = {int(state)} AND next_attempt <= ? "
                 f"ORDER BY next_attempt LIMIT ?",
-                (now, limit),
+                (now, cap),
             ).fetchall()
+            more = more or len(found) == cap
+            rows += found
         if not rows:
-            return []
+            return [], more
         conn.executemany("UPDATE recipients SET state = 5 WHERE id = ?", [(r[0],) for r in rows])
-        return _jobs(conn, rows)
+        return _jobs(conn, rows), more
 
     return op
 
