@@ -7,6 +7,7 @@ import smtplib
 import subprocess
 
 import pytest
+from support.fakemx import self_signed_tls_context
 from support.util import mx_zone, send, wait_until
 
 
@@ -227,3 +228,38 @@ def test_swaks_submission_to_two_domains(relay, dns_server, fake_mx):
     assert "250 2.0.0 Ok: queued as" in result.stdout
     assert b"Subject: via swaks" in mx1.wait_for_messages(1)[0].data
     assert mx2.wait_for_messages(1)[0].rcpts == ["b@other.test"]
+
+
+def test_equal_preference_mx_hosts_share_the_mail(relay, dns_server, fake_mx):
+    mx_zone(
+        dns_server,
+        "example.test",
+        (10, "mx1.example.test", "127.0.0.10"),
+        (10, "mx2.example.test", "127.0.0.11"),
+    )
+    mx1, mx2 = fake_mx("127.0.0.10"), fake_mx("127.0.0.11")
+    r = relay({"shaping": {"default": {"max_messages_per_connection": 1}}})
+    for i in range(20):
+        send(r.port, [f"r{i}@example.test"])
+    wait_until(lambda: len(mx1.messages) + len(mx2.messages) == 20, 30, "20 deliveries")
+    assert mx1.messages and mx2.messages
+
+
+def test_mx_answers_cached_for_their_ttl(relay, dns_server, fake_mx):
+    dns_server.add("example.test", "MX", "10 mx1.example.test", ttl=300)
+    dns_server.add("mx1.example.test", "A", "127.0.0.10", ttl=300)
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    for i in range(5):
+        send(r.port, [f"r{i}@example.test"])
+        mx.wait_for_messages(i + 1)
+    assert dns_server.queries.count(("example.test", "MX")) == 1
+
+
+def test_opportunistic_starttls(relay, dns_server, fake_mx, tmp_path):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    context, _ = self_signed_tls_context(tmp_path, "mx1.example.test")
+    mx = fake_mx("127.0.0.10", tls_context=context)
+    r = relay()
+    send(r.port, ["x@example.test"])
+    assert mx.wait_for_messages(1)[0].tls is True
