@@ -59,7 +59,7 @@ class Connection:
     @classmethod
     async def open(
         cls,
-        hosts: tuple[HostPort, ...],
+        hosts: list[HostPort],
         resolver: Resolver,
         source_ip: str | None,
         ehlo: str,

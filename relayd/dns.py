@@ -37,10 +37,17 @@ class LookupFailure(Exception):
 
 @dataclass(frozen=True)
 class Route:
-    """The hosts to try in order, and the site: the key that shaping limits are shared on."""
+    """Hosts in tiers of equal preference, and the site: the key shaping limits are shared on."""
 
-    hosts: tuple[HostPort, ...]
+    tiers: tuple[tuple[HostPort, ...], ...]
     site: str
+
+    def hosts(self) -> list[HostPort]:
+        """The order to try for one connection: tier by tier, random within a tier."""
+        order: list[HostPort] = []
+        for tier in self.tiers:
+            order += random.sample(tier, len(tier))
+        return order
 
 
 class Resolver:
@@ -60,30 +67,41 @@ class Resolver:
         self._resolver.timeout = timeout
         self._clock = clock
         self._cache: dict[tuple[str, int], tuple[float, list | LookupFailure]] = {}
+        self._routes: dict[tuple[str, int, HostPort | None], tuple[float, Route]] = {}
+
+    def cached_route(self, domain: str, port: int, static: HostPort | None) -> Route | None:
+        """The route if known and fresh: the common case, answered without a coroutine."""
+        hit = self._routes.get((domain, port, static))
+        return hit[1] if hit and hit[0] > self._clock() else None
 
     async def route(self, domain: str, port: int, static: HostPort | None) -> Route:
         """The hosts for ``domain``: the static route if one applies, else its MX hosts."""
+        route = await self._route(domain, port, static)
+        mx_entry = self._cache.get((domain.lower(), dns.rdatatype.MX))
+        expires = mx_entry[0] if static is None and mx_entry else self._clock() + NEGATIVE_TTL
+        self._routes[(domain, port, static)] = (expires, route)
+        return route
+
+    async def _route(self, domain: str, port: int, static: HostPort | None) -> Route:
         if static is not None:
-            return Route((static,), f"route:{static}")
+            return Route(((static,),), f"route:{static}")
         if domain.startswith("[") and domain.endswith("]"):
             literal = domain[1:-1].removeprefix("IPv6:")
-            return Route((HostPort(literal, port),), f"literal:{literal}")
+            return Route(((HostPort(literal, port),),), f"literal:{literal}")
         mx = await self._query(domain, dns.rdatatype.MX)
         if not mx:  # NODATA: the domain itself is its mail host (RFC 5321 5.1)
             if not await self.addresses(domain):
                 raise LookupFailure(550, f"5.1.2 no MX, A or AAAA record for {domain}")
-            return Route((HostPort(domain, port),), f"{domain}:{port}")
+            return Route(((HostPort(domain, port),),), f"{domain}:{port}")
         if len(mx) == 1 and str(mx[0].exchange) == ".":
             raise LookupFailure(556, f"5.1.10 {domain} does not accept mail (null MX)")
-        by_pref: dict[int, list[str]] = {}
+        by_pref: dict[int, list[HostPort]] = {}
         for rr in mx:
-            by_pref.setdefault(rr.preference, []).append(str(rr.exchange).rstrip(".").lower())
-        hosts: list[HostPort] = []
-        for pref in sorted(by_pref):
-            names = by_pref[pref]
-            random.shuffle(names)
-            hosts += (HostPort(name, port) for name in names)
-        return Route(tuple(hosts), ",".join(sorted(h.host for h in hosts)) + f":{port}")
+            host = HostPort(str(rr.exchange).rstrip(".").lower(), port)
+            by_pref.setdefault(rr.preference, []).append(host)
+        tiers = tuple(tuple(by_pref[pref]) for pref in sorted(by_pref))
+        names = sorted(h.host for tier in tiers for h in tier)
+        return Route(tiers, ",".join(names) + f":{port}")
 
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``host``; [] when it has none."""
@@ -131,3 +149,5 @@ class Resolver:
     def _prune(self, now: float) -> None:
         for key in [k for k, (exp, _) in self._cache.items() if exp <= now]:
             del self._cache[key]
+        for rkey in [k for k, (exp, _) in self._routes.items() if exp <= now]:
+            del self._routes[rkey]

@@ -153,6 +153,11 @@ class Scheduler:
     # -- routing ------------------------------------------------------------------------
 
     def _route(self, job: Job) -> None:
+        cfg = self.config
+        route = self.resolver.cached_route(job.domain, cfg.delivery_port, cfg.route_for(job.domain))
+        if route is not None:
+            self._enqueue(self._site(route, job.domain), job)
+            return
         waiting = self.routing.get(job.domain)
         if waiting is not None:
             waiting.append(job)
@@ -166,20 +171,20 @@ class Scheduler:
             route = await self.resolver.route(domain, cfg.delivery_port, cfg.route_for(domain))
         except LookupFailure as exc:
             for job in self.routing.pop(domain, []):
-                self._finish(
-                    job,
-                    [(r.id, Outcome(exc.code, exc.reply)) for r in job.recipients],
-                    mx="",
-                    source_ip="",
-                )
+                outcomes = [(r.id, Outcome(exc.code, exc.reply)) for r in job.recipients]
+                self._finish(job, outcomes, mx="", source_ip="")
             return
+        site = self._site(route, domain)
+        for job in self.routing.pop(domain, []):
+            self._enqueue(site, job)
+
+    def _site(self, route: Route, domain: str) -> Site:
         site = self.sites.get(route.site)
         if site is None:
             site = self.sites[route.site] = Site(route.site, domain, route)
             self._configure(site)
         site.route = route
-        for job in self.routing.pop(domain, []):
-            self._enqueue(site, job)
+        return site
 
     def _configure(self, site: Site) -> None:
         shaping = self.config.shaping_for(site.domain)
@@ -254,7 +259,7 @@ class Scheduler:
                 if conn is None:
                     try:
                         conn = await Connection.open(
-                            site.route.hosts,
+                            site.route.hosts(),
                             self.resolver,
                             source.address if source else None,
                             source.ehlo if source else cfg.hostname,

@@ -400,29 +400,28 @@ def _settle_message(
     states = {r[2] for r in rows}
     if State.ACTIVE in states or State.PENDING in states:
         return []
-    msg = conn.execute(
-        "SELECT queue_id, sender, received_at, body FROM messages WHERE id = ?", (msg_id,)
-    ).fetchone()
+    due = {
+        ("failed", _REPORTED_FAILED): [
+            r for r in rows if r[2] == State.BOUNCED and not r[6] & _REPORTED_FAILED
+        ],
+        ("delayed", _REPORTED_DELAYED): [
+            r
+            for r in rows
+            if delay_warning and r[2] == State.DEFERRED and not r[6] & _REPORTED_DELAYED
+        ],
+    }
     reports = []
-    failed = [r for r in rows if r[2] == State.BOUNCED and not r[6] & _REPORTED_FAILED]
-    if failed:
-        reports.append(
-            Report("failed", msg[0], msg[1], msg[2], msg[3], [r[1:2] + r[3:6] for r in failed])
-        )
-        conn.executemany(
-            "UPDATE recipients SET reported = reported | 1 WHERE id = ?", [(r[0],) for r in failed]
-        )
-    if delay_warning and now - msg[2] >= delay_warning:
-        delayed = [r for r in rows if r[2] == State.DEFERRED and not r[6] & _REPORTED_DELAYED]
-        if delayed:
-            reports.append(
-                Report(
-                    "delayed", msg[0], msg[1], msg[2], msg[3], [r[1:2] + r[3:6] for r in delayed]
-                )
-            )
+    if any(due.values()):  # the body is read only when a DSN may be needed
+        msg = conn.execute(
+            "SELECT queue_id, sender, received_at, body FROM messages WHERE id = ?", (msg_id,)
+        ).fetchone()
+        for (kind, flag), selected in due.items():
+            if not selected or (kind == "delayed" and now - msg[2] < delay_warning):
+                continue
+            reports.append(Report(kind, *msg, [r[1:2] + r[3:6] for r in selected]))
             conn.executemany(
-                "UPDATE recipients SET reported = reported | 2 WHERE id = ?",
-                [(r[0],) for r in delayed],
+                f"UPDATE recipients SET reported = reported | {flag} WHERE id = ?",
+                [(r[0],) for r in selected],
             )
     if states <= set(FINAL):
         conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
