@@ -27,7 +27,6 @@ from typing import Any
 
 from relayd import config as configuration
 from relayd import spool
-from relayd.daemon import DEFAULT_CONFIG
 from relayd.spool import State
 
 
@@ -425,7 +424,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="relayctl", description="inspect and manage relayd's queue")
     top.add_argument(
         "--config",
-        default=os.environ.get("RELAYD_CONFIG", str(DEFAULT_CONFIG)),
+        default=os.environ.get("RELAYD_CONFIG", str(configuration.DEFAULT_PATH)),
         help="relayd's TOML config (default: $RELAYD_CONFIG or the bundled conf/relayd.toml)",
     )
     top.add_argument("--json", action="store_true", help="print one JSON document")

@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import uvloop
 
@@ -26,8 +25,6 @@ from relayd.dns import Resolver
 from relayd.events import log
 from relayd.ingress import IngressHandler, start_listeners
 from relayd.scheduler import Scheduler
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "relayd.toml"
 
 
 def sd_notify(state: str) -> None:
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-c",
         "--config",
-        default=os.environ.get("RELAYD_CONFIG", str(DEFAULT_CONFIG)),
+        default=os.environ.get("RELAYD_CONFIG", str(configuration.DEFAULT_PATH)),
         help="TOML config file (default: $RELAYD_CONFIG or the bundled conf/relayd.toml)",
     )
     parser.add_argument("--check", action="store_true", help="validate the config and exit")

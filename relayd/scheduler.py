@@ -445,25 +445,37 @@ class Scheduler:
                     break
 
     async def _control(self) -> None:
-        """Apply relayctl's changes: drop held/deleted jobs from memory, wake the loader."""
+        """Apply relayctl's changes: forget held or deleted recipients, wake the loader."""
         self._control_id = await self.writer.submit(spool.last_control_id)
         while not self.stopping:
             await asyncio.sleep(0.5)
             events = await self.writer.submit(spool.control_events(self._control_id))
+            touched: set[int] = set()
             for event_id, action, msg_ids in events:
                 self._control_id = event_id
                 if action in ("hold", "delete"):
-                    self._drop({int(i) for i in msg_ids.split(",") if i})
+                    touched |= {int(i) for i in msg_ids.split(",") if i}
+            if touched:
+                self._drop(touched, await self.writer.submit(spool.still_active(touched)))
+            if events:
                 self.poke()
 
-    def _drop(self, msg_ids: set[int]) -> None:
-        for site in self.sites.values():
-            keep = deque(j for j in site.queue if j.msg_id not in msg_ids)
-            for job in site.queue:
+    def _drop(self, msg_ids: set[int], active: set[int]) -> None:
+        """Keep, of the queued jobs of ``msg_ids``, only the recipients still ACTIVE in the
+        spool (relayctl moved the others out); a job left with none leaves memory."""
+        for queue in [site.queue for site in self.sites.values()] + list(self.routing.values()):
+            kept = []
+            for job in queue:
                 if job.msg_id in msg_ids:
-                    self.active -= 1
-                    self.active_retries -= job.is_retry
-            site.queue = keep
+                    retry = job.is_retry
+                    job.recipients = [r for r in job.recipients if r.id in active]
+                    if not job.recipients:
+                        self.active -= 1
+                        self.active_retries -= retry
+                        continue
+                kept.append(job)
+            queue.clear()
+            queue.extend(kept)
 
     def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coro)

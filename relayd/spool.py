@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import secrets
 import sqlite3
@@ -87,15 +88,12 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"[-16:]
 
 
-def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    """Open the spool; ``readonly`` connections are what relayctl uses to only look."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (or create) the spool for the daemon: WAL, and fsync at every commit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
@@ -446,6 +444,18 @@ def control_events(after: int) -> Callable[[sqlite3.Connection], list[tuple[int,
         return conn.execute(
             "SELECT id, action, msg_ids FROM control WHERE id > ? ORDER BY id", (after,)
         ).fetchall()
+
+    return op
+
+
+def still_active(msg_ids: set[int]) -> Callable[[sqlite3.Connection], set[int]]:
+    def op(conn: sqlite3.Connection) -> set[int]:
+        rows = conn.execute(
+            "SELECT id FROM recipients WHERE state = 5 AND msg_id IN"
+            " (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(msg_ids)),),
+        )
+        return {row[0] for row in rows}
 
     return op
 
