@@ -8,6 +8,7 @@ silently falls back to a default is how reputations get burnt.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -64,6 +65,60 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class Tls:
+    cert_file: Path | None
+    key_file: Path | None
+    min_version: str  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
+class Auth:
+    users_file: Path
+    failure_delay: float
+    max_failures: int
+    lockout: float
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    algorithm: str  # "rsa-sha256" or "ed25519-sha256"
+    key_file: Path
+    key: str  # where it is configured, for error messages: "dkim.keys[0]"
+
+
+@dataclass(frozen=True)
+class Dkim:
+    keys: tuple[DkimKey, ...]
+    default_domain: str
+    parent_fallback: bool
+    headers: tuple[str, ...]
+
+
+DKIM_HEADERS = (
+    "From",
+    "Reply-To",
+    "Subject",
+    "Date",
+    "To",
+    "Cc",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Id",
+    "Sender",
+    "Feedback-ID",
+)
+LISTENER_KINDS = ("relay", "submission", "smtps")
+
+
+@dataclass(frozen=True)
 class Source:
     address: str
     ehlo: str
@@ -103,6 +158,14 @@ class Config:
     max_recipients: int
     max_errors: int
     session_timeout: float
+    max_session_time: float
+    max_connections: int
+    max_connections_per_ip: int
+    max_line_length: int
+    bare_newlines: str
+    tls: Tls
+    auth: Auth
+    dkim: Dkim
     nameservers: tuple[HostPort, ...]
     dns_timeout: float
     delivery_port: int
@@ -233,6 +296,17 @@ def _hostport(section: _Section, name: str, raw: Any, default_port: int | None) 
         raise ConfigError(section.path, section.key(name), str(exc)) from None
 
 
+def _file(section: _Section, name: str) -> Path | None:
+    """A readable file's path, relative to the config file; None when the key is empty."""
+    raw = section.get(name, "", str)
+    if not raw:
+        return None
+    path = (section.path.parent / raw).resolve()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(section.path, section.key(name), f"cannot read file {path}")
+    return path
+
+
 def _shaping(section: _Section, base: Shaping | None, pools: dict[str, Any]) -> Shaping:
     d = base or Shaping(20, 10, None, None, 100, "")
 
@@ -295,10 +369,67 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         sec = _Section(path, f"listeners[{i}]", item)
         address = _hostport(sec, "address", sec.get("address", "", str), None)
         kind = sec.get("kind", "relay", str)
-        if kind != "relay":
-            raise ConfigError(path, sec.key("kind"), f"unknown listener kind {kind!r} (relay)")
+        if kind not in LISTENER_KINDS:
+            raise ConfigError(
+                path, sec.key("kind"), f"unknown kind {kind!r}: {', '.join(LISTENER_KINDS)}"
+            )
         sec.finish()
         listeners.append(Listener(address, kind))
+
+    tls_sec = top.table("tls")
+    cert_file = _file(tls_sec, "cert_file")
+    key_file = _file(tls_sec, "key_file")
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError(path, "tls", "cert_file and key_file go together")
+    tls = Tls(cert_file, key_file, tls_sec.get("min_version", "1.2", str))
+    if tls.min_version not in ("1.2", "1.3"):
+        raise ConfigError(path, "tls.min_version", "must be '1.2' or '1.3'")
+    tls_sec.finish()
+    for i, listener in enumerate(listeners):
+        if listener.kind != "relay" and tls.cert_file is None:
+            raise ConfigError(
+                path, f"listeners[{i}].kind", f"a {listener.kind} listener needs tls.cert_file"
+            )
+
+    auth_sec = top.table("auth")
+    auth = Auth(
+        users_file=(path.parent / auth_sec.get("users_file", "users.json", str)).resolve(),
+        failure_delay=auth_sec.duration("failure_delay", "1s", allow_zero=True),
+        max_failures=auth_sec.positive_int("max_failures", 5),
+        lockout=auth_sec.duration("lockout", "15m"),
+    )
+    auth_sec.finish()
+
+    dkim_sec = top.table("dkim")
+    dkim_keys = []
+    for i, item in enumerate(dkim_sec.get("keys", [], list)):
+        k = _Section(path, f"dkim.keys[{i}]", item)
+        domain = k.get("domain", "", str).lower().rstrip(".")
+        if not _HOSTNAME.match(domain):
+            raise ConfigError(path, k.key("domain"), f"not a domain: {domain!r}")
+        selector = k.get("selector", "", str)
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", selector):
+            raise ConfigError(path, k.key("selector"), f"not a selector: {selector!r}")
+        algorithm = k.get("algorithm", "rsa-sha256", str)
+        if algorithm not in ("rsa-sha256", "ed25519-sha256"):
+            raise ConfigError(path, k.key("algorithm"), "must be rsa-sha256 or ed25519-sha256")
+        key_path = _file(k, "key_file")
+        if key_path is None:
+            raise ConfigError(path, k.key("key_file"), "required")
+        k.finish()
+        dkim_keys.append(DkimKey(domain, selector, algorithm, key_path, k.prefix))
+    headers = dkim_sec.get("headers", list(DKIM_HEADERS), list)
+    if "from" not in {str(h).lower() for h in headers}:
+        raise ConfigError(path, "dkim.headers", "must include From (RFC 6376 5.4)")
+    dkim = Dkim(
+        keys=tuple(dkim_keys),
+        default_domain=dkim_sec.get("default_domain", "", str).lower(),
+        parent_fallback=dkim_sec.get("parent_fallback", True, bool),
+        headers=tuple(str(h) for h in headers),
+    )
+    if dkim.default_domain and dkim.default_domain not in {k.domain for k in dkim_keys}:
+        raise ConfigError(path, "dkim.default_domain", "no key configured for that domain")
+    dkim_sec.finish()
 
     ingress = top.table("ingress")
     nets = []
@@ -313,6 +444,13 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     max_recipients = ingress.positive_int("max_recipients", 1000)
     max_errors = ingress.positive_int("max_errors", 10)
     session_timeout = ingress.duration("session_timeout", "300s")
+    max_session_time = ingress.duration("max_session_time", "30m")
+    max_connections = ingress.positive_int("max_connections", 1000)
+    max_connections_per_ip = ingress.positive_int("max_connections_per_ip", 50)
+    max_line_length = ingress.positive_int("max_line_length", 998, minimum=78)
+    bare_newlines = ingress.get("bare_newlines", "normalize", str)
+    if bare_newlines not in ("normalize", "reject"):
+        raise ConfigError(path, "ingress.bare_newlines", "must be 'normalize' or 'reject'")
     ingress.finish()
 
     dns = top.table("dns")
@@ -404,6 +542,14 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         max_recipients=max_recipients,
         max_errors=max_errors,
         session_timeout=session_timeout,
+        max_session_time=max_session_time,
+        max_connections=max_connections,
+        max_connections_per_ip=max_connections_per_ip,
+        max_line_length=max_line_length,
+        bare_newlines=bare_newlines,
+        tls=tls,
+        auth=auth,
+        dkim=dkim,
         nameservers=nameservers,
         dns_timeout=dns_timeout,
         delivery_port=delivery_port,
