@@ -246,12 +246,10 @@ class _Section:
         raw = self.get(name, "", str)
         if not raw:
             return None
-        m = _RATE.match(raw)
-        if not m or float(m.group(1)) <= 0:
-            raise ConfigError(
-                self.path, self.key(name), f"must be a rate like '100/min' or '', got {raw!r}"
-            )
-        return Rate(float(m.group(1)), _RATE_PERIODS[m.group(2)])
+        try:
+            return parse_rate(raw)
+        except ValueError as exc:
+            raise ConfigError(self.path, self.key(name), f"{exc} or ''") from None
 
     def table(self, name: str) -> _Section:
         self.used.add(name)
@@ -261,6 +259,14 @@ class _Section:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise ConfigError(self.path, self.key(unknown[0]), "unknown key")
+
+
+def parse_rate(raw: str) -> Rate:
+    """'100/min' -> Rate(100, 60); ValueError naming the expected form otherwise."""
+    m = _RATE.match(raw)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"must be a rate like '100/min', got {raw!r}")
+    return Rate(float(m.group(1)), _RATE_PERIODS[m.group(2)])
 
 
 def _parse_duration(raw: str | int | float) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
 import sqlite3
@@ -21,13 +22,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from relayd import config as configuration
-from relayd import spool
+from relayd import dkim, spool
+from relayd.config import parse_rate
+from relayd.ingress import valid_address
 from relayd.spool import State
+from relayd.users import User, hash_password, load_users, save_users
 
 
 def _in(*states: State) -> str:
@@ -413,6 +417,136 @@ def _count(text: str) -> int:
     return int(text)
 
 
+# -- administration: logins, certificates, DKIM keys ----------------------------------------
+
+
+def read_password(prompt: str) -> str:
+    """From a terminal: asked twice without echo. Otherwise: the first line of stdin, so that
+    scripts can pipe it in and it never appears in a process list."""
+    if sys.stdin.isatty():
+        first = getpass.getpass(f"{prompt}: ")
+        if first != getpass.getpass(f"{prompt} (again): "):
+            raise CtlError("the two passwords differ")
+        password = first
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise CtlError("a password needs at least 8 characters")
+    return password
+
+
+def _user_fields(args: argparse.Namespace, old: User | None) -> dict[str, Any]:
+    senders = [s.lower() for s in args.sender] if args.sender else list(old.senders if old else [])
+    for s in senders:
+        if not valid_address(s if "@" in s else f"x@{s}", True):
+            raise CtlError(f"--sender {s!r}: not a domain or an address")
+    rate = old.rate if old and args.rate is None else args.rate or ""
+    if rate:
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise CtlError(f"--rate {exc}") from None
+    limit = (
+        args.max_recipients
+        if args.max_recipients is not None
+        else (old.max_recipients if old else 0)
+    )
+    return {"senders": tuple(senders), "rate": rate, "max_recipients": limit}
+
+
+def user_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
+    path = cfg.auth.users_file
+    users = load_users(path)
+    name = getattr(args, "name", "")
+    if args.action == "list":
+        return {"users": [_user_row(u) for u in users.values()]}
+    if args.action == "add" and name in users:
+        raise CtlError(f"user {name!r} exists (use: relayctl user passwd or user set)")
+    if args.action != "add" and name not in users:
+        raise CtlError(f"no user {name!r} in {path}")
+    old = users.get(name)
+    if args.action == "del":
+        del users[name]
+    elif args.action == "set":
+        users[name] = User(name, old.password, **_user_fields(args, old))
+    else:
+        password = hash_password(read_password(f"password for {name}"))
+        fields = _user_fields(args, old) if args.action == "add" else {}
+        base = old or User(name, password, ())
+        users[name] = User(name, password, **{**_user_row(base, raw=True), **fields})
+        if not users[name].senders:
+            raise CtlError("a user needs at least one --sender (a domain or an address)")
+    save_users(path, users)
+    return {"action": args.action, "user": name, "file": str(path)}
+
+
+def _user_row(user: User, raw: bool = False) -> Row:
+    row: Row = {"senders": user.senders, "rate": user.rate, "max_recipients": user.max_recipients}
+    return row if raw else {"name": user.name, **row, "senders": list(user.senders)}
+
+
+def render_users(result: Row) -> str:
+    if "users" not in result:
+        return f"{result['action']}: {result['user']} ({result['file']})"
+    rows = [
+        [u["name"], ",".join(u["senders"]), u["rate"] or "-", u["max_recipients"] or "-"]
+        for u in result["users"]
+    ]
+    return table(rows, ["USER", "MAY SEND AS", "RATE", "MAX RCPT"])
+
+
+def tls_self_signed(args: argparse.Namespace) -> Row:
+    """A development certificate: self-signed, the host name in CN and subjectAltName."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = Path(args.out_dir)
+    cert_path, key_path = out / f"{args.hostname}.crt", out / f"{args.hostname}.key"
+    if cert_path.exists() or key_path.exists():
+        raise CtlError(f"{cert_path} or {key_path} exists; not overwriting")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.hostname)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=args.days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(args.hostname)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with os.fdopen(os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(pem)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return {"cert_file": str(cert_path), "key_file": str(key_path), "days": args.days}
+
+
+def dkim_keygen(args: argparse.Namespace) -> Row:
+    try:
+        path, record = dkim.keygen(args.domain, args.selector, args.algorithm, Path(args.out_dir))
+    except FileExistsError as exc:
+        raise CtlError(f"{exc.filename} exists; not overwriting") from None
+    return {"key_file": str(path), "dns_record": record}
+
+
+def render_files(result: Row) -> str:
+    lines = [f"{k}: {v}" for k, v in result.items() if k != "dns_record"]
+    if "dns_record" in result:
+        lines += ["publish this DNS record:", result["dns_record"]]
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     # --config and --json are accepted before or after the command: the copies on the
     # subcommands default to SUPPRESS so they do not overwrite a value given up front.
@@ -460,25 +594,72 @@ def parser() -> argparse.ArgumentParser:
         target.add_argument("queue_ids", nargs="*", default=[], metavar="QUEUE_ID")
         target.add_argument("--domain", help="all recipients at this domain")
         p.set_defaults(run=change, render=render_change, write=True)
+
+    p = sub.add_parser("user", parents=[common], help="submission logins (auth.users_file)")
+    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("add", "add a login; password from a prompt or stdin"),
+        ("passwd", "set a new password"),
+        ("set", "change what a login may do"),
+        ("del", "remove a login"),
+        ("list", "show the logins"),
+    ):
+        u = users.add_parser(action, parents=[common], help=text)
+        if action != "list":
+            u.add_argument("name", metavar="NAME")
+        if action in ("add", "set"):
+            u.add_argument(
+                "--sender",
+                action="append",
+                metavar="DOMAIN_OR_ADDRESS",
+                help="may send as this domain or address (repeatable)",
+            )
+            u.add_argument("--rate", help="messages per period, e.g. 1000/hour")
+            u.add_argument("--max-recipients", type=_count, metavar="N")
+        u.set_defaults(run=user_command, render=render_users, needs="config")
+
+    p = sub.add_parser("tls", parents=[common], help="TLS certificates")
+    tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tls.add_parser("self-signed", parents=[common], help="write a development certificate")
+    t.add_argument("hostname", metavar="HOSTNAME")
+    t.add_argument("--out-dir", default=".", help="where to write HOSTNAME.crt and .key")
+    t.add_argument("--days", type=_count, default=365)
+    t.set_defaults(run=tls_self_signed, render=render_files, needs=None)
+
+    p = sub.add_parser("dkim", parents=[common], help="DKIM keys")
+    keys = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    k = keys.add_parser("keygen", parents=[common], help="write a key, print its DNS record")
+    k.add_argument("domain", metavar="DOMAIN")
+    k.add_argument("selector", metavar="SELECTOR")
+    k.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    k.add_argument("--out-dir", default=".", help="where to write DOMAIN.SELECTOR.key")
+    k.set_defaults(run=dkim_keygen, render=render_files, needs=None)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    needs = getattr(args, "needs", "spool")
     try:
-        cfg = configuration.load(args.config)
+        cfg = configuration.load(args.config) if needs else None
     except configuration.ConfigError as exc:
         print(f"relayctl: config error: {exc}", file=sys.stderr)
         return configuration.EX_CONFIG
     try:
-        conn = open_spool(cfg.spool_path, args.write)
-        with contextlib.closing(conn), transaction(conn, "IMMEDIATE" if args.write else "DEFERRED"):
-            result = args.run(conn, args)
+        if cfg is None:
+            result = args.run(args)
+        elif needs == "config":
+            result = args.run(cfg, args)
+        else:
+            conn = open_spool(cfg.spool_path, args.write)
+            kind = "IMMEDIATE" if args.write else "DEFERRED"
+            with contextlib.closing(conn), transaction(conn, kind):
+                result = args.run(conn, args)
     except CtlError as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
-        print(f"relayctl: spool {cfg.spool_path}: {exc}", file=sys.stderr)
+        print(f"relayctl: spool: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2) if args.json else args.render(result))
     return 0

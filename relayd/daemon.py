@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from collections.abc import Callable
 import uvloop
 
 from relayd import config as configuration
-from relayd import events, spool
+from relayd import events, spool, tls
 from relayd.dns import Resolver
 from relayd.events import log
-from relayd.ingress import IngressHandler, start_listeners
+from relayd.ingress import IngressHandler, Submission, start_listeners
 from relayd.scheduler import Scheduler
 
 
@@ -41,8 +42,14 @@ def sd_notify(state: str) -> None:
 class Relay:
     """One relay: spool writer, scheduler and listeners, started and stopped together."""
 
-    def __init__(self, config: configuration.Config, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: configuration.Config,
+        context: ssl.SSLContext | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self.tls = context
         self.clock = clock
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
@@ -55,7 +62,7 @@ class Relay:
         resolver = Resolver(self.config.nameservers, self.config.dns_timeout)
         self.scheduler = Scheduler(self.config, self.writer, resolver, self.clock)
         self.scheduler.start()
-        self.servers, self.handler = await start_listeners(self.config, self.accept)
+        self.servers, self.handler = await start_listeners(self.config, self.accept, self.tls)
         log.info(
             "started",
             listeners=[str(listener.address) for listener in self.config.listeners],
@@ -64,22 +71,22 @@ class Relay:
             pid=os.getpid(),
         )
 
-    async def accept(
-        self,
-        queue_id: str,
-        sender: str,
-        recipients: list[str],
-        body: bytes,
-        client: str,
-        helo: str,
-        smtputf8: bool,
-    ) -> None:
+    async def accept(self, sub: Submission) -> None:
         """Store a message durably; the caller answers 250 only after this returns."""
-        jobs = len({spool.domain_of(r) for r in recipients})
+        jobs = len({spool.domain_of(r) for r in sub.recipients})
         active = self.scheduler.reserve(jobs)
         now = self.clock()
         msg = spool.NewMessage(
-            queue_id, sender, recipients, body, client, helo, "smtp", smtputf8, now, active
+            sub.queue_id,
+            sub.sender,
+            sub.recipients,
+            sub.body,
+            sub.client,
+            sub.helo,
+            sub.origin,
+            sub.smtputf8,
+            now,
+            active,
         )
         try:
             await self.writer.submit(spool.insert_message(msg, now))
@@ -89,12 +96,13 @@ class Relay:
             raise
         log.info(
             "accepted",
-            queue_id=queue_id,
-            sender=sender,
-            rcpt=recipients,
-            size=len(body),
-            client=client,
-            helo=helo,
+            queue_id=sub.queue_id,
+            sender=sub.sender,
+            rcpt=sub.recipients,
+            size=len(sub.body),
+            client=sub.client,
+            helo=sub.helo,
+            origin=sub.origin,
         )
         if active:
             self.scheduler.admit(msg)
@@ -105,6 +113,10 @@ class Relay:
         sd_notify("RELOADING=1")
         try:
             new = configuration.load(self.config.path)
+            if new.tls.cert_file and self.tls is None:
+                raise configuration.ConfigError(new.path, "tls", "enabling TLS needs a restart")
+            if self.tls is not None and new.tls.cert_file:
+                tls.load(self.tls, new.tls, str(new.path))
         except configuration.ConfigError as exc:
             log.error("reload_refused", error=str(exc))
         else:
@@ -116,7 +128,7 @@ class Relay:
             events.configure(new.log_level)
             self.config = new
             if self.handler is not None:
-                self.handler.config = new
+                self.handler.reload(new)
             self.scheduler.reload(new)
             log.info("reloaded", config=str(new.path))
         sd_notify("READY=1")
@@ -139,8 +151,8 @@ class Relay:
         self.stopped.set()
 
 
-async def serve(config: configuration.Config) -> None:
-    relay = Relay(config)
+async def serve(config: configuration.Config, context: ssl.SSLContext | None) -> None:
+    relay = Relay(config, context)
     await relay.start()
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
@@ -168,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     except configuration.ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return configuration.EX_CONFIG
+    try:
+        context = tls.server_context(config.tls, str(config.path))
+    except configuration.ConfigError as exc:
+        print(f"relayd: config error: {exc}", file=sys.stderr)
+        return configuration.EX_CONFIG
     if args.check:
         print(f"relayd: {args.config}: ok")
         return 0
     events.configure(config.log_level)
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, context))
     except OSError as exc:
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
         return 71  # EX_OSERR

@@ -1,28 +1,52 @@
 """SMTP ingress: decides accept or reject, never delivers.
 
-aiosmtpd speaks the protocol; this module adds the policy (who may relay, address syntax,
-limits), the headers a relay owes (Received, and Message-ID and Date when missing), RFC 3463
-enhanced codes on every reply, and the rule that 250 after DATA comes only once the spool has
-the message on disk.
+aiosmtpd speaks the protocol; this module adds the policy (who may relay: trusted networks or
+an authenticated login, as whom a login may send and how fast, address syntax, limits on
+connections, time, lines and errors), the headers a relay owes (Received, and Message-ID and
+Date when missing), RFC 3463 enhanced codes on every reply, defences against SMTP smuggling,
+and the rule that 250 after DATA comes only once the spool has the message on disk.
+
+Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
+``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, getaddresses, make_msgid
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relayd.config import Config
+from relayd.config import Config, Listener
 from relayd.events import log
 from relayd.spool import new_queue_id
+from relayd.users import Directory, LoginGuard, User
 
-# (queue_id, sender, recipients, body, client_ip, helo, smtputf8); returns once durable
-Accept = Callable[[str, str, list[str], bytes, str, str, bool], Awaitable[None]]
+
+@dataclass
+class Submission:
+    """An accepted message on its way to the spool."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+    client: str
+    helo: str
+    smtputf8: bool
+    origin: str  # "auth:NAME" or "trusted:IP": who vouched for it
+
+
+# Stores a submission durably (raising when it could not); the reply waits for it.
+Accept = Callable[[Submission], Awaitable[None]]
 
 _DOMAIN = re.compile(
     r"^(?:(?:[^\W_]|[^\x00-\x7f])(?:[\w-]|[^\x00-\x7f]){0,62}\.)*"
@@ -61,6 +85,7 @@ _ENHANCED_FOR = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_BARE_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
 def valid_address(address: str, smtputf8: bool) -> bool:
@@ -76,9 +101,14 @@ def valid_address(address: str, smtputf8: bool) -> bool:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with our reply vocabulary and a hard error limit."""
+    """aiosmtpd's protocol with our replies, limits and login handling."""
 
-    def __init__(self, handler: IngressHandler, config: Config) -> None:
+    def __init__(
+        self, handler: IngressHandler, listener: Listener, tls: ssl.SSLContext | None
+    ) -> None:
+        config = handler.config
+        self.line_length_limit = config.max_line_length + 2  # read before super() builds the reader
+        implicit = listener.kind == "smtps"
         super().__init__(
             handler,
             data_size_limit=config.max_message_size,
@@ -86,18 +116,54 @@ class RelaySMTP(SMTP):
             hostname=config.hostname,
             ident="ESMTP relayd",
             timeout=config.session_timeout,
+            tls_context=None if implicit else tls,
+            require_starttls=listener.kind == "submission",
+            auth_required=listener.kind != "relay",
+            auth_require_tls=not implicit,
+            authenticator=_never_called,
         )
-        self.max_errors = config.max_errors
+        self.handler, self.listener = handler, listener
         self.errors = 0
-        self.sessions = handler.sessions
+        self.client = ""
+        self.refusal = ""  # set when the connection must be refused at greeting
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- connection life ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and self.transport is None
         super().connection_made(transport)
-        self.sessions.add(self)
+        if not first:
+            return  # the TLS layer after STARTTLS: same client, already counted
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.refusal = self.handler.admit(self)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.handler.config.max_session_time, self._expired)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.sessions.discard(self)
+        self.handler.release(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
         super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self.refusal:
+            await super().push(self.refusal)
+            self.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        self._goodbye("421 4.4.2 Idle timeout, closing connection")
+
+    def _expired(self) -> None:
+        self._goodbye("421 4.4.2 Session time limit reached, closing connection")
+
+    def _goodbye(self, reply: str) -> None:
+        if self.transport is not None:
+            self.transport.write(reply.encode() + b"\r\n")
+            self.transport.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -107,6 +173,8 @@ class RelaySMTP(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    # -- replies --------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
         if isinstance(status, bytes):
@@ -119,9 +187,53 @@ class RelaySMTP(SMTP):
         await super().push(status)
         if code[:1] in ("4", "5") and code != "421":
             self.errors += 1
-            if self.errors >= self.max_errors and self.transport is not None:
+            if self.errors >= self.handler.config.max_errors and self.transport is not None:
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self.transport.close()
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.in_transaction:
+            await self.push("503 5.5.1 STARTTLS not allowed during a mail transaction")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.handler.guard.locked(self.client):
+            await self.push("421 4.7.0 Too many failed logins, try again later")
+            self.close()
+            return
+        await super().smtp_AUTH(arg)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd's parsers end here; the (slow) check happens in _verified."""
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verified(await super().auth_LOGIN(_, args))
+
+    async def _verified(self, parsed: AuthResult) -> AuthResult:
+        if not isinstance(parsed.auth_data, LoginPassword):
+            return parsed  # malformed exchange, already answered
+        name = parsed.auth_data.login.decode("utf-8", "replace")
+        user = await self.handler.verify(name, parsed.auth_data.password)
+        if user is not None:
+            log.info("auth_ok", client=self.client, user=name)
+            return AuthResult(success=True, auth_data=user)
+        failures = self.handler.guard.failed(self.client)
+        log.warning("auth_failed", client=self.client, user=name, failures=failures)
+        await asyncio.sleep(self.handler.config.auth.failure_delay)
+        if self.handler.guard.locked(self.client):
+            log.warning("auth_lockout", client=self.client, user=name)
+        return AuthResult(success=False, handled=False)
+
+
+def _never_called(*args: Any) -> AuthResult:
+    raise AssertionError("RelaySMTP._authenticate replaces aiosmtpd's authenticator")
 
 
 class IngressHandler:
@@ -131,6 +243,41 @@ class IngressHandler:
         self.config = config
         self.accept = accept
         self.sessions: set[RelaySMTP] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.users = Directory(config.auth.users_file)
+        self.guard = LoginGuard(config.auth.max_failures, config.auth.lockout, time.monotonic)
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self.users = Directory(config.auth.users_file)
+        self.guard.max_failures, self.guard.lockout = config.auth.max_failures, config.auth.lockout
+
+    # -- connections ------------------------------------------------------------------------
+
+    def admit(self, session: RelaySMTP) -> str:
+        """Count a new connection; the reply to refuse it with, or "" to serve it."""
+        self.sessions.add(session)
+        self.per_ip[session.client] += 1
+        if len(self.sessions) > self.config.max_connections:
+            return "421 4.7.0 Too many connections, try again later"
+        if self.per_ip[session.client] > self.config.max_connections_per_ip:
+            return "421 4.7.0 Too many connections from your address, try again later"
+        if self.guard.locked(session.client):
+            return "421 4.7.0 Too many failed logins, try again later"
+        return ""
+
+    def release(self, session: RelaySMTP) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.per_ip[session.client] -= 1
+            if not self.per_ip[session.client]:
+                del self.per_ip[session.client]
+
+    async def verify(self, name: str, password: bytes) -> User | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.users.verify, name, password)
+
+    # -- SMTP hooks ---------------------------------------------------------------------------
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
@@ -143,6 +290,14 @@ class IngressHandler:
     ) -> str:
         if address != "<>" and not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad sender address syntax"
+        user = _user(session)
+        if user is not None:
+            if address == "<>" or not user.may_send_as(address):
+                log.warning("sender_refused", user=user.name, sender=address)
+                return f"553 5.7.1 <{address}>: sender not allowed for login {user.name}"
+            if not self.users.take(user):
+                log.warning("rate_limited", user=user.name, sender=address, rate=user.rate)
+                return "450 4.7.1 Message rate limit exceeded for this login, try later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -152,31 +307,53 @@ class IngressHandler:
     ) -> str:
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
-        client = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        if not self.config.is_trusted(client):
+        user = _user(session)
+        client = server.client if isinstance(server, RelaySMTP) else ""
+        if user is None and not self.config.is_trusted(client):
             log.info("relay_denied", client=client, rcpt=address, sender=envelope.mail_from)
             return f"554 5.7.1 <{address}>: Relay access denied"
-        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+        limit = self.config.max_recipients
+        if user is not None and user.max_recipients:
+            limit = min(limit, user.max_recipients)
+        if len(envelope.rcpt_tos) >= limit:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        client = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        client = server.client if isinstance(server, RelaySMTP) else ""
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        content = envelope.original_content or b""
+        if content.count(b"\n") != content.count(b"\r\n") or content.count(b"\r") != (
+            content.count(b"\r\n")
+        ):
+            if self.config.bare_newlines == "reject":
+                return "554 5.6.0 Message contains bare CR or LF characters"
+            content = _BARE_NEWLINE.sub(b"\r\n", content)
+        user = _user(session)
+        if user is not None:
+            senders = from_addresses(content)
+            if not senders or not all(user.may_send_as(a) for a in senders):
+                log.warning("from_refused", user=user.name, sender=sender, header_from=senders)
+                return f"550 5.7.1 From header not allowed for login {user.name}"
         helo = session.host_name or ""
         queue_id = new_queue_id()
         body = add_headers(
-            envelope.original_content or b"",
-            self.config.hostname,
-            client,
-            helo,
-            envelope.smtp_utf8,
-            queue_id,
+            content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
+        origin = f"auth:{user.name}" if user is not None else f"trusted:{client}"
         try:
             await self.accept(
-                queue_id, sender, list(envelope.rcpt_tos), body, client, helo, envelope.smtp_utf8
+                Submission(
+                    queue_id,
+                    sender,
+                    list(envelope.rcpt_tos),
+                    body,
+                    client,
+                    helo,
+                    envelope.smtp_utf8,
+                    origin,
+                )
             )
         except asyncio.CancelledError:
             raise
@@ -184,6 +361,19 @@ class IngressHandler:
             log.error("accept_failed", client=client, sender=sender, error=repr(exc))
             return "451 4.3.0 Local error in processing, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def _user(session: Session) -> User | None:
+    return session.auth_data if session.authenticated else None
+
+
+def from_addresses(content: bytes) -> list[str]:
+    """The addresses in the From header(s); [] when there is none or it does not parse."""
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[: end + 2]
+    values = re.findall(rb"(?im)^from[ \t]*:(.*(?:\r\n[ \t].*)*)", head)
+    found = getaddresses([v.decode("utf-8", "replace").replace("\r\n", "") for v in values])
+    return [addr.lower() for _, addr in found if "@" in addr]
 
 
 def add_headers(
@@ -205,7 +395,7 @@ def add_headers(
 
 
 async def start_listeners(
-    config: Config, accept: Accept
+    config: Config, accept: Accept, tls: ssl.SSLContext | None
 ) -> tuple[list[asyncio.Server], IngressHandler]:
     loop = asyncio.get_running_loop()
     handler = IngressHandler(config, accept)
@@ -213,9 +403,10 @@ async def start_listeners(
     for listener in config.listeners:
         servers.append(
             await loop.create_server(
-                lambda: RelaySMTP(handler, handler.config),
+                lambda listener=listener: RelaySMTP(handler, listener, tls),
                 listener.address.host,
                 listener.address.port,
+                ssl=tls if listener.kind == "smtps" else None,
                 reuse_address=True,
                 backlog=1024,
             )

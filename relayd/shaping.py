@@ -33,6 +33,24 @@ class Gcra:
         return self._tat <= self._clock()
 
 
+class TokenBucket:
+    """A quota with bursts: up to ``rate.count`` at once, refilled over ``rate.period``. Fits a
+    sender's allowance ("1000/hour") where GCRA's even spacing would refuse a normal burst."""
+
+    def __init__(self, rate: Rate, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self._clock = rate, clock
+        self._tokens, self._at = rate.count, clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.rate.count, self._tokens + (now - self._at) / self.rate.interval)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class Rotation:
     """Smooth weighted round robin (as nginx): sources in proportion to weight, interleaved."""
 
