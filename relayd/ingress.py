@@ -126,6 +126,7 @@ class RelaySMTP(SMTP):
         self.errors = 0
         self.client = ""
         self.refusal = ""  # set when the connection must be refused at greeting
+        self._greeting = False
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- connection life ----------------------------------------------------------------
@@ -176,12 +177,28 @@ class RelaySMTP(SMTP):
 
     # -- replies --------------------------------------------------------------------------
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._greeting = True  # EHLO lines are keywords: no enhanced codes (RFC 2034)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._greeting = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting = False
+
     async def push(self, status: Any) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "surrogateescape")
         status = _REWRITE.get(status, status)
         code = status[:3]
-        if not _HAS_ENHANCED.match(status) and _ENHANCED_FOR.get(code):
+        if self._greeting and code == "250":
+            pass
+        elif not _HAS_ENHANCED.match(status) and _ENHANCED_FOR.get(code):
             sep = status[3:4] or " "
             status = f"{code}{sep}{_ENHANCED_FOR[code]} {status[4:]}".rstrip()
         await super().push(status)
