@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import smtplib
 import socket
@@ -286,3 +287,42 @@ def test_show_displays_the_login_that_submitted(submission):
     queue_id = r.wait_event("deferred")[0]["queue_id"]
     shown = ctl(r.config_path, "show", queue_id)
     assert "auth:app1" in shown.stdout
+
+
+def test_open_relay_matrix(submission):
+    """Every combination of client address, login and recipient: only a trusted client, or a
+    login sending as its own domain, gets anything queued."""
+    r = submission(auth={"max_failures": 100, "failure_delay": "0s"})
+    assert ctl(r.config_path, "user", "set", "app1", "--rate", "").returncode == 0
+    wrong = []
+    queued = 0
+    for listener in ("relay", "submission"):
+        for client_ip in ("127.0.0.1", "127.0.0.9"):
+            for auth in ("none", "failed", "own", "foreign"):
+                for rcpt in ("colleague@example.test", "x@dest.test"):
+                    allowed = auth == "own" or (
+                        listener == "relay" and client_ip == "127.0.0.1" and auth != "foreign"
+                    )
+                    got = _attempt(r, listener, client_ip, auth, rcpt)
+                    queued += got
+                    if got != allowed:
+                        wrong.append((listener, client_ip, auth, rcpt, got))
+    assert wrong == [], wrong
+    assert queued == len(r.events("accepted")) == 12
+
+
+def _attempt(r, listener: str, client_ip: str, auth: str, rcpt: str) -> bool:
+    """One session; True when relayd answered 250 to DATA (the message was queued)."""
+    sender = "ceo@bank.test" if auth == "foreign" else "news@example.test"
+    with smtplib.SMTP("127.0.0.1", r.ports[listener], source_address=(client_ip, 0)) as c:
+        c.starttls(context=client_tls())
+        c.ehlo("matrix.test")
+        if auth != "none":
+            c.user, c.password = "app1", PASSWORD if auth != "failed" else "nope nope"
+            with contextlib.suppress(smtplib.SMTPAuthenticationError):
+                c.auth("PLAIN", c.auth_plain)
+        if c.docmd(f"MAIL FROM:<{sender}>")[0] != 250:
+            return False
+        if c.docmd(f"RCPT TO:<{rcpt}>")[0] != 250:
+            return False
+        return c.data(message(sender, rcpt))[0] == 250
