@@ -533,10 +533,14 @@ def tls_self_signed(args: argparse.Namespace) -> Row:
 
 
 def dkim_keygen(args: argparse.Namespace) -> Row:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        path, record = dkim.keygen(args.domain, args.selector, args.algorithm, Path(args.out_dir))
+        path, record = dkim.keygen(args.domain, args.selector, args.algorithm, out)
     except FileExistsError as exc:
         raise CtlError(f"{exc.filename} exists; not overwriting") from None
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
     return {"key_file": str(path), "dns_record": record}
 
 

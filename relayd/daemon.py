@@ -21,7 +21,7 @@ from collections.abc import Callable
 import uvloop
 
 from relayd import config as configuration
-from relayd import events, spool, tls
+from relayd import dkim, events, spool, tls
 from relayd.dns import Resolver
 from relayd.events import log
 from relayd.ingress import IngressHandler, Submission, start_listeners
@@ -46,10 +46,12 @@ class Relay:
         self,
         config: configuration.Config,
         context: ssl.SSLContext | None,
+        signer: dkim.Signer,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.tls = context
+        self.signer = signer
         self.clock = clock
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
@@ -72,15 +74,17 @@ class Relay:
         )
 
     async def accept(self, sub: Submission) -> None:
-        """Store a message durably; the caller answers 250 only after this returns."""
+        """Sign and store a message durably; the caller answers 250 only after this returns.
+        Signing here, once, means every attempt delivers the same signed bytes."""
+        now = self.clock()
+        body = self.signer.sign(sub.body, now)
         jobs = len({spool.domain_of(r) for r in sub.recipients})
         active = self.scheduler.reserve(jobs)
-        now = self.clock()
         msg = spool.NewMessage(
             sub.queue_id,
             sub.sender,
             sub.recipients,
-            sub.body,
+            body,
             sub.client,
             sub.helo,
             sub.origin,
@@ -99,7 +103,8 @@ class Relay:
             queue_id=sub.queue_id,
             sender=sub.sender,
             rcpt=sub.recipients,
-            size=len(sub.body),
+            size=len(body),
+            dkim=len(body) > len(sub.body),
             client=sub.client,
             helo=sub.helo,
             origin=sub.origin,
@@ -113,6 +118,7 @@ class Relay:
         sd_notify("RELOADING=1")
         try:
             new = configuration.load(self.config.path)
+            signer = dkim.Signer(new.dkim, new.path)
             if new.tls.cert_file and self.tls is None:
                 raise configuration.ConfigError(new.path, "tls", "enabling TLS needs a restart")
             if self.tls is not None and new.tls.cert_file:
@@ -127,6 +133,7 @@ class Relay:
                 log.warning("reload_partial", reason="listeners and spool_path need a restart")
             events.configure(new.log_level)
             self.config = new
+            self.signer = signer
             if self.handler is not None:
                 self.handler.reload(new)
             self.scheduler.reload(new)
@@ -151,8 +158,10 @@ class Relay:
         self.stopped.set()
 
 
-async def serve(config: configuration.Config, context: ssl.SSLContext | None) -> None:
-    relay = Relay(config, context)
+async def serve(
+    config: configuration.Config, context: ssl.SSLContext | None, signer: dkim.Signer
+) -> None:
+    relay = Relay(config, context, signer)
     await relay.start()
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
@@ -182,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return configuration.EX_CONFIG
     try:
         context = tls.server_context(config.tls, str(config.path))
+        signer = dkim.Signer(config.dkim, config.path)
     except configuration.ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return configuration.EX_CONFIG
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     events.configure(config.log_level)
     try:
-        uvloop.run(serve(config, context))
+        uvloop.run(serve(config, context, signer))
     except OSError as exc:
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
         return 71  # EX_OSERR
