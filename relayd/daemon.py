@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
         return 71  # EX_OSERR
+    finally:
+        events.flush()
     return 0
 
 

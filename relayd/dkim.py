@@ -211,6 +211,8 @@ class Signer:
 
         Returned unchanged when no key applies or the From field has no parsable address.
         """
+        if not self._keys:
+            return message  # signing off: not even the From field needs parsing
         fields, body = _split(message)
         domain = self._domain(_from_domain(fields))
         if domain is None:

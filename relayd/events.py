@@ -2,17 +2,74 @@
 
 Keys are stable (queue_id, sender, rcpt, domain, mx, source_ip, code, response, attempt,
 delay_s) so that an operator can grep the journal for a queue id or a recipient and see why.
+
+Lines are written in batches: at most ``FLUSH_INTERVAL`` after the event, or when 64 KiB have
+gathered, and at exit. A system call per line cost as much as relaying the message did.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from typing import Any, TextIO
 
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
+FLUSH_INTERVAL = 0.1
+_BUFFER_LIMIT = 64 * 1024
+
+
+class BatchedLogger:
+    """structlog logger that buffers rendered lines and writes them together."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.lines: list[str] = []
+        self.size = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def msg(self, message: str) -> None:
+        self.lines.append(message)
+        self.size += len(message)
+        if self.size >= _BUFFER_LIMIT:
+            self.flush()
+        elif self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+            except RuntimeError:  # no event loop (start-up, shutdown): write at once
+                self.flush()
+
+    log = debug = info = warning = error = critical = exception = msg
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.lines:
+            self.out.write("\n".join(self.lines) + "\n")
+            self.out.flush()
+            self.lines.clear()
+            self.size = 0
+
+
+_logger = BatchedLogger(sys.stdout)
+
+
+class _LibraryRecords(logging.Handler):
+    """Records of the libraries (aiosmtpd, asyncio) as JSON lines too: their text can hold
+    client bytes, CR included, that would break a plain line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.log(
+            record.levelno,
+            "library",
+            logger=record.name,
+            message=record.getMessage(),
+            exc_info=record.exc_info or False,
+        )
 
 
 def configure(level: str = "info") -> None:
@@ -24,9 +81,19 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=False,
+        logger_factory=lambda *args: _logger,
+        cache_logger_on_first_use=False,  # SIGHUP may change the level
     )
+    root = logging.getLogger()
+    root.handlers = [_LibraryRecords()]
+    root.setLevel(logging.WARNING)
+    # aiosmtpd narrates every command at INFO and warns about each bogus one; relayd's own
+    # events say what matters, so only its errors pass.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def flush(*_: Any) -> None:
+    _logger.flush()
 
 
 log = structlog.get_logger("relayd")
