@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import smtplib
 import socket
@@ -326,3 +327,25 @@ def _attempt(r, listener: str, client_ip: str, auth: str, rcpt: str) -> bool:
         if c.docmd(f"RCPT TO:<{rcpt}>")[0] != 250:
             return False
         return c.data(message(sender, rcpt))[0] == 250
+
+
+def test_passwd_replaces_the_password_without_restart(submission):
+    r = submission()
+    changed = ctl(r.config_path, "user", "passwd", "app1", stdin="a brand new secret\n")
+    assert changed.returncode == 0, changed.stderr
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        login(r)
+    with login(r, password="a brand new secret") as client:
+        client.sendmail("news@example.test", ["x@dest.test"], message())
+    r.mx.wait_for_messages(1)
+    listed = json.loads(ctl(r.config_path, "--json", "user", "list").stdout)
+    assert listed["users"] == [
+        {
+            "name": "app1",
+            "senders": ["example.test", "ceo@corp.test"],
+            "rate": "3/hour",
+            "max_recipients": 2,
+        }
+    ]
+    assert "scrypt$" in (r.workdir / "users.json").read_text()
+    assert (r.workdir / "users.json").stat().st_mode & 0o777 == 0o600
