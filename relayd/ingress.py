@@ -13,6 +13,7 @@ Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import ssl
 import time
@@ -456,6 +457,11 @@ class IngressHandler:
 
 
 _HANDLER_NAMES = sorted(n for n in dir(IngressHandler) if n.startswith("handle_"))
+# aiosmtpd inspects handle_EHLO's signature on every connection; a precomputed __signature__
+# makes that a lookup instead of a parse.
+IngressHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    IngressHandler.handle_EHLO
+)
 
 
 def _long_line(config: Config) -> re.Pattern[bytes]:
