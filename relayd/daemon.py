@@ -24,7 +24,7 @@ from relayd import config as configuration
 from relayd import dkim, events, spool, tls
 from relayd.dns import Resolver
 from relayd.events import log
-from relayd.ingress import IngressHandler, Submission, start_listeners
+from relayd.ingress import IngressHandler, start_listeners
 from relayd.scheduler import Scheduler
 
 
@@ -73,43 +73,32 @@ class Relay:
             pid=os.getpid(),
         )
 
-    async def accept(self, sub: Submission) -> None:
+    async def accept(self, msg: spool.NewMessage) -> None:
         """Sign and store a message durably; the caller answers 250 only after this returns.
         Signing here, once, means every attempt delivers the same signed bytes."""
-        now = self.clock()
-        body = self.signer.sign(sub.body, now)
-        jobs = len({spool.domain_of(r) for r in sub.recipients})
-        active = self.scheduler.reserve(jobs)
-        msg = spool.NewMessage(
-            sub.queue_id,
-            sub.sender,
-            sub.recipients,
-            body,
-            sub.client,
-            sub.helo,
-            sub.origin,
-            sub.smtputf8,
-            now,
-            active,
-        )
+        msg.received_at = now = self.clock()
+        unsigned = len(msg.body)
+        msg.body = self.signer.sign(msg.body, now)
+        jobs = len({spool.domain_of(r) for r in msg.recipients})
+        msg.active = self.scheduler.reserve(jobs)
         try:
             await self.writer.submit(spool.insert_message(msg, now))
         except BaseException:
-            if active:
+            if msg.active:
                 self.scheduler.unreserve(jobs)
             raise
         log.info(
             "accepted",
-            queue_id=sub.queue_id,
-            sender=sub.sender,
-            rcpt=sub.recipients,
-            size=len(body),
-            dkim=len(body) > len(sub.body),
-            client=sub.client,
-            helo=sub.helo,
-            origin=sub.origin,
+            queue_id=msg.queue_id,
+            sender=msg.sender,
+            rcpt=msg.recipients,
+            size=len(msg.body),
+            dkim=len(msg.body) > unsigned,
+            client=msg.client,
+            helo=msg.helo,
+            origin=msg.origin,
         )
-        if active:
+        if msg.active:
             self.scheduler.admit(msg)
         else:
             self.scheduler.poke()

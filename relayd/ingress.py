@@ -19,7 +19,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import Any
@@ -28,26 +27,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from relayd.config import Config, Listener
 from relayd.events import log
-from relayd.spool import new_queue_id
+from relayd.spool import NewMessage, new_queue_id
 from relayd.users import Directory, LoginGuard, User
 
-
-@dataclass
-class Submission:
-    """An accepted message on its way to the spool."""
-
-    queue_id: str
-    sender: str
-    recipients: list[str]
-    body: bytes
-    client: str
-    helo: str
-    smtputf8: bool
-    origin: str  # "auth:NAME" or "trusted:IP": who vouched for it
-
-
-# Stores a submission durably (raising when it could not); the reply waits for it.
-Accept = Callable[[Submission], Awaitable[None]]
+# Stores a message durably (raising when it could not); the reply to DATA waits for it.
+Accept = Callable[[NewMessage], Awaitable[None]]
 
 _DOMAIN = re.compile(
     r"^(?:(?:[^\W_]|[^\x00-\x7f])(?:[\w-]|[^\x00-\x7f]){0,62}\.)*"
@@ -437,15 +421,15 @@ class IngressHandler:
         origin = f"auth:{user.name}" if user is not None else f"trusted:{client}"
         try:
             await self.accept(
-                Submission(
+                NewMessage(
                     queue_id,
                     sender,
                     list(envelope.rcpt_tos),
                     body,
                     client,
                     helo,
-                    envelope.smtp_utf8,
                     origin,
+                    envelope.smtp_utf8,
                 )
             )
         except asyncio.CancelledError:

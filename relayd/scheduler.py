@@ -408,7 +408,6 @@ class Scheduler:
             origin=f"dsn:{report.queue_id}",
             smtputf8=False,
             received_at=now,
-            active=False,
         )
         await self.writer.submit(spool.insert_message(msg, now))
         log.info(

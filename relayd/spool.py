@@ -153,16 +153,18 @@ class Result:
 
 @dataclass
 class NewMessage:
+    """A message on its way into the spool, from ingress or from the bounce generator."""
+
     queue_id: str
     sender: str
     recipients: list[str]
     body: bytes
     client: str
     helo: str
-    origin: str
+    origin: str  # "auth:NAME", "trusted:IP" or "dsn:QUEUEID": who vouched for it
     smtputf8: bool
-    received_at: float
-    active: bool  # the scheduler took it straight into memory
+    received_at: float = 0.0  # set when it is stored
+    active: bool = False  # the scheduler took it straight into memory
     ids: list[int] = field(default_factory=list)  # recipient row ids, set on insert
     msg_id: int = 0
 

@@ -157,7 +157,6 @@ def test_sigkill_under_load_loses_no_acknowledged_message(relay, dns_server, fak
         60,
         f"all {len(wanted)} acknowledged messages delivered after restart",
     )
-    assert r.events("started")[-1]["requeued"] >= 0
 
 
 def test_listener_port_in_use_is_a_clear_error(tmp_path):

@@ -210,7 +210,7 @@ def test_failed_logins_lock_the_client_ip_out(submission):
             assert err.value.smtp_code == 535
     with socket.create_connection(("127.0.0.1", r.ports["submission"]), timeout=5) as sock:
         assert sock.makefile("rb").readline().startswith(b"421 4.7.0")
-    failures = r.events("auth_failed")
+    failures = r.wait_event("auth_failed", n=3)
     assert len(failures) == 3 and all(f["user"] == "app1" for f in failures)
     assert "wrong password" not in r.log_text()
     r.wait_event("auth_lockout")
@@ -309,7 +309,7 @@ def test_open_relay_matrix(submission):
                     if got != allowed:
                         wrong.append((listener, client_ip, auth, rcpt, got))
     assert wrong == [], wrong
-    assert queued == len(r.events("accepted")) == 12
+    assert queued == len(r.wait_event("accepted", n=12)) == 12
 
 
 def _attempt(r, listener: str, client_ip: str, auth: str, rcpt: str) -> bool:
