@@ -202,9 +202,11 @@ class FakeMX:
         ready.set()
         await self._stopping.wait()
         server.close()
-        for task in list(self._tasks):
+        # sessions of connections accepted just now may not have registered in _tasks yet
+        others = self._tasks | (asyncio.all_tasks() - {asyncio.current_task()})
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
         await server.wait_closed()
 
     # -- SMTP session -------------------------------------------------------------------------
