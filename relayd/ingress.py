@@ -120,6 +120,7 @@ class RelaySMTP(SMTP):
         self.handler, self.listener = handler, listener
         self.errors = 0
         self.client = ""
+        self.trusted = False  # client address in trusted_networks, decided once per connection
         self.refusal = ""  # set when the connection must be refused at greeting
         self._greeting = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -150,6 +151,7 @@ class RelaySMTP(SMTP):
             return  # the TLS layer after STARTTLS: same client, already counted
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.trusted = self.handler.config.is_trusted(self.client)
         self.refusal = self.handler.admit(self)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.handler.config.max_session_time, self._expired)
@@ -355,13 +357,18 @@ class IngressHandler:
     # -- SMTP hooks ---------------------------------------------------------------------------
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list,
     ) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
         if address != "<>" and not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad sender address syntax"
@@ -378,14 +385,13 @@ class IngressHandler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
         user = _user(session)
-        client = server.client if isinstance(server, RelaySMTP) else ""
-        if user is None and not self.config.is_trusted(client):
-            log.info("relay_denied", client=client, rcpt=address, sender=envelope.mail_from)
+        if user is None and not server.trusted:
+            log.info("relay_denied", client=server.client, rcpt=address, sender=envelope.mail_from)
             return f"554 5.7.1 <{address}>: Relay access denied"
         limit = self.config.max_recipients
         if user is not None and user.max_recipients:
@@ -395,8 +401,8 @@ class IngressHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        client = server.client if isinstance(server, RelaySMTP) else ""
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        client = server.client
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         content = envelope.original_content or b""
         if content.count(b"\n") != content.count(b"\r\n") or content.count(b"\r") != (
