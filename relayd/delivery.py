@@ -15,7 +15,8 @@ import aiosmtplib
 
 from relayd.config import HostPort
 from relayd.dns import LookupFailure, Resolver
-from relayd.spool import Job, Result, State
+from relayd.events import log
+from relayd.spool import Job, State
 
 
 @dataclass(frozen=True)
@@ -81,26 +82,22 @@ class Connection:
                 if source_ip and (":" in ip) != (":" in source_ip):
                     continue  # an IPv4 source cannot reach an IPv6 host
                 mx = f"{host.host}[{ip}]:{host.port}"
-                smtp = aiosmtplib.SMTP(
-                    hostname=ip,
-                    port=host.port,
-                    local_hostname=ehlo,
-                    source_address=(source_ip, 0) if source_ip else None,
-                    timeout=command_timeout,
-                    start_tls=None if starttls else False,
-                    tls_context=_TLS,
-                    validate_certs=False,
-                )
                 try:
-                    await smtp.connect(timeout=connect_timeout)
-                    if smtp.is_ehlo_or_helo_needed:
-                        await smtp.ehlo()
-                    return cls(smtp, mx, source_ip or smtp.transport.get_extra_info("sockname")[0])
-                except aiosmtplib.SMTPResponseException as exc:
-                    last = ConnectFailure(exc.code, exc.message, mx)
+                    smtp = await _session(
+                        ip, host.port, source_ip, ehlo, starttls, connect_timeout, command_timeout
+                    )
+                except _TlsFailed:  # as Postfix "may": the same host again, in plain text
+                    try:
+                        smtp = await _session(
+                            ip, host.port, source_ip, ehlo, False, connect_timeout, command_timeout
+                        )
+                    except (aiosmtplib.SMTPException, OSError) as exc:
+                        last = _failure(exc, mx)
+                        continue
                 except (aiosmtplib.SMTPException, OSError) as exc:
-                    last = ConnectFailure(421, f"4.4.1 connect to {mx} failed: {exc}", mx)
-                smtp.close()
+                    last = _failure(exc, mx)
+                    continue
+                return cls(smtp, mx, source_ip or smtp.transport.get_extra_info("sockname")[0])
         raise last
 
     async def send(self, job: Job) -> list[tuple[int, Outcome]]:
@@ -117,8 +114,9 @@ class Connection:
                 options.append("SMTPUTF8")
             if not job.body.isascii() and smtp.supports_extension("8bitmime"):
                 options.append("BODY=8BITMIME")
+            encoding = "utf-8" if job.smtputf8 else "ascii"
             try:
-                await smtp.mail(job.sender, options=options)
+                await smtp.mail(job.sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPResponseException as exc:
                 await self._reset()
                 return [(r.id, Outcome(exc.code, exc.message)) for r in job.recipients]
@@ -126,7 +124,7 @@ class Connection:
             for r in job.recipients:
                 phase = "RCPT TO"
                 try:
-                    await smtp.rcpt(r.rcpt)
+                    await smtp.rcpt(r.rcpt, encoding=encoding)
                     accepted.append(r)
                 except aiosmtplib.SMTPResponseException as exc:
                     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
@@ -144,12 +142,15 @@ class Connection:
                     raise
                 done = Outcome(exc.code, exc.message)
             return outcomes + [(r.id, done) for r in accepted]
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except Exception as exc:
             self.broken = True
+            if isinstance(exc, aiosmtplib.SMTPException | OSError):
+                reply = f"4.4.2 lost connection with {self.mx} while sending {phase}: {exc}"
+            else:  # a fault of ours: defer (nothing is lost) and leave a trace
+                log.error("send_failed", queue_id=job.queue_id, mx=self.mx, error=repr(exc))
+                reply = f"4.3.0 local error while sending {phase}: {exc!r}"
             seen = {rid for rid, _ in outcomes}
-            lost = Outcome(
-                421, f"4.4.2 lost connection with {self.mx} while sending {phase}: {exc}"
-            )
+            lost = Outcome(421, reply)
             return outcomes + [(r.id, lost) for r in job.recipients if r.id not in seen]
 
     async def _reset(self) -> None:
@@ -169,5 +170,44 @@ class Connection:
                 self.smtp.close()
 
 
-def results(pairs: list[tuple[int, Outcome]], mx: str) -> list[Result]:
-    return [Result(rid, o.state, o.code, o.reply, mx) for rid, o in pairs]
+class _TlsFailed(Exception):
+    """STARTTLS was offered but did not work out."""
+
+
+async def _session(
+    ip: str,
+    port: int,
+    source_ip: str | None,
+    ehlo: str,
+    starttls: bool,
+    connect_timeout: float,
+    command_timeout: float,
+) -> aiosmtplib.SMTP:
+    """Connected, greeted, EHLO done, and TLS if wanted and offered."""
+    smtp = aiosmtplib.SMTP(
+        hostname=ip,
+        port=port,
+        local_hostname=ehlo,
+        source_address=(source_ip, 0) if source_ip else None,
+        timeout=command_timeout,
+        start_tls=False,
+    )
+    try:
+        await smtp.connect(timeout=connect_timeout)
+        await smtp.ehlo()
+        if starttls and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(tls_context=_TLS, validate_certs=False)
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                raise _TlsFailed(str(exc)) from exc
+            await smtp.ehlo()  # extensions may differ under TLS (RFC 3207 4.2)
+        return smtp
+    except BaseException:
+        smtp.close()
+        raise
+
+
+def _failure(exc: BaseException, mx: str) -> ConnectFailure:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return ConnectFailure(exc.code, exc.message, mx)
+    return ConnectFailure(421, f"4.4.1 connect to {mx} failed: {exc}", mx)

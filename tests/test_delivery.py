@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import smtplib
+import ssl
 import subprocess
 
 import pytest
@@ -263,3 +264,34 @@ def test_opportunistic_starttls(relay, dns_server, fake_mx, tmp_path):
     r = relay()
     send(r.port, ["x@example.test"])
     assert mx.wait_for_messages(1)[0].tls is True
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
+def test_failed_starttls_falls_back_to_plain_text(relay, dns_server, fake_mx, tmp_path):
+    """Opportunistic TLS, as Postfix's "may": a handshake that fails is retried without TLS."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    context, _ = self_signed_tls_context(tmp_path, "mx1.example.test")
+    context.maximum_version = ssl.TLSVersion.TLSv1_1  # no client of ours will agree to that
+    mx = fake_mx("127.0.0.10", tls_context=context)
+    r = relay()
+    send(r.port, ["x@example.test"])
+    got = mx.wait_for_messages(1)[0]
+    assert got.tls is False
+    assert r.wait_event("delivered")[0]["code"] == 250
+
+
+def test_smtputf8_message_delivered_over_tls_with_smtputf8(relay, dns_server, fake_mx, tmp_path):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    context, _ = self_signed_tls_context(tmp_path, "mx1.example.test")
+    mx = fake_mx("127.0.0.10", tls_context=context)
+    r = relay()
+    with smtplib.SMTP("127.0.0.1", r.port) as client:
+        client.ehlo("client.test")
+        client.sendmail(
+            "jöhn@sender.test",
+            ["x@example.test"],
+            "Subject: ü\r\n\r\nbody\r\n".encode(),
+            mail_options=["SMTPUTF8"],
+        )
+    got = mx.wait_for_messages(1)[0]
+    assert got.tls and got.mail_from == "jöhn@sender.test" and "SMTPUTF8" in got.mail_options
