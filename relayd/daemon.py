@@ -17,6 +17,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 
@@ -52,6 +53,7 @@ class Relay:
         self.config = config
         self.tls = context
         self.signer = signer
+        self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
         self.clock = clock
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
@@ -78,7 +80,9 @@ class Relay:
         Signing here, once, means every attempt delivers the same signed bytes."""
         msg.received_at = now = self.clock()
         unsigned = len(msg.body)
-        msg.body = self.signer.sign(msg.body, now)
+        if self.signer.enabled:  # RSA in OpenSSL releases the GIL: sign beside the event loop
+            loop = asyncio.get_running_loop()
+            msg.body = await loop.run_in_executor(self.signing, self.signer.sign, msg.body, now)
         jobs = len({spool.domain_of(r) for r in msg.recipients})
         msg.active = self.scheduler.reserve(jobs)
         try:
@@ -142,6 +146,7 @@ class Relay:
         for session in list(sessions):
             session.close()
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
+        self.signing.shutdown()
         self.writer.close()
         log.info("stopped")
         self.stopped.set()

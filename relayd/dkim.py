@@ -202,6 +202,11 @@ class Signer:
                     return parent
         return self._default if self._default in self._keys else None
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any key is configured; without one sign() returns its input."""
+        return bool(self._keys)
+
     def domain_for(self, message: bytes) -> str | None:
         """The d= domain sign() would use, or None when the message would go out unsigned."""
         return self._domain(_from_domain(_split(message)[0]))

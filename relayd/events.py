@@ -3,8 +3,9 @@
 Keys are stable (queue_id, sender, rcpt, domain, mx, source_ip, code, response, attempt,
 delay_s) so that an operator can grep the journal for a queue id or a recipient and see why.
 
-Lines are written in batches: at most ``FLUSH_INTERVAL`` after the event, or when 64 KiB have
-gathered, and at exit. A system call per line cost as much as relaying the message did.
+Lines are written in batches: the lines of one turn of the event loop together, at the end of
+that turn (or when 64 KiB have gathered, and at exit). A system call per line cost as much as
+relaying the message did; waiting longer than one turn would lose lines to a SIGKILL.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
-FLUSH_INTERVAL = 0.1
 _BUFFER_LIMIT = 64 * 1024
 
 
@@ -29,25 +29,25 @@ class BatchedLogger:
         self.out = out
         self.lines: list[str] = []
         self.size = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.pending: asyncio.Handle | None = None
 
     def msg(self, message: str) -> None:
         self.lines.append(message)
         self.size += len(message)
         if self.size >= _BUFFER_LIMIT:
             self.flush()
-        elif self.timer is None:
+        elif self.pending is None:
             try:
-                self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+                self.pending = asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no event loop (start-up, shutdown): write at once
                 self.flush()
 
     log = debug = info = warning = error = critical = exception = msg
 
     def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
         if self.lines:
             self.out.write("\n".join(self.lines) + "\n")
             self.out.flush()

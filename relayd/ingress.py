@@ -313,11 +313,9 @@ class IngressHandler:
         self.per_ip: Counter[str] = Counter()
         self.users = Directory(config.auth.users_file)
         self.guard = LoginGuard(config.auth.max_failures, config.auth.lockout, time.monotonic)
-        self.long_line = _long_line(config)
 
     def reload(self, config: Config) -> None:
         self.config = config
-        self.long_line = _long_line(config)
         self.users = Directory(config.auth.users_file)
         self.guard.max_failures, self.guard.lockout = config.auth.max_failures, config.auth.lockout
 
@@ -411,7 +409,7 @@ class IngressHandler:
             if self.config.bare_newlines == "reject":
                 return "554 5.6.0 Message contains bare CR or LF characters"
             content = _BARE_NEWLINE.sub(b"\r\n", content)
-        if self.long_line.search(content):
+        if max(map(len, content.split(b"\r\n"))) > self.config.max_line_length:
             return f"500 5.5.2 Line too long (over {self.config.max_line_length} characters)"
         user = _user(session)
         if user is not None:
@@ -452,10 +450,6 @@ _HANDLER_NAMES = sorted(n for n in dir(IngressHandler) if n.startswith("handle_"
 IngressHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
     IngressHandler.handle_EHLO
 )
-
-
-def _long_line(config: Config) -> re.Pattern[bytes]:
-    return re.compile(rb"[^\r\n]{%d}" % (config.max_line_length + 1))
 
 
 def _user(session: Session) -> User | None:
