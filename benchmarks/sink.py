@@ -1,0 +1,81 @@
+"""A recording SMTP sink for benchmarks/suite.py (restart and fault rows).
+
+    .venv/bin/python benchmarks/sink.py --port 2569 --out arrivals.txt
+
+Accepts every message (250) and appends one line per message to --out, flushed at once:
+
+    <arrival unix time> <relayd queue id or -> <Message-ID or ->
+
+The queue id is the one in relayd's Received header ("(relayd) with ESMTP id QID;"), so that a
+message delivered twice by relayd (same queue id) can be told from one the client sent twice
+(same Message-ID, two queue ids). smtp-sink only counts; this sink says which message arrived.
+Loopback only. SIGTERM or SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import time
+from typing import Any, TextIO
+
+import uvloop
+from aiosmtpd.smtp import SMTP
+
+_QID = re.compile(rb"\(relayd\) with [A-Z0-9]+ id ([0-9A-Za-z]+);")
+_MID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.I | re.M)
+
+
+class Recorder:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        data: bytes = envelope.original_content or envelope.content or b""
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[: end + 2]
+        qid = _QID.search(head)
+        mid = _MID.search(head)
+        self.out.write(
+            f"{time.time():.6f} {qid.group(1).decode() if qid else '-'} "
+            f"{mid.group(1).decode('ascii', 'replace') if mid else '-'}\n"
+        )
+        self.out.flush()
+        return "250 2.0.0 Ok"
+
+
+async def serve(host: str, port: int, out: TextIO) -> None:
+    loop = asyncio.get_running_loop()
+    recorder = Recorder(out)
+    server = await loop.create_server(
+        lambda: SMTP(recorder, hostname="sink.bench", ident="bench sink"),
+        host,
+        port,
+        reuse_address=True,
+        backlog=1024,
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if not (args.host.startswith("127.") or args.host == "::1"):
+        parser.error("loopback only")
+    logging.getLogger("mail.log").setLevel(logging.CRITICAL)
+    with open(args.out, "a", encoding="utf-8") as out:
+        uvloop.run(serve(args.host, args.port, out))
+
+
+if __name__ == "__main__":
+    main()
