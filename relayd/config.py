@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,6 @@ class Config:
     shaping_domains: dict[str, Shaping]
     retry: Retry
     pools: dict[str, tuple[Source, ...]]
-    raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def shaping_for(self, domain: str) -> Shaping:
         return self.shaping_domains.get(domain, self.shaping_default)
@@ -569,5 +568,4 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         shaping_domains=domains,
         retry=retry,
         pools=pools,
-        raw=raw,
     )
