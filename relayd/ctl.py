@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -468,21 +468,25 @@ def user_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
     if args.action == "del":
         del users[name]
     elif args.action == "set":
-        users[name] = User(name, old.password, **_user_fields(args, old))
+        users[name] = replace(old, **_user_fields(args, old))
+    elif args.action == "passwd":
+        users[name] = replace(old, password=hash_password(read_password(f"password for {name}")))
     else:
-        password = hash_password(read_password(f"password for {name}"))
-        fields = _user_fields(args, old) if args.action == "add" else {}
-        base = old or User(name, password, ())
-        users[name] = User(name, password, **{**_user_row(base, raw=True), **fields})
-        if not users[name].senders:
+        fields = _user_fields(args, None)
+        if not fields["senders"]:
             raise CtlError("a user needs at least one --sender (a domain or an address)")
+        users[name] = User(name, hash_password(read_password(f"password for {name}")), **fields)
     save_users(path, users)
     return {"action": args.action, "user": name, "file": str(path)}
 
 
-def _user_row(user: User, raw: bool = False) -> Row:
-    row: Row = {"senders": user.senders, "rate": user.rate, "max_recipients": user.max_recipients}
-    return row if raw else {"name": user.name, **row, "senders": list(user.senders)}
+def _user_row(user: User) -> Row:
+    return {
+        "name": user.name,
+        "senders": list(user.senders),
+        "rate": user.rate,
+        "max_recipients": user.max_recipients,
+    }
 
 
 def render_users(result: Row) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 
@@ -92,7 +92,7 @@ def configure(level: str = "info") -> None:
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
-def flush(*_: Any) -> None:
+def flush() -> None:
     _logger.flush()
 
 
