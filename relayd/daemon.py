@@ -1,18 +1,32 @@
-"""The relayd process: wires ingress, spool and scheduler together and handles signals.
+"""The relayd process tree: the queue process and, forked from it, the ingress process.
 
-SIGTERM stops accepting, lets SMTP sessions and deliveries in flight finish within
-``server.shutdown_timeout`` and exits; SIGHUP reloads the config (a broken file is refused and
-the running config stays). Readiness is reported to systemd (Type=notify) without extra
-dependencies.
+One Python process is bound to one core by the GIL; relayd splits its work in two so that it
+uses two. The first process (systemd's main PID) binds the listening sockets and forks the
+ingress process, which serves SMTP on them (policy, headers, DKIM signing) and hands every
+message over (``relayd.handoff``). The first process then becomes the queue process: the spool's
+only writer, the scheduler, delivery and relayctl's control. A message is acknowledged only
+after the queue process has committed it.
+
+Signals go to the queue process. SIGTERM stops accepting (the ingress process closes its
+listeners and lets SMTP transactions in flight finish within ``server.shutdown_timeout``), then
+deliveries finish and relayd exits; SIGHUP reloads the config in both processes (a broken file
+is refused and the running config stays). Readiness is reported to systemd (Type=notify)
+without extra dependencies. The ingress process dies with the queue process (PR_SET_PDEATHSIG);
+when the ingress process dies, the queue process stops too and exits with 70 so that systemd
+restarts both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import functools
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import time
@@ -25,8 +39,15 @@ from relayd import config as configuration
 from relayd import dkim, events, spool, tls
 from relayd.dns import Resolver
 from relayd.events import log
+from relayd.handoff import IngressLink, SpoolLink
 from relayd.ingress import IngressHandler, start_listeners
 from relayd.scheduler import Scheduler
+
+EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
+EX_OSERR = 71
+_PR_SET_PDEATHSIG = 1
+
+Bound = list[tuple[configuration.Listener, list[socket.socket]]]
 
 
 def sd_notify(state: str) -> None:
@@ -40,24 +61,62 @@ def sd_notify(state: str) -> None:
         sock.sendto(state.encode(), address)
 
 
-class Relay:
-    """One relay: spool writer, scheduler and listeners, started and stopped together."""
+def load_checked(path: str | os.PathLike[str]) -> tuple[configuration.Config, dkim.Signer]:
+    """The config with everything it names loaded once (DKIM keys, certificate): a file that
+    parses but names an unreadable key is refused as a whole."""
+    config = configuration.load(path)
+    signer = dkim.Signer(config.dkim, config.path)
+    tls.server_context(config.tls, str(config.path))
+    return config, signer
+
+
+def bind(config: configuration.Config) -> Bound:
+    """The listening sockets, bound before the fork so that the queue process reports a port
+    in use and the ingress process inherits them. They listen once both processes are ready."""
+    bound: Bound = []
+    try:
+        for listener in config.listeners:
+            socks = []
+            host, port = listener.address.host, listener.address.port
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.setblocking(False)
+            bound.append((listener, socks))
+    except OSError:
+        for _, socks in bound:
+            for sock in socks:
+                sock.close()
+        raise
+    return bound
+
+
+# -- the queue process ---------------------------------------------------------------------
+
+
+class QueueProcess:
+    """Spool writer, scheduler and delivery; stores what the ingress process hands over."""
 
     def __init__(
         self,
         config: configuration.Config,
-        context: ssl.SSLContext | None,
-        signer: dkim.Signer,
+        link: socket.socket,
+        ingress_pid: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.tls = context
-        self.signer = signer
-        self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
+        self.link_socket = link
+        self.ingress_pid = ingress_pid
         self.clock = clock
-        self.servers: list[asyncio.Server] = []
-        self.handler: IngressHandler | None = None
+        self.ingress_gone = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.stopping = False
+        self.exit_code = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,31 +125,173 @@ class Relay:
         resolver = Resolver(self.config.nameservers, self.config.dns_timeout)
         self.scheduler = Scheduler(self.config, self.writer, resolver, self.clock)
         self.scheduler.start()
-        self.servers, self.handler = await start_listeners(self.config, self.accept, self.tls)
+        self.requeued = reset
+        self.link = IngressLink(self.store, self._serving, self._reloaded, self._ingress_lost)
+        await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+
+    def _serving(self) -> None:
         log.info(
             "started",
             listeners=[str(listener.address) for listener in self.config.listeners],
             spool=str(self.config.spool_path),
-            requeued=reset,
+            requeued=self.requeued,
             pid=os.getpid(),
+            ingress_pid=self.ingress_pid,
         )
+        sd_notify("READY=1")
+
+    def store(self, msg: spool.NewMessage) -> asyncio.Future[spool.NewMessage]:
+        """Commit a message the ingress process accepted; it answers 250 when this resolves.
+        Fresh mail goes straight into memory when there is room."""
+        jobs = len({spool.domain_of(r) for r in msg.recipients})
+        msg.active = self.scheduler.reserve(jobs)
+        fut = self.writer.submit(spool.insert_message(msg, msg.received_at))
+        fut.add_done_callback(functools.partial(self._stored, msg, jobs))
+        return fut
+
+    def _stored(self, msg: spool.NewMessage, jobs: int, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            if msg.active:
+                self.scheduler.unreserve(jobs)
+            log.error("store_failed", queue_id=msg.queue_id, error=repr(fut.exception()))
+        elif msg.active:
+            self.scheduler.admit(msg)
+        else:
+            self.scheduler.poke()
+
+    def reload(self) -> None:
+        """Check the new file here, then let the ingress process apply it (it answers)."""
+        sd_notify("RELOADING=1")
+        try:
+            new, _ = load_checked(self.config.path)
+            if new.tls.cert_file and not self.config.tls.cert_file:
+                raise configuration.ConfigError(new.path, "tls", "enabling TLS needs a restart")
+        except configuration.ConfigError as exc:
+            log.error("reload_refused", error=str(exc))
+            sd_notify("READY=1")
+            return
+        if new.listeners != self.config.listeners or new.spool_path != self.config.spool_path:
+            log.warning("reload_partial", reason="listeners and spool_path need a restart")
+        events.configure(new.log_level)
+        self.config = new
+        self.scheduler.reload(new)
+        self.link.reload()
+
+    def _reloaded(self, error: str) -> None:
+        if error:
+            log.error("reload_refused", error=error, process="ingress")
+        else:
+            log.info("reloaded", config=str(self.config.path))
+        sd_notify("READY=1")
+
+    def _ingress_lost(self) -> None:
+        self.ingress_gone.set()
+        if not self.stopping:
+            log.error("ingress_exited", pid=self.ingress_pid)
+            self.exit_code = EX_SOFTWARE
+            asyncio.get_running_loop().create_task(self.stop())
+
+    async def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        sd_notify("STOPPING=1")
+        timeout = self.config.shutdown_timeout
+        log.info("stopping", timeout_s=timeout)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.ingress_pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):  # its sessions finish, with our commits
+            await asyncio.wait_for(self.ingress_gone.wait(), timeout + 2)
+        await self._reap()
+        await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
+        self.writer.close()
+        log.info("stopped")
+        self.stopped.set()
+
+    async def _reap(self) -> None:
+        """Wait for the ingress process to exit (SIGKILL if it lingers), so that its sockets
+        are closed when we exit."""
+        limit = time.monotonic() + 5
+        while True:
+            try:
+                pid, _ = os.waitpid(self.ingress_pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            if time.monotonic() > limit:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.ingress_pid, signal.SIGKILL)
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, os.waitpid, self.ingress_pid, 0)
+                return
+            await asyncio.sleep(0.02)
+
+
+async def serve_queue(config: configuration.Config, link: socket.socket, ingress_pid: int) -> int:
+    relay = QueueProcess(config, link, ingress_pid)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(relay.stop()))
+    loop.add_signal_handler(signal.SIGHUP, relay.reload)
+    relay.link.serve()  # signals are handled now: the listeners may open
+    await relay.stopped.wait()
+    return relay.exit_code
+
+
+# -- the ingress process -------------------------------------------------------------------
+
+
+class IngressProcess:
+    """SMTP listeners; signs and hands every accepted message to the queue process."""
+
+    def __init__(
+        self,
+        config: configuration.Config,
+        context: ssl.SSLContext | None,
+        signer: dkim.Signer,
+        bound: Bound,
+        link: socket.socket,
+    ) -> None:
+        self.config = config
+        self.tls = context
+        self.signer = signer
+        self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
+        self.bound = bound
+        self.link_socket = link
+        self.servers: list[asyncio.Server] = []
+        self.handler: IngressHandler | None = None
+        self.stopped = asyncio.Event()
+        self.stopping = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.link = SpoolLink(self._serve, self.reload)
+        await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+        self.watch = loop.create_task(self._watch_queue())
+
+    def _serve(self) -> None:
+        self.opening = asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        if self.stopping:
+            return
+        self.servers, self.handler = await start_listeners(
+            self.config, self.accept, self.tls, self.bound
+        )
+        self.link.serving()
 
     async def accept(self, msg: spool.NewMessage) -> None:
         """Sign and store a message durably; the caller answers 250 only after this returns.
         Signing here, once, means every attempt delivers the same signed bytes."""
-        msg.received_at = now = self.clock()
+        msg.received_at = now = time.time()
         unsigned = len(msg.body)
         if self.signer.enabled:  # RSA in OpenSSL releases the GIL: sign beside the event loop
             loop = asyncio.get_running_loop()
             msg.body = await loop.run_in_executor(self.signing, self.signer.sign, msg.body, now)
-        jobs = len({spool.domain_of(r) for r in msg.recipients})
-        msg.active = self.scheduler.reserve(jobs)
-        try:
-            await self.writer.submit(spool.insert_message(msg, now))
-        except BaseException:
-            if msg.active:
-                self.scheduler.unreserve(jobs)
-            raise
+        await self.link.store(msg)
         log.info(
             "accepted",
             queue_id=msg.queue_id,
@@ -102,70 +303,97 @@ class Relay:
             helo=msg.helo,
             origin=msg.origin,
         )
-        if msg.active:
-            self.scheduler.admit(msg)
-        else:
-            self.scheduler.poke()
 
-    def reload(self) -> None:
-        sd_notify("RELOADING=1")
+    def reload(self) -> str:
+        """Apply the config file (the queue process has checked it); "" or why not."""
         try:
-            new = configuration.load(self.config.path)
-            signer = dkim.Signer(new.dkim, new.path)
-            if new.tls.cert_file and self.tls is None:
-                raise configuration.ConfigError(new.path, "tls", "enabling TLS needs a restart")
+            new, signer = load_checked(self.config.path)
             if self.tls is not None and new.tls.cert_file:
                 tls.load(self.tls, new.tls, str(new.path))
         except configuration.ConfigError as exc:
-            log.error("reload_refused", error=str(exc))
-        else:
-            changed = new.listeners != self.config.listeners or new.spool_path != (
-                self.config.spool_path
-            )
-            if changed:
-                log.warning("reload_partial", reason="listeners and spool_path need a restart")
-            events.configure(new.log_level)
-            self.config = new
-            self.signer = signer
-            if self.handler is not None:
-                self.handler.reload(new)
-            self.scheduler.reload(new)
-            log.info("reloaded", config=str(new.path))
-        sd_notify("READY=1")
+            return str(exc)
+        events.configure(new.log_level)
+        self.config, self.signer = new, signer
+        if self.handler is not None:
+            self.handler.reload(new)
+        return ""
 
-    async def stop(self) -> None:
-        sd_notify("STOPPING=1")
-        timeout = self.config.shutdown_timeout
-        log.info("stopping", timeout_s=timeout)
+    async def _watch_queue(self) -> None:
+        """Without the queue process nothing can be stored: stop at once."""
+        await self.link.lost.wait()
+        if not self.stopping:
+            log.error("queue_process_gone")
+            await self.stop(grace=False)
+
+    async def stop(self, grace: bool = True) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
         for server in self.servers:
             server.close()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.config.shutdown_timeout if grace else 0)
         sessions = self.handler.sessions if self.handler else set()
         while any(s.in_transaction for s in sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in list(sessions):
             session.close()
-        await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
+        while self.link.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.link.channel.close()
         self.signing.shutdown()
-        self.writer.close()
-        log.info("stopped")
         self.stopped.set()
 
 
-async def serve(
-    config: configuration.Config, context: ssl.SSLContext | None, signer: dkim.Signer
+async def serve_ingress(
+    config: configuration.Config,
+    context: ssl.SSLContext | None,
+    signer: dkim.Signer,
+    bound: Bound,
+    link: socket.socket,
 ) -> None:
-    relay = Relay(config, context, signer)
-    await relay.start()
+    ingress = IngressProcess(config, context, signer, bound, link)
     loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Task] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(
-            sig, lambda: stopping or stopping.append(loop.create_task(relay.stop()))
-        )
-    loop.add_signal_handler(signal.SIGHUP, relay.reload)
-    sd_notify("READY=1")
-    await relay.stopped.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # systemd signals the whole cgroup
+        loop.add_signal_handler(sig, lambda: loop.create_task(ingress.stop()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)  # reloads come from the queue process
+    await ingress.start()
+    await ingress.stopped.wait()
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL for us when the queue process dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
+
+
+def run(config: configuration.Config, context: ssl.SSLContext | None, signer: dkim.Signer) -> int:
+    spool.prepare(config.spool_path)
+    bound = bind(config)
+    queue_end, ingress_end = socket.socketpair()
+    events.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the ingress process
+        code = 1
+        try:
+            queue_end.close()
+            _die_with_parent(parent)
+            uvloop.run(serve_ingress(config, context, signer, bound, ingress_end))
+            code = 0
+        except BaseException as exc:
+            log.error("ingress_failed", error=repr(exc), exc_info=exc)
+        finally:
+            events.flush()
+            sys.stdout.flush()
+            os._exit(code)
+    ingress_end.close()
+    for _, socks in bound:
+        for sock in socks:
+            sock.close()
+    return uvloop.run(serve_queue(config, queue_end, pid))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,10 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        print(f"relayd: config error: {exc}", file=sys.stderr)
-        return configuration.EX_CONFIG
-    try:
         context = tls.server_context(config.tls, str(config.path))
         signer = dkim.Signer(config.dkim, config.path)
     except configuration.ConfigError as exc:
@@ -194,13 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     events.configure(config.log_level)
     try:
-        uvloop.run(serve(config, context, signer))
-    except OSError as exc:
+        return run(config, context, signer)
+    except (OSError, sqlite3.Error) as exc:
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
-        return 71  # EX_OSERR
+        return EX_OSERR
     finally:
         events.flush()
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@ delay_s) so that an operator can grep the journal for a queue id or a recipient 
 
 Lines are written in batches: the lines of one turn of the event loop together, at the end of
 that turn (or when 64 KiB have gathered, and at exit). A system call per line cost as much as
-relaying the message did; waiting longer than one turn would lose lines to a SIGKILL.
+relaying the message did; waiting longer than one turn would lose lines to a SIGKILL. Both
+relayd processes write to the same stdout, in whole lines of at most PIPE_BUF bytes per write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import sys
 from typing import TextIO
 
@@ -48,11 +51,33 @@ class BatchedLogger:
         if self.pending is not None:
             self.pending.cancel()
             self.pending = None
-        if self.lines:
-            self.out.write("\n".join(self.lines) + "\n")
-            self.out.flush()
-            self.lines.clear()
-            self.size = 0
+        if not self.lines:
+            return
+        self.out.flush()
+        fd = self.out.fileno()
+        for chunk in _chunks(self.lines):
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+        self.lines.clear()
+        self.size = 0
+
+
+def _chunks(lines: list[str]) -> list[bytes]:
+    """Lines joined into writes of at most PIPE_BUF bytes (one line may exceed it alone): the
+    two relayd processes share stdout, and only writes that small are atomic on a pipe."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8", "surrogateescape") + b"\n"
+        if current and size + len(data) > select.PIPE_BUF:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(data)
+        size += len(data)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
 
 
 _logger = BatchedLogger(sys.stdout)

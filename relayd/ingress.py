@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import socket
 import ssl
 import time
 from collections import Counter
@@ -484,20 +485,23 @@ def add_headers(
 
 
 async def start_listeners(
-    config: Config, accept: Accept, tls: ssl.SSLContext | None
+    config: Config,
+    accept: Accept,
+    tls: ssl.SSLContext | None,
+    bound: list[tuple[Listener, list[socket.socket]]],
 ) -> tuple[list[asyncio.Server], IngressHandler]:
+    """Serve SMTP on sockets bound beforehand (by the queue process, before the fork)."""
     loop = asyncio.get_running_loop()
     handler = IngressHandler(config, accept)
     servers = []
-    for listener in config.listeners:
-        servers.append(
-            await loop.create_server(
-                lambda listener=listener: RelaySMTP(handler, listener, tls),
-                listener.address.host,
-                listener.address.port,
-                ssl=tls if listener.kind == "smtps" else None,
-                reuse_address=True,
-                backlog=1024,
+    for listener, socks in bound:
+        for sock in socks:
+            servers.append(
+                await loop.create_server(
+                    lambda listener=listener: RelaySMTP(handler, listener, tls),
+                    sock=sock,
+                    ssl=tls if listener.kind == "smtps" else None,
+                    backlog=1024,
+                )
             )
-        )
     return servers, handler

@@ -105,6 +105,15 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def prepare(path: Path) -> None:
+    """Create or upgrade the spool before anything is served (and before relayd forks)."""
+    conn = connect(path)
+    try:
+        migrate(conn)
+    finally:
+        conn.close()
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Create or upgrade the schema; refuse a spool written by a newer relayd."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -191,7 +200,6 @@ class Writer:
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop, max_batch: int = 2000) -> None:
         self.path, self.loop, self.max_batch = path, loop, max_batch
         self.conn = connect(path)
-        migrate(self.conn)
         self._queue: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Any] | None]
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)

@@ -171,3 +171,39 @@ def test_listener_port_in_use_is_a_clear_error(tmp_path):
         result = run_check(path)
     assert result.returncode == 71
     assert "cannot start" in result.stderr
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (a zombie awaiting its parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_ingress_process_dies_with_a_sigkilled_queue_process(relay):
+    r = relay()
+    ingress_pid = r.wait_event("started")[0]["ingress_pid"]
+    assert ingress_pid != r.proc.pid and not _gone(ingress_pid)
+    r.kill()
+    wait_until(lambda: _gone(ingress_pid), 10, "the ingress process to exit")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", r.port), timeout=1)
+
+
+def test_ingress_process_crash_stops_relayd_for_a_restart_and_keeps_acknowledged_mail(
+    relay, dns_server, fake_mx
+):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", rcpt_reply="451 4.3.0 later")
+    r = relay()
+    send(r.port, ["kept@example.test"])
+    r.wait_event("deferred", rcpt="kept@example.test")
+    ingress_pid = r.wait_event("started")[0]["ingress_pid"]
+    subprocess.run(["kill", "-KILL", str(ingress_pid)], check=True)
+    assert r.proc.wait(30) == 70  # EX_SOFTWARE: systemd's Restart=on-failure starts it again
+    assert r.events("ingress_exited")
+    mx.rcpt_reply = "250 2.1.5 ok"
+    r.start()
+    r.ctl("retry", "--domain", "example.test")
+    wait_until(lambda: any("kept@example.test" in m.rcpts for m in mx.messages), 20, "delivery")

@@ -1,0 +1,197 @@
+"""The hand-off between relayd's two processes: accepted mail from ingress to the spool.
+
+relayd runs as two processes so that it uses two cores: the ingress process speaks SMTP to
+clients (policy, headers, DKIM signing) and the queue process owns the spool, the scheduler and
+delivery. Ingress sends each message over a socketpair; the queue process stores it with group
+commit and answers once the commit is durable; only then does ingress reply 250. The queue
+process is the spool's only writer, as before.
+
+Frames: a 4-byte big-endian length, then a marshalled tuple whose first item names the kind.
+marshal is the fastest codec for tuples of str/bytes/int and both ends run the same relayd.
+Frames written in one turn of the event loop go out in one system call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import marshal
+from collections.abc import Callable
+from typing import Any
+
+from relayd.spool import NewMessage
+
+_HEADER = 4
+_MARSHAL_VERSION = 4
+
+# ingress -> queue
+MESSAGE = "m"  # (MESSAGE, request id, *fields of NewMessage)
+RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
+SERVING = "l"  # (SERVING,): the listeners are open
+# queue -> ingress
+SERVE = "L"  # (SERVE,): the queue process is ready, open the listeners
+STORED = "s"  # (STORED, [(request id, error or ""), ...])
+RELOAD = "R"  # (RELOAD,): reload the config file
+
+
+class Channel(asyncio.Protocol):
+    """One end of the socketpair: frames in, frames out, batched per loop turn."""
+
+    def __init__(self, on_frame: Callable[[tuple], None], on_lost: Callable[[], None]) -> None:
+        self.on_frame, self.on_lost = on_frame, on_lost
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._outbox: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.on_lost()
+
+    def send(self, frame: tuple) -> None:
+        data = marshal.dumps(frame, _MARSHAL_VERSION)
+        self._outbox.append(len(data).to_bytes(_HEADER, "big"))
+        self._outbox.append(data)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self._outbox)
+        self._outbox.clear()
+
+    def data_received(self, data: bytes) -> None:
+        inbox = self._inbox
+        inbox += data
+        pos, size = 0, len(inbox)
+        frames = []
+        while size - pos >= _HEADER:
+            end = pos + _HEADER + int.from_bytes(inbox[pos : pos + _HEADER], "big")
+            if end > size:
+                break
+            frames.append(marshal.loads(inbox[pos + _HEADER : end]))
+            pos = end
+        if pos:
+            del inbox[:pos]
+        for frame in frames:
+            self.on_frame(frame)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+
+def message_frame(request: int, msg: NewMessage) -> tuple:
+    return (
+        MESSAGE,
+        request,
+        msg.queue_id,
+        msg.sender,
+        msg.recipients,
+        msg.body,
+        msg.client,
+        msg.helo,
+        msg.origin,
+        msg.smtputf8,
+        msg.received_at,
+    )
+
+
+def message_of(frame: tuple) -> tuple[int, NewMessage]:
+    _, request, queue_id, sender, rcpts, body, client, helo, origin, utf8, received = frame
+    msg = NewMessage(queue_id, sender, rcpts, body, client, helo, origin, utf8, received)
+    return request, msg
+
+
+class SpoolLink:
+    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk."""
+
+    def __init__(self, on_serve: Callable[[], None], on_reload: Callable[[], str]) -> None:
+        self.on_serve, self.on_reload = on_serve, on_reload
+        self.channel = Channel(self._frame, self._lost)
+        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.lost = asyncio.Event()
+        self._next = 0
+
+    def store(self, msg: NewMessage) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.lost.is_set():
+            fut.set_exception(ConnectionError("the queue process is gone"))
+            return fut
+        self._next += 1
+        self.pending[self._next] = fut
+        self.channel.send(message_frame(self._next, msg))
+        return fut
+
+    def _frame(self, frame: tuple) -> None:
+        if frame[0] == STORED:
+            for request, error in frame[1]:
+                fut = self.pending.pop(request, None)
+                if fut is None or fut.done():
+                    continue
+                if error:
+                    fut.set_exception(OSError(error))
+                else:
+                    fut.set_result(None)
+        elif frame[0] == RELOAD:
+            self.channel.send((RELOADED, self.on_reload()))
+        elif frame[0] == SERVE:
+            self.on_serve()
+
+    def serving(self) -> None:
+        self.channel.send((SERVING,))
+
+    def _lost(self) -> None:
+        self.lost.set()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("the queue process is gone"))
+        self.pending.clear()
+
+
+class IngressLink:
+    """The queue end: stores each message that arrives and reports when it is durable."""
+
+    def __init__(
+        self,
+        store: Callable[[NewMessage], asyncio.Future[Any]],
+        on_serving: Callable[[], None],
+        on_reloaded: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.store, self.on_serving, self.on_reloaded = store, on_serving, on_reloaded
+        self.channel = Channel(self._frame, on_lost)
+        self._done: list[tuple[int, str]] = []
+
+    def serve(self) -> None:
+        self.channel.send((SERVE,))
+
+    def reload(self) -> None:
+        self.channel.send((RELOAD,))
+
+    def _frame(self, frame: tuple) -> None:
+        if frame[0] == MESSAGE:
+            request, msg = message_of(frame)
+            self.store(msg).add_done_callback(functools.partial(self._stored, request))
+        elif frame[0] == RELOADED:
+            self.on_reloaded(frame[1])
+        elif frame[0] == SERVING:
+            self.on_serving()
+
+    def _stored(self, request: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            error = "cancelled"
+        else:
+            error = "" if fut.exception() is None else repr(fut.exception())
+        if not self._done:
+            asyncio.get_running_loop().call_soon(self._report)
+        self._done.append((request, error))
+
+    def _report(self) -> None:
+        done, self._done = self._done, []
+        self.channel.send((STORED, done))
