@@ -124,14 +124,17 @@ def descendants(pid: int) -> list[int]:
 
 
 def proc_status(pid: int, key: str) -> int:
-    """A kB figure from /proc/PID/status (VmRSS, VmHWM); 0 when gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """A kB figure (VmRSS, VmHWM) summed over relayd's process tree (the queue process and its
+    ingress process; pages they share after the fork count twice); 0 when gone."""
+    total = 0
+    for p in [pid, *descendants(pid)] if not gone(pid) else []:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 def wait_greeting(port: int, deadline: float, alive: Callable[[], bool]) -> float:

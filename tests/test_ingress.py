@@ -145,3 +145,19 @@ def test_smtputf8_address_accepted_with_smtputf8(parked):
         client.ehlo("client.test")
         code, text = client.docmd("MAIL FROM:<ünï@sender.test>")
         assert (code, text[:5]) == (501, b"5.1.3")
+
+
+def test_large_dot_stuffed_message_arrives_byte_for_byte(relay, dns_server, fake_mx):
+    """Text is read in blocks that end at ".CRLF" (and at 256 KiB without one): lines that end
+    in a dot, start with one or are only dots, across several blocks, arrive unchanged."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    body = [b"Subject: big", b""]
+    for i in range(1200):
+        body += [b"x" * 900, f"line {i} ends with a dot.".encode(), b".", b"..", b".leading"]
+    text = b"".join(line + b"\r\n" for line in body)
+    assert len(text) > 3 * 256 * 1024
+    with smtplib.SMTP("127.0.0.1", r.port) as client:
+        client.sendmail("a@sender.test", ["x@example.test"], text)  # smtplib dot-stuffs
+    assert mx.wait_for_messages(1)[0].data.endswith(text)
