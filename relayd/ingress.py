@@ -13,7 +13,6 @@ Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 import socket
 import ssl
@@ -22,9 +21,18 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime, getaddresses, make_msgid
+from types import MethodType
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    _AuthMechAttr,
+)
 
 from relayd.config import Config, Listener
 from relayd.events import log
@@ -121,6 +129,7 @@ class RelaySMTP(SMTP):
             authenticator=_never_called,
         )
         self.handler, self.listener = handler, listener
+        self._tables()
         self.errors = 0
         self.client = ""
         self.trusted = False  # client address in trusted_networks, decided once per connection
@@ -130,11 +139,18 @@ class RelaySMTP(SMTP):
         self._last_input = 0.0
 
     def __dir__(self) -> list[str]:
-        """aiosmtpd's __init__ looks up its command and AUTH methods with dir() and
-        inspect.getmembers() on every connection; listing only those names (computed once)
-        spares walking ~200 attributes per connection, the single largest cost of a short
-        session."""
-        return _PROTOCOL_NAMES
+        """aiosmtpd's __init__ builds its command, AUTH and hook tables with dir() and
+        inspect.getmembers() on every connection, the largest cost of a short session; it
+        finds nothing here, and _tables() installs the same tables built once."""
+        return []
+
+    def _tables(self) -> None:
+        self._smtp_methods = {name: MethodType(f, self) for name, f in _COMMANDS.items()}
+        self._auth_methods = {
+            name: _AuthMechAttr(MethodType(f, self), True) for name, f in _MECHANISMS.items()
+        }
+        self._handle_hooks = self.handler.hooks
+        self._ehlo_hook_ver = "new"  # IngressHandler.handle_EHLO takes five arguments
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common ``<local@domain> PARAMS`` form without the email package's full RFC 5322
@@ -153,7 +169,7 @@ class RelaySMTP(SMTP):
             return  # the TLS layer after STARTTLS: same client, already counted
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if isinstance(peer, tuple) else str(peer)
-        self.trusted = self.handler.config.is_trusted(self.client)
+        self.trusted = self.handler.trusted(self.client)
         self.refusal = self.handler.admit(self)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.handler.config.max_session_time, self._expired)
@@ -349,7 +365,12 @@ def _never_called(*args: Any) -> AuthResult:
     raise AssertionError("RelaySMTP._authenticate replaces aiosmtpd's authenticator")
 
 
-_PROTOCOL_NAMES = sorted(n for n in dir(RelaySMTP) if n.startswith(("smtp_", "auth_")))
+_COMMANDS = {n[5:]: getattr(RelaySMTP, n) for n in dir(RelaySMTP) if n.startswith("smtp_")}
+_MECHANISMS = {
+    getattr(f, "__auth_mechanism_name__", n[5:].replace("__", "-")): f
+    for n in dir(RelaySMTP)
+    if n.startswith("auth_") and callable(f := getattr(RelaySMTP, n))
+}
 _PLAIN_PATH = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,253})>(?: +(.*))?$"
 )
@@ -359,12 +380,14 @@ class IngressHandler:
     """aiosmtpd hooks: the relay policy and the hand-off to the spool."""
 
     def __dir__(self) -> list[str]:
-        """Only the hooks, for aiosmtpd's per-connection dir() (see RelaySMTP.__dir__)."""
-        return _HANDLER_NAMES
+        """Nothing for aiosmtpd's per-connection introspection (see RelaySMTP.__dir__)."""
+        return []
 
     def __init__(self, config: Config, accept: Accept) -> None:
         self.config = config
         self.accept = accept
+        self.hooks = {n[7:]: getattr(self, n) for n in dir(type(self)) if n.startswith("handle_")}
+        self._trusted: dict[str, bool] = {}
         self.sessions: set[RelaySMTP] = set()
         self.per_ip: Counter[str] = Counter()
         self.users = Directory(config.auth.users_file)
@@ -372,10 +395,21 @@ class IngressHandler:
 
     def reload(self, config: Config) -> None:
         self.config = config
+        self._trusted.clear()
         self.users = Directory(config.auth.users_file)
         self.guard.max_failures, self.guard.lockout = config.auth.max_failures, config.auth.lockout
 
     # -- connections ------------------------------------------------------------------------
+
+    def trusted(self, client: str) -> bool:
+        """Cached per address: parsing it and matching the networks cost more than the rest of
+        a connection's set-up."""
+        known = self._trusted.get(client)
+        if known is None:
+            if len(self._trusted) >= 4096:
+                self._trusted.clear()
+            known = self._trusted[client] = self.config.is_trusted(client)
+        return known
 
     def admit(self, session: RelaySMTP) -> str:
         """Count a new connection; the reply to refuse it with, or "" to serve it."""
@@ -500,14 +534,6 @@ class IngressHandler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
-_HANDLER_NAMES = sorted(n for n in dir(IngressHandler) if n.startswith("handle_"))
-# aiosmtpd inspects handle_EHLO's signature on every connection; a precomputed __signature__
-# makes that a lookup instead of a parse.
-IngressHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    IngressHandler.handle_EHLO
-)
-
-
 def _user(session: Session) -> User | None:
     return session.auth_data if session.authenticated else None
 
@@ -521,21 +547,33 @@ def from_addresses(content: bytes) -> list[str]:
     return [addr.lower() for _, addr in found if "@" in addr]
 
 
+_date = (0, "")
+
+
+def _date_header() -> str:
+    """The current time as RFC 5322 wants it, formatted once per second."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date[1]
+
+
 def add_headers(
     content: bytes, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
 ) -> bytes:
     """Prepend Received; add Message-ID and Date when the client left them out."""
     end = content.find(b"\r\n\r\n")
     head = (b"\r\n" + (content if end < 0 else content[: end + 2])).lower()
-    now = datetime.now(UTC)
+    now = _date_header()
     extra = [
         f"Received: from {helo or 'unknown'} ([{client}])\r\n\tby {hostname} (relayd) with "
-        f"{'UTF8SMTP' if utf8 else 'ESMTP'} id {queue_id};\r\n\t{format_datetime(now)}\r\n"
+        f"{'UTF8SMTP' if utf8 else 'ESMTP'} id {queue_id};\r\n\t{now}\r\n"
     ]
     if b"\r\nmessage-id:" not in head:
         extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")
     if b"\r\ndate:" not in head:
-        extra.append(f"Date: {format_datetime(now)}\r\n")
+        extra.append(f"Date: {now}\r\n")
     return "".join(extra).encode() + content
 
 
