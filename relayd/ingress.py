@@ -13,6 +13,7 @@ Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import ssl
@@ -100,6 +101,23 @@ def valid_address(address: str, smtputf8: bool) -> bool:
     if local.isascii() and not _LOCAL_ASCII.match(local):
         return False
     return bool(_DOMAIN.match(domain) or _LITERAL.match(domain))
+
+
+@functools.lru_cache(maxsize=256)
+def _reply(status: str | bytes, greeting: bool) -> tuple[str, bytes]:
+    """A reply as sent: aiosmtpd's texts reworded, an enhanced status code added where it lacks
+    one (not in EHLO/HELO lines: those are keywords), as a line of bytes. Most replies are the
+    same few texts, hence the cache."""
+    if isinstance(status, bytes):
+        status = status.decode("utf-8", "surrogateescape")
+    status = _REWRITE.get(status, status)
+    code = status[:3]
+    if not (greeting and code == "250") and not _HAS_ENHANCED.match(status):
+        enhanced = _ENHANCED_FOR.get(code)
+        if enhanced:
+            status = f"{code}{status[3:4] or ' '}{enhanced} {status[4:]}".rstrip()
+    # client text echoed in a reply may hold undecodable bytes (surrogateescape)
+    return code, status.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 class RelaySMTP(SMTP):
@@ -238,22 +256,27 @@ class RelaySMTP(SMTP):
             self._greeting = False
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, bytes):
-            status = status.decode("utf-8", "surrogateescape")
-        status = _REWRITE.get(status, status)
-        code = status[:3]
-        if self._greeting and code == "250":
-            pass
-        elif not _HAS_ENHANCED.match(status) and _ENHANCED_FOR.get(code):
-            sep = status[3:4] or " "
-            status = f"{code}{sep}{_ENHANCED_FOR[code]} {status[4:]}".rstrip()
-        # client text echoed in a reply may hold undecodable bytes (surrogateescape)
-        await super().push(status.encode("utf-8", "surrogateescape"))
+        code, line = _reply(status, self._greeting)
+        await self._send(line)
         if code[:1] in ("4", "5") and code != "421":
             self.errors += 1
             if self.errors >= self.handler.config.max_errors and self.transport is not None:
-                await super().push("421 4.7.0 Too many errors, closing connection")
+                await self._send(b"421 4.7.0 Too many errors, closing connection\r\n")
                 self.transport.close()
+
+    async def _send(self, line: bytes) -> None:
+        """aiosmtpd's push without its debug log call, waiting only when the socket's buffer is
+        not empty (a reply is nearly always written at once)."""
+        self._writer.write(line)
+        transport = self.transport
+        if transport is None or transport.get_write_buffer_size():
+            await self._writer.drain()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """One idle timer per session, re-armed by _timeout_cb from the time of the last input,
+        rather than a new timer for every command."""
+        if self._timeout_handle is None or duration is not None:
+            super()._reset_timeout(duration)
 
     # -- commands -------------------------------------------------------------------------
 
