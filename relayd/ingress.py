@@ -145,6 +145,7 @@ class RelaySMTP(SMTP):
             auth_required=listener.kind != "relay",
             auth_require_tls=not implicit,
             authenticator=_never_called,
+            loop=handler.loop,  # spares aiosmtpd's get_event_loop() under a warnings filter
         )
         self.handler, self.listener = handler, listener
         self._tables()
@@ -163,7 +164,7 @@ class RelaySMTP(SMTP):
         return []
 
     def _tables(self) -> None:
-        self._smtp_methods = {name: MethodType(f, self) for name, f in _COMMANDS.items()}
+        self._smtp_methods = _Commands(self)
         self._auth_methods = {
             name: _AuthMechAttr(MethodType(f, self), True) for name, f in _MECHANISMS.items()
         }
@@ -384,6 +385,22 @@ class RelaySMTP(SMTP):
         return AuthResult(success=False, handled=False)
 
 
+class _Commands(dict):
+    """aiosmtpd's command table for one session, each method bound when it is looked up (a
+    session uses five or six of them): aiosmtpd reads it with get() and items() only."""
+
+    def __init__(self, session: RelaySMTP) -> None:
+        super().__init__()
+        self.session = session
+
+    def get(self, name: str, default: Any = None) -> Any:
+        f = _COMMANDS.get(name)
+        return default if f is None else MethodType(f, self.session)
+
+    def items(self) -> Any:
+        return [(name, MethodType(f, self.session)) for name, f in _COMMANDS.items()]
+
+
 def _never_called(*args: Any) -> AuthResult:
     raise AssertionError("RelaySMTP._authenticate replaces aiosmtpd's authenticator")
 
@@ -409,6 +426,7 @@ class IngressHandler:
     def __init__(self, config: Config, accept: Accept) -> None:
         self.config = config
         self.accept = accept
+        self.loop = asyncio.get_running_loop()
         self.hooks = {n[7:]: getattr(self, n) for n in dir(type(self)) if n.startswith("handle_")}
         self._trusted: dict[str, bool] = {}
         self.sessions: set[RelaySMTP] = set()

@@ -3,8 +3,8 @@
 A body is stored once in ``messages``; each recipient has its own row in ``recipients`` with its
 delivery state. All writes of the daemon go through one writer thread that runs every operation
 queued since its last commit inside one transaction and one fsync (group commit): concurrent
-arrivals share the cost of durability instead of paying one fsync each. Each operation runs in
-its own savepoint so that one failing operation cannot undo its neighbours.
+arrivals share the cost of durability instead of paying one fsync each. One failing operation
+cannot undo its neighbours: the batch is then run again with a savepoint around each.
 """
 
 from __future__ import annotations
@@ -233,8 +233,19 @@ class Writer:
             self.loop.call_soon_threadsafe(_settle, outcomes)
 
     def _run_batch(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list:
+        """All operations in one transaction. They run side by side first; only when one fails
+        is the batch run again with a savepoint around each, so that the failing one cannot
+        undo its neighbours (two statements per operation saved on the common path)."""
         conn = self.conn
-        outcomes: list[tuple[asyncio.Future, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            outcomes = [(fut, True, fn(conn)) for fn, fut in ops]
+            conn.execute("COMMIT")
+            return outcomes
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        outcomes = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut in ops:
