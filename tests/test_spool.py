@@ -1,0 +1,56 @@
+"""The spool writer's group commit, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from relayd import spool
+
+
+def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_path: Path):
+    path = tmp_path / "spool.sqlite"
+    spool.prepare(path)
+    gate = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        assert gate.wait(10)
+
+    def insert(action: str):
+        def op(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT INTO control (action, msg_ids, at) VALUES (?, '', 0)", (action,))
+            if action == "bad":
+                raise ValueError("this one fails after writing")
+            return action
+
+        return op
+
+    async def run() -> list:
+        writer = spool.Writer(path, asyncio.get_running_loop())
+        try:
+            first = writer.submit(hold)  # keeps the writer busy while the batch gathers
+            ops = [writer.submit(insert(a)) for a in ("one", "bad", "two")]
+            gate.set()
+            await first
+            return await asyncio.gather(*ops, return_exceptions=True)
+        finally:
+            writer.close()
+
+    one, bad, two = asyncio.run(run())
+    assert (one, two) == ("one", "two")
+    assert isinstance(bad, ValueError)
+    with sqlite3.connect(path) as db:
+        actions = [r[0] for r in db.execute("SELECT action FROM control ORDER BY id")]
+    assert actions == ["one", "two"]
+
+
+def test_prepare_refuses_a_spool_from_a_newer_relayd(tmp_path: Path):
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {spool.SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer"):
+        spool.prepare(path)
