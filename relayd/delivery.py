@@ -9,6 +9,7 @@ and with its EHLO name. Each recipient is judged by its own RCPT reply and the D
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -116,7 +117,7 @@ class Connection:
                 options.append("BODY=8BITMIME")
             encoding = "utf-8" if job.smtputf8 else "ascii"
             try:
-                await smtp.mail(job.sender, options=options, encoding=encoding)
+                await _command(smtp, b"MAIL", f"FROM:<{job.sender}>", encoding, options)
             except aiosmtplib.SMTPResponseException as exc:
                 await self._reset()
                 return [(r.id, Outcome(exc.code, exc.message)) for r in job.recipients]
@@ -124,7 +125,7 @@ class Connection:
             for r in job.recipients:
                 phase = "RCPT TO"
                 try:
-                    await smtp.rcpt(r.rcpt, encoding=encoding)
+                    await _command(smtp, b"RCPT", f"TO:<{r.rcpt}>", encoding)
                     accepted.append(r)
                 except aiosmtplib.SMTPResponseException as exc:
                     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
@@ -168,6 +169,17 @@ class Connection:
                 pass
             finally:
                 self.smtp.close()
+
+
+async def _command(
+    smtp: aiosmtplib.SMTP, verb: bytes, arg: str, encoding: str, options: Sequence[str] = ()
+) -> None:
+    """MAIL or RCPT with the address as the spool has it (ingress checked its syntax), without
+    aiosmtplib's parse of every address by the email package; a refusal raises as there."""
+    extra = [option.encode("ascii") for option in options]
+    response = await smtp.execute_command(verb, arg.encode(encoding), *extra)
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPResponseException(response.code, response.message)
 
 
 class _TlsFailed(Exception):
