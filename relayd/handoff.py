@@ -1,7 +1,7 @@
 """The hand-off between relayd's two processes: accepted mail from ingress to the spool.
 
 relayd runs as two processes so that it uses two cores: the ingress process speaks SMTP to
-clients (policy, headers, DKIM signing) and the queue process owns the spool, the scheduler and
+clients (policy, headers) and the queue process signs (DKIM), owns the spool, the scheduler and
 delivery. Ingress sends each message over a socketpair; the queue process stores it with group
 commit and answers once the commit is durable; only then does ingress reply 250. The queue
 process is the spool's only writer, as before.
@@ -17,7 +17,6 @@ import asyncio
 import functools
 import marshal
 from collections.abc import Callable
-from typing import Any
 
 from relayd.spool import NewMessage
 
@@ -30,7 +29,7 @@ RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
 SERVING = "l"  # (SERVING,): the listeners are open
 # queue -> ingress
 SERVE = "L"  # (SERVE,): the queue process is ready, open the listeners
-STORED = "s"  # (STORED, [(request id, error or ""), ...])
+STORED = "s"  # (STORED, [(request id, error or "", size, signed), ...])
 RELOAD = "R"  # (RELOAD,): reload the config file
 
 
@@ -109,17 +108,18 @@ def message_of(frame: tuple) -> tuple[int, NewMessage]:
 
 
 class SpoolLink:
-    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk."""
+    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk, to the
+    size it was stored with and whether it was signed."""
 
     def __init__(self, on_serve: Callable[[], None], on_reload: Callable[[], str]) -> None:
         self.on_serve, self.on_reload = on_serve, on_reload
         self.channel = Channel(self._frame, self._lost)
-        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
         self.lost = asyncio.Event()
         self._next = 0
 
-    def store(self, msg: NewMessage) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def store(self, msg: NewMessage) -> asyncio.Future[tuple[int, bool]]:
+        fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         if self.lost.is_set():
             fut.set_exception(ConnectionError("the queue process is gone"))
             return fut
@@ -130,14 +130,14 @@ class SpoolLink:
 
     def _frame(self, frame: tuple) -> None:
         if frame[0] == STORED:
-            for request, error in frame[1]:
+            for request, error, size, signed in frame[1]:
                 fut = self.pending.pop(request, None)
                 if fut is None or fut.done():
                     continue
                 if error:
                     fut.set_exception(OSError(error))
                 else:
-                    fut.set_result(None)
+                    fut.set_result((size, signed))
         elif frame[0] == RELOAD:
             self.channel.send((RELOADED, self.on_reload()))
         elif frame[0] == SERVE:
@@ -159,14 +159,14 @@ class IngressLink:
 
     def __init__(
         self,
-        store: Callable[[NewMessage], asyncio.Future[Any]],
+        store: Callable[[NewMessage], asyncio.Future[NewMessage]],
         on_serving: Callable[[], None],
         on_reloaded: Callable[[str], None],
         on_lost: Callable[[], None],
     ) -> None:
         self.store, self.on_serving, self.on_reloaded = store, on_serving, on_reloaded
         self.channel = Channel(self._frame, on_lost)
-        self._done: list[tuple[int, str]] = []
+        self._done: list[tuple[int, str, int, bool]] = []
 
     def serve(self) -> None:
         self.channel.send((SERVE,))
@@ -183,14 +183,18 @@ class IngressLink:
         elif frame[0] == SERVING:
             self.on_serving()
 
-    def _stored(self, request: int, fut: asyncio.Future[Any]) -> None:
+    def _stored(self, request: int, fut: asyncio.Future[NewMessage]) -> None:
+        size, signed, error = 0, False, ""
         if fut.cancelled():
             error = "cancelled"
+        elif fut.exception() is not None:
+            error = repr(fut.exception())
         else:
-            error = "" if fut.exception() is None else repr(fut.exception())
+            msg = fut.result()
+            size, signed = len(msg.body), msg.signed
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
-        self._done.append((request, error))
+        self._done.append((request, error, size, signed))
 
     def _report(self) -> None:
         done, self._done = self._done, []

@@ -173,6 +173,7 @@ class NewMessage:
     origin: str  # "auth:NAME", "trusted:IP" or "dsn:QUEUEID": who vouched for it
     smtputf8: bool
     received_at: float = 0.0  # set when it is stored
+    signed: bool = False  # a DKIM signature was added
     active: bool = False  # the scheduler took it straight into memory
     ids: list[int] = field(default_factory=list)  # recipient row ids, set on insert
     msg_id: int = 0
