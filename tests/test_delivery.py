@@ -295,3 +295,46 @@ def test_smtputf8_message_delivered_over_tls_with_smtputf8(relay, dns_server, fa
         )
     got = mx.wait_for_messages(1)[0]
     assert got.tls and got.mail_from == "jöhn@sender.test" and "SMTPUTF8" in got.mail_options
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_each_recipient_judged_by_its_own_reply_with_and_without_pipelining(
+    relay, dns_server, fake_mx, pipelining
+):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    refusals = {"bad@example.test": "550 5.1.1 no such user", "busy@example.test": "450 4.2.1 busy"}
+    mx = fake_mx("127.0.0.10", rcpt_replies=refusals, pipelining=pipelining)
+    r = relay()
+    send(r.port, ["ok@example.test", "bad@example.test", "busy@example.test"])
+    assert mx.wait_for_messages(1)[0].rcpts == ["ok@example.test"]
+    assert r.wait_event("delivered", rcpt="ok@example.test")[0]["code"] == 250
+    bounced = r.wait_event("bounced", rcpt="bad@example.test")[0]
+    assert bounced["code"] == 550 and "no such user" in bounced["response"]
+    deferred = r.wait_event("deferred", rcpt="busy@example.test")[0]
+    assert deferred["code"] == 450 and "busy" in deferred["response"]
+
+
+def test_transaction_with_every_recipient_refused_leaves_the_connection_usable(
+    relay, dns_server, fake_mx
+):
+    """Pipelined DATA is then refused (554); RSET, and the next message goes on the same
+    connection."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", rcpt_replies={"gone@example.test": "550 5.1.1 gone"})
+    r = relay({"delivery": {"idle_connection_time": "5s"}})
+    send(r.port, ["gone@example.test"])
+    r.wait_event("bounced", rcpt="gone@example.test")
+    send(r.port, ["here@example.test"])
+    assert mx.wait_for_messages(1)[0].rcpts == ["here@example.test"]
+    assert len(mx.connections) == 1
+    assert "RSET" in mx.connections[0].commands
+
+
+def test_refused_sender_defers_every_recipient_with_the_servers_reply(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    fake_mx("127.0.0.10", mail_reply="451 4.7.1 sender greylisted")
+    r = relay()
+    send(r.port, ["a@example.test", "b@example.test"])
+    for rcpt in ("a@example.test", "b@example.test"):
+        event = r.wait_event("deferred", rcpt=rcpt)[0]
+        assert event["code"] == 451 and "greylisted" in event["response"]

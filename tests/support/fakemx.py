@@ -101,6 +101,7 @@ class FakeMX:
         rcpt_replies: dict[str, str] | None = None,
         data_reply: str = "250 2.0.0 queued as {n}",
         accept_delay: float = 0.0,
+        pipelining: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -114,6 +115,7 @@ class FakeMX:
         self.data_reply = data_reply  # "{n}" becomes the message number
         self.data_replies: collections.deque[str] = collections.deque()  # used before data_reply
         self.accept_delay = accept_delay  # seconds before the reply to DATA
+        self.pipelining = pipelining  # offer PIPELINING in EHLO
         self.connections: list[Conn] = []
         self.messages: list[Received] = []
         self.current_connections = 0
@@ -274,7 +276,8 @@ class FakeMX:
                     await reply(f"250 {self.hostname}")
                     continue
                 starttls = [] if self.tls_context is None or conn.tls else ["STARTTLS"]
-                lines = [self.hostname, "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 52428800"]
+                pipelining = ["PIPELINING"] if self.pipelining else []
+                lines = [self.hostname, *pipelining, "8BITMIME", "SMTPUTF8", "SIZE 52428800"]
                 lines += ["ENHANCEDSTATUSCODES", *starttls]
                 await reply("\n".join(f"250-{x}" for x in lines[:-1]) + f"\n250 {lines[-1]}")
             elif verb == "STARTTLS":
