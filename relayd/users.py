@@ -164,7 +164,8 @@ class LoginGuard:
         self._failures: dict[str, list[float]] = {}
 
     def locked(self, ip: str) -> bool:
-        return len(self._recent(ip)) >= self.max_failures
+        """Asked for every connection: an address that never failed costs one lookup."""
+        return ip in self._failures and len(self._recent(ip)) >= self.max_failures
 
     def failed(self, ip: str) -> int:
         recent = self._recent(ip)
