@@ -378,7 +378,8 @@ class Scheduler:
         self.active_retries -= job.is_retry
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
-        fut = self.writer.submit(spool.record_results(results, now, retry.delay_warning))
+        record = spool.record_results(job.msg_id, results, now, retry.delay_warning)
+        fut = self.writer.submit(record)
         fut.add_done_callback(self._reports_done)
 
     def _reports_done(self, fut: asyncio.Future[list[spool.Report]]) -> None:

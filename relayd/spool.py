@@ -383,16 +383,26 @@ def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
 
 
 def record_results(
-    results: list[Result], now: float, delay_warning: float
+    msg_id: int, results: list[Result], now: float, delay_warning: float
 ) -> Callable[[sqlite3.Connection], list[Report]]:
-    """Store attempt outcomes; settle each touched message: DSN for newly failed recipients
-    once none of its recipients is still in memory, removal once all are final.
+    """Store the outcomes of one attempt of message ``msg_id``; settle it: DSN for newly failed
+    recipients once none of its recipients is still in memory, removal once all are final.
 
     A result only applies to a recipient still ACTIVE (or HELD, for final outcomes), so an
-    operator's delete or hold during the attempt wins over it.
+    operator's delete or hold during the attempt wins over it. The common case, every
+    recipient of the message delivered at once, is one DELETE.
     """
 
     def op(conn: sqlite3.Connection) -> list[Report]:
+        if all(r.state is State.DELIVERED for r in results):
+            ids = [r.rcpt_id for r in results]
+            gone = conn.execute(
+                f"DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM recipients"
+                f" WHERE msg_id = ? AND id NOT IN ({','.join('?' * len(ids))}))",
+                (msg_id, msg_id, *ids),
+            )
+            if gone.rowcount:
+                return []
         touched: set[int] = set()
         for r in results:
             if r.state is State.DEFERRED:
@@ -408,8 +418,8 @@ def record_results(
             if row:
                 touched.add(row[0])
         reports = []
-        for msg_id in sorted(touched):
-            reports += _settle_message(conn, msg_id, now, delay_warning)
+        for touched_id in sorted(touched):
+            reports += _settle_message(conn, touched_id, now, delay_warning)
         return reports
 
     return op
