@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import json
 import smtplib
 import ssl
 import subprocess
@@ -338,3 +339,21 @@ def test_refused_sender_defers_every_recipient_with_the_servers_reply(relay, dns
     for rcpt in ("a@example.test", "b@example.test"):
         event = r.wait_event("deferred", rcpt=rcpt)[0]
         assert event["code"] == 451 and "greylisted" in event["response"]
+
+
+def test_message_stays_spooled_while_a_recipient_at_another_domain_waits(
+    relay, dns_server, fake_mx
+):
+    """Delivering every recipient of one domain removes the message only when it has no
+    other recipients left."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "other.test", (10, "mx.other.test", "127.0.0.11"))
+    fake_mx("127.0.0.10")
+    fake_mx("127.0.0.11", rcpt_reply="451 4.3.0 later")
+    r = relay({"retry": {"first": "1h"}})
+    qid = send(r.port, ["a@example.test", "b@other.test"]).rsplit(" ", 1)[1]
+    r.wait_event("delivered", rcpt="a@example.test")
+    r.wait_event("deferred", rcpt="b@other.test")
+    shown = json.loads(r.ctl("show", qid, "--json").stdout)
+    states = {x["rcpt"]: x["state"] for x in shown["recipients"]}
+    assert states == {"a@example.test": "delivered", "b@other.test": "deferred"}
