@@ -941,9 +941,13 @@ class Suite:
                 raise SuiteError(f"fault: client ended before the kill ({acked} acked)")
             arrived_before = sum(1 for _ in Arrivals(arrivals).read())
             t_kill = time.time()
+            tree = descendants(rd.pid)  # relayd's ingress process dies with it (PDEATHSIG)
             os.kill(rd.pid, signal.SIGKILL)
             rd.proc.wait(10)
             rd.reap()
+            limit = time.time() + 10
+            while not all(gone(p) for p in tree) and time.time() < limit:
+                time.sleep(0.01)
             log(f"fault: SIGKILL relayd at {acked} acknowledged, {arrived_before} delivered")
             t220 = rd.start()
             log(f"fault: restarted, 220 after {t220:.2f} s")

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import signal
@@ -71,9 +72,22 @@ def load_checked(path: str | os.PathLike[str]) -> tuple[configuration.Config, dk
     return config, signer
 
 
-def bind(config: configuration.Config) -> Bound:
+def bind(config: configuration.Config, wait: float = 2.0) -> Bound:
     """The listening sockets, bound before the fork so that the queue process reports a port
-    in use and the ingress process inherits them. They listen once both processes are ready."""
+    in use and the ingress process inherits them. They listen once both processes are ready.
+    A port in use is tried again for ``wait`` seconds: the ingress process of a relayd that
+    was just killed may still be on its way out."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _bind(config)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _bind(config: configuration.Config) -> Bound:
     bound: Bound = []
     try:
         for listener in config.listeners:
