@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import socket
 import ssl
@@ -25,6 +26,7 @@ from email.utils import format_datetime, getaddresses, make_msgid
 from types import MethodType
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
@@ -404,6 +406,18 @@ class _Commands(dict):
 def _never_called(*args: Any) -> AuthResult:
     raise AssertionError("RelaySMTP._authenticate replaces aiosmtpd's authenticator")
 
+
+def _sanitized_log(func: Callable[..., None], msg: str, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd logs every command line twice (debug and info) through sanitized_log, which
+    masks AUTH data with a regex before the logger drops the line: relayd keeps mail.log at
+    ERROR (events.configure), so skip the masking when the logger would drop the line anyway."""
+    if _MAIL_LOG.isEnabledFor(logging.INFO if func == _MAIL_LOG.info else logging.DEBUG):
+        _AIOSMTPD_SANITIZED_LOG(func, msg, *args, **kwargs)
+
+
+_MAIL_LOG = logging.getLogger("mail.log")
+_AIOSMTPD_SANITIZED_LOG = aiosmtpd.smtp.sanitized_log
+aiosmtpd.smtp.sanitized_log = _sanitized_log  # looked up as a global in SMTP._handle_client
 
 _COMMANDS = {n[5:]: getattr(RelaySMTP, n) for n in dir(RelaySMTP) if n.startswith("smtp_")}
 _MECHANISMS = {
