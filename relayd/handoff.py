@@ -29,7 +29,7 @@ RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
 SERVING = "l"  # (SERVING,): the listeners are open
 # queue -> ingress
 SERVE = "L"  # (SERVE,): the queue process is ready, open the listeners
-STORED = "s"  # (STORED, [(request id, error or "", size, signed), ...])
+STORED = "s"  # (STORED, [(request id, error or ""), ...])
 RELOAD = "R"  # (RELOAD,): reload the config file
 
 
@@ -114,18 +114,17 @@ def message_of(frame: tuple) -> tuple[int, NewMessage]:
 
 
 class SpoolLink:
-    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk, to the
-    size it was stored with and whether it was signed."""
+    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk."""
 
     def __init__(self, on_serve: Callable[[], None], on_reload: Callable[[], str]) -> None:
         self.on_serve, self.on_reload = on_serve, on_reload
         self.channel = Channel(self._frame, self._lost)
-        self.pending: dict[int, asyncio.Future[tuple[int, bool]]] = {}
+        self.pending: dict[int, asyncio.Future[None]] = {}
         self.lost = asyncio.Event()
         self._next = 0
 
-    def store(self, msg: NewMessage) -> asyncio.Future[tuple[int, bool]]:
-        fut: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+    def store(self, msg: NewMessage) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.lost.is_set():
             fut.set_exception(ConnectionError("the queue process is gone"))
             return fut
@@ -136,14 +135,14 @@ class SpoolLink:
 
     def _frame(self, frame: tuple) -> None:
         if frame[0] == STORED:
-            for request, error, size, signed in frame[1]:
+            for request, error in frame[1]:
                 fut = self.pending.pop(request, None)
                 if fut is None or fut.done():
                     continue
                 if error:
                     fut.set_exception(OSError(error))
                 else:
-                    fut.set_result((size, signed))
+                    fut.set_result(None)
         elif frame[0] == RELOAD:
             self.channel.send((RELOADED, self.on_reload()))
         elif frame[0] == SERVE:
@@ -172,7 +171,7 @@ class IngressLink:
     ) -> None:
         self.store, self.on_serving, self.on_reloaded = store, on_serving, on_reloaded
         self.channel = Channel(self._frame, on_lost)
-        self._done: list[tuple[int, str, int, bool]] = []
+        self._done: list[tuple[int, str]] = []
 
     def serve(self) -> None:
         self.channel.send((SERVE,))
@@ -190,17 +189,13 @@ class IngressLink:
             self.on_serving()
 
     def _stored(self, request: int, fut: asyncio.Future[NewMessage]) -> None:
-        size, signed, error = 0, False, ""
         if fut.cancelled():
             error = "cancelled"
-        elif fut.exception() is not None:
-            error = repr(fut.exception())
         else:
-            msg = fut.result()
-            size, signed = len(msg.body), msg.signed
+            error = "" if fut.exception() is None else repr(fut.exception())
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
-        self._done.append((request, error, size, signed))
+        self._done.append((request, error))
 
     def _report(self) -> None:
         """Every commit settled in the last turn, in one frame sent at once: each turn of delay
