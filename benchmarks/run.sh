@@ -265,7 +265,9 @@ RD_RC=0
 run_load "$TMP/relayd.out" "$TMP/relayd.load.err" RELAY_KIND=other MANAGE_PEER=0 \
   RELAY_PID="$RELAYD_PID" TARGET_PORT="$RELAYD_PORT" || RD_RC=$?
 RD=$(cat "$TMP/relayd.out")
-RSS_KB=$(awk '/^VmHWM:/{print $2}' "/proc/$RELAYD_PID/status" 2>/dev/null || echo 0)
+# VmHWM of relayd's two processes (queue process and its ingress process), summed
+RSS_KB=$(for p in "$RELAYD_PID" $(cat /proc/"$RELAYD_PID"/task/*/children 2>/dev/null); do
+  awk '/^VmHWM:/{print $2}' "/proc/$p/status" 2>/dev/null; done | awk '{s += $1} END {print s+0}')
 SINK_TOTAL=$("$PEER" sink-count)
 t_stop=$(date +%s.%N)
 stop_relayd "$RELAYD_PID"
