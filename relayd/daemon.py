@@ -48,6 +48,7 @@ from relayd.scheduler import Scheduler
 EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
 EX_OSERR = 71
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 Bound = list[tuple[configuration.Listener, list[socket.socket]]]
 
@@ -390,11 +391,13 @@ async def serve_ingress(
     await ingress.stopped.wait()
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL for us when the queue process dies, however it dies."""
+def _become_ingress(parent: int) -> None:
+    """SIGKILL for us when the queue process dies, however it dies; and a name of our own in
+    ps and top (relayd-ingress)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, b"relayd-ingress", 0, 0, 0)
     if os.getppid() != parent:  # it died before the call
         os._exit(1)
 
@@ -410,7 +413,7 @@ def run(config: configuration.Config, context: ssl.SSLContext | None, signer: dk
         code = 1
         try:
             queue_end.close()
-            _die_with_parent(parent)
+            _become_ingress(parent)
             uvloop.run(serve_ingress(config, context, bound, ingress_end))
             code = 0
         except BaseException as exc:
