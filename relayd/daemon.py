@@ -64,13 +64,14 @@ def sd_notify(state: str) -> None:
         sock.sendto(state.encode(), address)
 
 
-def load_checked(path: str | os.PathLike[str]) -> tuple[configuration.Config, dkim.Signer]:
-    """The config with everything it names loaded once (DKIM keys, certificate): a file that
-    parses but names an unreadable key is refused as a whole."""
+def load_checked(
+    path: str | os.PathLike[str],
+) -> tuple[configuration.Config, ssl.SSLContext | None, dkim.Signer]:
+    """The config with everything it names loaded (certificate, DKIM keys): a file that parses
+    but names an unreadable key is refused as a whole, at start-up and on SIGHUP alike."""
     config = configuration.load(path)
-    signer = dkim.Signer(config.dkim, config.path)
-    tls.server_context(config.tls, str(config.path))
-    return config, signer
+    context = tls.server_context(config.tls, str(config.path))
+    return config, context, dkim.Signer(config.dkim, config.path)
 
 
 def bind(config: configuration.Config, wait: float = 2.0) -> Bound:
@@ -211,7 +212,7 @@ class QueueProcess:
         """Check the new file here, then let the ingress process apply it (it answers)."""
         sd_notify("RELOADING=1")
         try:
-            new, signer = load_checked(self.config.path)
+            new, _, signer = load_checked(self.config.path)
             if new.tls.cert_file and not self.config.tls.cert_file:
                 raise configuration.ConfigError(new.path, "tls", "enabling TLS needs a restart")
         except configuration.ConfigError as exc:
@@ -340,7 +341,7 @@ class IngressProcess:
     def reload(self) -> str:
         """Apply the config file (the queue process has checked it); "" or why not."""
         try:
-            new, _ = load_checked(self.config.path)
+            new, _, _ = load_checked(self.config.path)
             if self.tls is not None and new.tls.cert_file:
                 tls.load(self.tls, new.tls, str(new.path))
         except configuration.ConfigError as exc:
@@ -440,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     args = parser.parse_args(argv)
     try:
-        config = configuration.load(args.config)
-        context = tls.server_context(config.tls, str(config.path))
-        signer = dkim.Signer(config.dkim, config.path)
+        config, context, signer = load_checked(args.config)
     except configuration.ConfigError as exc:
         print(f"relayd: config error: {exc}", file=sys.stderr)
         return configuration.EX_CONFIG

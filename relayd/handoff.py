@@ -87,7 +87,7 @@ class Channel(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self._flush()
+            self.flush()
             self.transport.close()
 
 

@@ -237,19 +237,24 @@ class Writer:
         """All operations in one transaction. They run side by side first; only when one fails
         is the batch run again with a savepoint around each, so that the failing one cannot
         undo its neighbours (two statements per operation saved on the common path)."""
+        with contextlib.suppress(Exception):
+            return self._transaction(ops, isolated=False)
+        try:
+            return self._transaction(ops, isolated=True)
+        except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+            return [(fut, False, exc) for _, fut in ops]
+
+    def _transaction(
+        self, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]], isolated: bool
+    ) -> list:
         conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            outcomes = [(fut, True, fn(conn)) for fn, fut in ops]
-            conn.execute("COMMIT")
-            return outcomes
-        except Exception:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        outcomes = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+            outcomes = []
             for fn, fut in ops:
+                if not isolated:
+                    outcomes.append((fut, True, fn(conn)))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((fut, True, fn(conn)))
@@ -259,10 +264,10 @@ class Writer:
                     conn.execute("RELEASE op")
                     outcomes.append((fut, False, exc))
             conn.execute("COMMIT")
-        except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            outcomes = [(fut, False, exc) for _, fut in ops]
+            raise
         return outcomes
 
 
@@ -403,24 +408,20 @@ def record_results(
             )
             if gone.rowcount:
                 return []
-        touched: set[int] = set()
+        applied = False
         for r in results:
             if r.state is State.DEFERRED:
                 cond, next_attempt = "state = 5", r.next_attempt
             else:
                 cond, next_attempt = "state IN (4, 5)", 0.0
-            row = conn.execute(
+            cur = conn.execute(
                 f"UPDATE recipients SET state = ?, attempts = attempts + 1, last_code = ?,"
                 f" last_reply = ?, last_mx = ?, last_attempt = ?, next_attempt = ?"
-                f" WHERE id = ? AND {cond} RETURNING msg_id",
+                f" WHERE id = ? AND {cond}",
                 (int(r.state), r.code, r.reply, r.mx, now, next_attempt, r.rcpt_id),
-            ).fetchone()
-            if row:
-                touched.add(row[0])
-        reports = []
-        for touched_id in sorted(touched):
-            reports += _settle_message(conn, touched_id, now, delay_warning)
-        return reports
+            )
+            applied = applied or cur.rowcount > 0
+        return _settle_message(conn, msg_id, now, delay_warning) if applied else []
 
     return op
 

@@ -313,6 +313,8 @@ def test_each_recipient_judged_by_its_own_reply_with_and_without_pipelining(
     assert bounced["code"] == 550 and "no such user" in bounced["response"]
     deferred = r.wait_event("deferred", rcpt="busy@example.test")[0]
     assert deferred["code"] == 450 and "busy" in deferred["response"]
+    sent_ahead = {c.split(":")[0] for c in mx.connections[0].pipelined}
+    assert sent_ahead == ({"MAIL FROM", "RCPT TO"} if pipelining else set())
 
 
 def test_transaction_with_every_recipient_refused_leaves_the_connection_usable(

@@ -153,7 +153,7 @@ def test_large_dot_stuffed_message_arrives_byte_for_byte(relay, dns_server, fake
     mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
     mx = fake_mx("127.0.0.10")
     r = relay()
-    body = [b"Subject: big", b""]
+    body = [b"Subject: big", b""] + [b"x" * 900] * 350  # over 256 KiB without a ".CRLF"
     for i in range(1200):
         body += [b"x" * 900, f"line {i} ends with a dot.".encode(), b".", b"..", b".leading"]
     text = b"".join(line + b"\r\n" for line in body)

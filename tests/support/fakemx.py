@@ -31,6 +31,7 @@ class Conn:
     tls: bool = False
     ended: float | None = None
     commands: list[str] = field(default_factory=list)  # every command line, in order
+    pipelined: list[str] = field(default_factory=list)  # commands read with more behind them
 
 
 @dataclass
@@ -268,6 +269,8 @@ class FakeMX:
         while raw := await reader.readline():
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             conn.commands.append(line)
+            if reader._buffer:  # type: ignore[attr-defined]  # the client sent on without a reply
+                conn.pipelined.append(line)
             verb = line.split(" ", 1)[0].upper()
             arg = line[len(verb) :].strip()
             if verb in ("EHLO", "HELO"):
