@@ -1,4 +1,4 @@
-"""DKIM signing throughput on one core: relayd.dkim.Signer against dkimpy and bare OpenSSL.
+"""DKIM signing throughput on one core: relayd.mime.dkim.Signer against dkimpy and bare OpenSSL.
 
     .venv/bin/python benchmarks/dkim_bench.py [--seconds 5] [--size 2048] [--cpu 0]
 
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from relayd.config import DKIM_HEADERS, Dkim, DkimKey
-from relayd.dkim import Signer, keygen
+from relayd.mime.dkim import Signer, keygen
 
 DOMAIN = "example.com"
 

@@ -79,7 +79,7 @@ class RelayProcess:
     def start(self) -> RelayProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relayd.daemon", "--config", str(self.config_path)],
+            [sys.executable, "-m", "relayd", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

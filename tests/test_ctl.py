@@ -102,10 +102,11 @@ def test_hold_keeps_mail_from_the_daemon_until_release(relay, mxs):
     assert queued(proc, "--state", "held") == [held]
     attempts = ctl_json(proc, "show", held)["recipients"][0]["attempts"]
 
-    # From now on an attempt for a would deliver it; c keeps being deferred, as a clock.
+    # From now on an attempt for a would deliver it; b is delivered at its next retry (its
+    # own, 1 s later: relayctl retry is tested with slow retries below, where it cannot race
+    # the daemon's); c keeps being deferred, as a clock.
     mx.rcpt_replies["c@example.test"] = DEFER
     mx.rcpt_reply = ACCEPT
-    assert ctl_json(proc, "retry", other)["recipients"] == 1
     assert [m.rcpts for m in mx.wait_for_messages(1)] == [["b@example.test"]]
     wait_until(lambda: other not in queued(proc), what="b to leave the spool")
     # Two more retries of c span more than a's longest retry interval (retry.max_interval).

@@ -162,7 +162,7 @@ def test_expired_message_bounces_with_447(relay, dns_server, fake_mx):
     sender_mx = fake_mx("127.0.0.20")
     r = relay({"retry": {"max_age": "2s", "first": "0.5s"}})
     send(r.port, ["late@example.test"])
-    event = r.wait_event("bounced", rcpt="late@example.test", timeout=20)[0]
+    event = r.wait_event("expired", rcpt="late@example.test", timeout=20)[0]
     assert "4.4.7" in event["response"] and "try later" in event["response"]
     dsn = email.message_from_bytes(sender_mx.wait_for_messages(1)[0].data)
     status = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from support.dnsserver import TestDNSServer
 
 from relayd.config import DKIM_HEADERS, ConfigError, Dkim, DkimKey
-from relayd.dkim import Signer, keygen
+from relayd.mime.dkim import Signer, keygen
 
 CONFIG = Path("/etc/relayd/relayd.toml")  # only named in errors; never read
 NOW = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -609,7 +609,7 @@ def test_relayd_refuses_to_start_with_an_unreadable_key(tmp_path):
         f'[[dkim.keys]]\ndomain = "example.com"\nselector = "s1"\nkey_file = "{key}"\n'
     )
     result = subprocess.run(
-        [sys.executable, "-m", "relayd.daemon", "--config", str(config)],
+        [sys.executable, "-m", "relayd", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -618,7 +618,7 @@ def test_relayd_refuses_to_start_with_an_unreadable_key(tmp_path):
     assert "dkim.keys[0].key_file" in result.stderr and str(key) in result.stderr
     key.write_text("not a key\n")
     result = subprocess.run(
-        [sys.executable, "-m", "relayd.daemon", "--check", "--config", str(config)],
+        [sys.executable, "-m", "relayd", "--check", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,

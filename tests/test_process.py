@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relayd.daemon", "--config", str(path)],
+        [sys.executable, "-m", "relayd", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=30,

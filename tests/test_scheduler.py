@@ -10,19 +10,21 @@ from pathlib import Path
 
 from support.util import mx_zone, send, wait_until
 
-from relayd import spool
+from relayd.model.ids import new_queue_id
+from relayd.model.message import NewMessage
+from relayd.spool import schema, store
 
 
 def seed_deferred_backlog(path: Path, count: int, domain: str) -> None:
     """Write ``count`` messages that were tried once and are due again now, as a crash or an
     outage would leave them."""
-    conn = spool.connect(path)
-    spool.migrate(conn)
+    schema.prepare(path)
+    conn = schema.connect(path)
     now = time.time()
     conn.execute("BEGIN")
     for i in range(count):
-        msg = spool.NewMessage(
-            spool.new_queue_id(),
+        msg = NewMessage(
+            new_queue_id(),
             "app@sender.test",
             [f"r{i}@{domain}"],
             b"Subject: backlog\r\n\r\nbody\r\n",
@@ -33,7 +35,7 @@ def seed_deferred_backlog(path: Path, count: int, domain: str) -> None:
             now - 60,
             False,
         )
-        spool.insert_message(msg, now)(conn)
+        store.insert_message(conn, msg, now)
     conn.execute("UPDATE recipients SET state = 1, attempts = 1, next_attempt = ?", (now - 1,))
     conn.execute("COMMIT")
     conn.close()

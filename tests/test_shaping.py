@@ -11,7 +11,7 @@ from datetime import datetime
 from support.util import mx_zone
 
 from relayd.config import Rate, Retry, Source
-from relayd.scheduler import retry_delay
+from relayd.outcomes.decide import retry_delay
 from relayd.shaping import Gcra, Rotation
 
 

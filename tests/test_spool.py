@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from relayd import spool
+from relayd.spool import schema
+from relayd.spool.writer import Writer
 
 
 def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
-    spool.prepare(path)
+    schema.prepare(path)
     gate = threading.Event()
 
     def hold(conn: sqlite3.Connection) -> None:
@@ -22,7 +23,9 @@ def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_p
 
     def insert(action: str):
         def op(conn: sqlite3.Connection) -> str:
-            conn.execute("INSERT INTO control (action, msg_ids, at) VALUES (?, '', 0)", (action,))
+            conn.execute(
+                "INSERT INTO events (at, type, queue_id, data) VALUES (0, ?, '', '{}')", (action,)
+            )
             if action == "bad":
                 raise ValueError("this one fails after writing")
             return action
@@ -30,7 +33,7 @@ def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_p
         return op
 
     async def run() -> list:
-        writer = spool.Writer(path, asyncio.get_running_loop())
+        writer = Writer(path, asyncio.get_running_loop())
         try:
             first = writer.submit(hold)  # keeps the writer busy while the batch gathers
             ops = [writer.submit(insert(a)) for a in ("one", "bad", "two")]
@@ -44,13 +47,13 @@ def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_p
     assert (one, two) == ("one", "two")
     assert isinstance(bad, ValueError)
     with sqlite3.connect(path) as db:
-        actions = [r[0] for r in db.execute("SELECT action FROM control ORDER BY id")]
+        actions = [r[0] for r in db.execute("SELECT type FROM events ORDER BY id")]
     assert actions == ["one", "two"]
 
 
 def test_prepare_refuses_a_spool_from_a_newer_relayd(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
     with sqlite3.connect(path) as db:
-        db.execute(f"PRAGMA user_version = {spool.SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer"):
-        spool.prepare(path)
+        db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
+    with pytest.raises(schema.SpoolDamaged, match="newer relayd"):
+        schema.prepare(path)

@@ -319,7 +319,10 @@ def test_open_relay_matrix(submission):
                     if got != allowed:
                         wrong.append((listener, client_ip, auth, rcpt, got))
     assert wrong == [], wrong
-    assert queued == len(r.wait_event("accepted", n=12)) == 12
+    r.wait_event("accepted", n=12)
+    # DSNs for what bounced come in through the same door, with an origin of their own
+    clients = [e for e in r.events("accepted") if not e["origin"].startswith("dsn:")]
+    assert queued == len(clients) == 12
 
 
 def _attempt(r, listener: str, client_ip: str, auth: str, rcpt: str) -> bool:

@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from relayd.config import ConfigError, Dkim
+from relayd.mime import headers
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 MIN_RSA_BITS = 2048  # RFC 8301 still allows 1024, which large receivers treat as weak
 _WIDTH = 78  # folded line length without CRLF (RFC 5322 2.1.1)
 
-_FIELD_SPLIT = re.compile(rb"\r\n(?![ \t])")  # header field boundaries, not folds
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$")
 _SELECTOR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -131,32 +131,21 @@ def _canon_body(body: bytes) -> bytes:
 
 def _split(message: bytes) -> tuple[list[bytes], bytes]:
     """Header fields (folds kept) and body of a CRLF message."""
-    if message.startswith(b"\r\n"):
-        return [], message[2:]
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        head, body = message.removesuffix(b"\r\n"), b""
-    else:
-        head, body = message[:end], message[end + 4 :]
-    return _FIELD_SPLIT.split(head), body
+    head, body = headers.split(message)
+    return headers.fields(head), body
 
 
 def _from_domain(fields: list[bytes]) -> str | None:
     """Domain of the first mailbox of the first From field, as an ASCII (A-label) name."""
-    for field in fields:
-        colon = field.find(b":")
-        if colon > 0 and field[:colon].rstrip(b" \t").lower() == b"from":
-            value = field[colon + 1 :].replace(b"\r\n", b"").decode("utf-8", "replace")
-            addresses = email.utils.getaddresses([value])
-            address = addresses[0][1] if addresses else ""
-            local, at, domain = address.rpartition("@")
-            if not (local and at and domain):
-                return None
-            try:
-                return domain.rstrip(".").encode("idna").decode("ascii").lower()
-            except UnicodeError:
-                return None
-    return None
+    found = headers.values(fields, b"from")[:1]
+    addresses = email.utils.getaddresses(found) if found else []
+    local, at, domain = (addresses[0][1] if addresses else "").rpartition("@")
+    if not found or not (local and at and domain):
+        return None
+    try:
+        return domain.rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 def _fold(lines: list[str], atoms: list[str]) -> None:
@@ -184,9 +173,9 @@ class Signer:
         for h in cfg.headers:
             if not _FIELD_NAME.match(h):
                 raise ConfigError(config_path, "dkim.headers", f"not a header field name: {h!r}")
-        headers = dict.fromkeys(h.lower().encode("ascii") for h in cfg.headers)
+        names = dict.fromkeys(h.lower().encode("ascii") for h in cfg.headers)
         # RFC 6376 5.4: From must be signed (config.py enforces it; this keeps sign() total)
-        self._headers = tuple(headers) if b"from" in headers else (b"from", *headers)
+        self._headers = tuple(names) if b"from" in names else (b"from", *names)
         self._signed = frozenset(self._headers)
 
     def _domain(self, from_domain: str | None) -> str | None:

@@ -21,8 +21,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from email.utils import format_datetime, getaddresses, make_msgid
 from types import MethodType
 from typing import Any
 
@@ -38,9 +36,11 @@ from aiosmtpd.smtp import (
 )
 
 from relayd.config import Config, Listener
-from relayd.events import log
-from relayd.spool import NewMessage, new_queue_id
-from relayd.users import Directory, LoginGuard, User
+from relayd.events.log import log
+from relayd.ingress.users import Directory, LoginGuard, User
+from relayd.mime import headers
+from relayd.model.ids import new_queue_id
+from relayd.model.message import NewMessage
 
 # Stores a message durably (raising when it could not); the reply to DATA waits for it.
 Accept = Callable[[NewMessage], Awaitable[None]]
@@ -84,7 +84,6 @@ _ENHANCED_FOR = {
     "555": "5.5.4",
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-_BARE_NEWLINE = re.compile(rb"\r\n|\r|\n")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _COMMAND_READ_LIMIT = 1024  # longest command line read; aiosmtpd then applies 512 (+ extensions)
@@ -548,23 +547,21 @@ class IngressHandler:
         client = server.client
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         content = envelope.original_content or b""
-        if content.count(b"\n") != content.count(b"\r\n") or content.count(b"\r") != (
-            content.count(b"\r\n")
-        ):
+        if headers.has_bare_newlines(content):
             if self.config.bare_newlines == "reject":
                 return "554 5.6.0 Message contains bare CR or LF characters"
-            content = _BARE_NEWLINE.sub(b"\r\n", content)
+            content = headers.to_crlf(content)
         if max(map(len, content.split(b"\r\n"))) > self.config.max_line_length:
             return f"500 5.5.2 Line too long (over {self.config.max_line_length} characters)"
         user = _user(session)
         if user is not None:
-            senders = from_addresses(content)
+            senders = headers.from_addresses(content)
             if not senders or not all(user.may_send_as(a) for a in senders):
                 log.warning("from_refused", user=user.name, sender=sender, header_from=senders)
                 return f"550 5.7.1 From header not allowed for login {user.name}"
         helo = _UNPRINTABLE.sub("?", session.host_name or "")  # client text, kept printable
         queue_id = new_queue_id()
-        body = add_headers(
+        body = headers.add_headers(
             content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
         origin = f"auth:{user.name}" if user is not None else f"trusted:{client}"
@@ -591,45 +588,6 @@ class IngressHandler:
 
 def _user(session: Session) -> User | None:
     return session.auth_data if session.authenticated else None
-
-
-def from_addresses(content: bytes) -> list[str]:
-    """The addresses in the From header(s); [] when there is none or it does not parse."""
-    end = content.find(b"\r\n\r\n")
-    head = content if end < 0 else content[: end + 2]
-    values = re.findall(rb"(?im)^from[ \t]*:(.*(?:\r\n[ \t].*)*)", head)
-    found = getaddresses([v.decode("utf-8", "replace").replace("\r\n", "") for v in values])
-    return [addr.lower() for _, addr in found if "@" in addr]
-
-
-_date = (0, "")
-
-
-def _date_header() -> str:
-    """The current time as RFC 5322 wants it, formatted once per second."""
-    global _date
-    second = int(time.time())
-    if _date[0] != second:
-        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
-    return _date[1]
-
-
-def add_headers(
-    content: bytes, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
-) -> bytes:
-    """Prepend Received; add Message-ID and Date when the client left them out."""
-    end = content.find(b"\r\n\r\n")
-    head = (b"\r\n" + (content if end < 0 else content[: end + 2])).lower()
-    now = _date_header()
-    extra = [
-        f"Received: from {helo or 'unknown'} ([{client}])\r\n\tby {hostname} (relayd) with "
-        f"{'UTF8SMTP' if utf8 else 'ESMTP'} id {queue_id};\r\n\t{now}\r\n"
-    ]
-    if b"\r\nmessage-id:" not in head:
-        extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")
-    if b"\r\ndate:" not in head:
-        extra.append(f"Date: {now}\r\n")
-    return "".join(extra).encode() + content
 
 
 async def start_listeners(

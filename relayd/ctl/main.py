@@ -1,10 +1,8 @@
 """relayctl: look at relayd's spool and act on it, whether or not relayd runs.
 
-The daemon is the spool's only long-lived writer. relayctl changes rows directly, in one short
-``BEGIN IMMEDIATE`` transaction that also leaves a row in ``control``: the running daemon polls
-that table, drops held or deleted mail from its memory queues and wakes its loader, so a change
-takes effect within a second without any socket between the two. Looking is done on a read-only
-connection, so it can never disturb the daemon.
+The SQL is in ``relayd.spool.admin``: looking uses a read-only connection; a change is one
+short transaction that also leaves an operator event, which the running daemon reads to drop
+held or deleted mail from its memory and wake its loader within a second.
 
 Every command first builds plain data (dicts and lists), then prints it either as text or, with
 ``--json``, as one JSON document; the two outputs cannot drift apart.
@@ -20,72 +18,30 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from relayd import config as configuration
-from relayd import dkim, spool
 from relayd.config import parse_rate
-from relayd.ingress import valid_address
-from relayd.spool import State
-from relayd.users import User, hash_password, load_users, save_users
+from relayd.ingress.smtp import valid_address
+from relayd.ingress.users import User, hash_password, load_users, save_users
+from relayd.mime import dkim
+from relayd.model.message import UNFINISHED, State
+from relayd.spool import admin
 
-
-def _in(*states: State) -> str:
-    """A literal SQL list of states, e.g. ``(0,1,5)``."""
-    return f"({','.join(str(int(s)) for s in states)})"
-
-
-UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
-IN_UNFINISHED = _in(*UNFINISHED)
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
 AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
 BUCKETS = (*(f"{m}m" for m in AGE_EDGES), f"{AGE_EDGES[-1]}m+")
-IDS_IN = "(SELECT value FROM json_each(?))"  # one parameter for any number of ids
+WAITING = (State.PENDING, State.DEFERRED)
+VERBS = {"hold": "held", "release": "released", "retry": "rescheduled", "delete": "deleted"}
 
 Row = dict[str, Any]
 
 
 class CtlError(Exception):
-    """A problem the operator can fix (unknown queue id, no spool): stderr, exit status 1."""
-
-
-# -- spool access -------------------------------------------------------------------------
-
-
-def open_spool(path: Path, write: bool) -> sqlite3.Connection:
-    """Open an existing spool; never create one, so a wrong config cannot grow an empty spool
-    that hides the real queue."""
-    if not path.is_file():
-        raise CtlError(f"no spool at {path} (has relayd been started with this config?)")
-    mode = "rw" if write else "ro"
-    conn = sqlite3.connect(f"{path.as_uri()}?mode={mode}", uri=True, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=10000")  # the daemon's group commits are short
-    conn.execute("PRAGMA foreign_keys=ON")  # deleting a message deletes its recipients
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version != spool.SCHEMA_VERSION:
-        conn.close()
-        raise CtlError(
-            f"spool {path} has schema version {version}; this relayctl knows version"
-            f" {spool.SCHEMA_VERSION}"
-        )
-    return conn
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection, kind: str) -> Iterator[sqlite3.Connection]:
-    """One snapshot for reading (DEFERRED) or the write lock up front (IMMEDIATE), so a change
-    and its control row commit together or not at all."""
-    conn.execute(f"BEGIN {kind}")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    """A problem the operator can fix (unknown login, bad option): stderr, exit status 1."""
 
 
 # -- reading commands ---------------------------------------------------------------------
@@ -94,13 +50,7 @@ def transaction(conn: sqlite3.Connection, kind: str) -> Iterator[sqlite3.Connect
 def queue_shape(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Row]:
     """Unfinished recipients per domain and message age, like Postfix's qshape: a TOTAL row,
     then the ``--top`` domains by count."""
-    bucket = " ".join(f"WHEN age < {m * 60} THEN {i}" for i, m in enumerate(AGE_EDGES))
-    counts = conn.execute(
-        f"SELECT domain, CASE {bucket} ELSE {len(AGE_EDGES)} END AS bucket, count(*) FROM"
-        f" (SELECT r.domain, ? - m.received_at AS age FROM recipients r JOIN messages m"
-        f" ON m.id = r.msg_id WHERE r.state IN {IDS_IN}) GROUP BY domain, bucket",
-        (time.time(), _states(args)),
-    ).fetchall()
+    counts = admin.shape_counts(conn, _states(args), AGE_EDGES, time.time())
     rows: dict[str, Row] = {}
     total = _shape_row("TOTAL")
     for domain, index, count in counts:
@@ -112,10 +62,9 @@ def queue_shape(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Row]
     return [total, *top]
 
 
-def _states(args: argparse.Namespace) -> str:
-    """The --state filter as a JSON list for IDS_IN: one state, or every unfinished one."""
-    states = [STATE_CHOICES[args.state]] if args.state else UNFINISHED
-    return json.dumps([int(s) for s in states])
+def _states(args: argparse.Namespace) -> list[State]:
+    """The --state filter: one state, or every unfinished one."""
+    return [STATE_CHOICES[args.state]] if args.state else list(UNFINISHED)
 
 
 def _shape_row(domain: str) -> Row:
@@ -125,23 +74,7 @@ def _shape_row(domain: str) -> Row:
 def list_messages(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Row]:
     """One row per message with an unfinished recipient matching the filters, oldest first."""
     now = time.time()
-    match = f"r.msg_id = m.id AND r.state IN {IDS_IN}"
-    params: list[Any] = [_states(args)]
-    if args.domain:
-        match += " AND r.domain = ?"
-        params.append(args.domain.lower())
-    where = f"EXISTS (SELECT 1 FROM recipients r WHERE {match})"
-    if args.sender:
-        where += " AND instr(lower(m.sender), lower(?)) > 0"
-        params.append(args.sender)
-    sums = ", ".join(f"sum(r.state = {int(s)})" for s in State)
-    rows = conn.execute(
-        f"SELECT m.queue_id, m.received_at, m.size, m.sender, count(*), {sums}"
-        f" FROM messages m JOIN recipients r ON r.msg_id = m.id WHERE m.id IN"
-        f" (SELECT m.id FROM messages m WHERE {where} ORDER BY m.received_at, m.id LIMIT ?)"
-        f" GROUP BY m.id ORDER BY m.received_at, m.id",
-        (*params, args.limit + 1),
-    ).fetchall()
+    rows = admin.messages(conn, _states(args), args.domain, args.sender, args.limit + 1)
     if len(rows) > args.limit:
         print(f"relayctl: showing the oldest {args.limit} messages (see --limit)", file=sys.stderr)
     return [
@@ -160,41 +93,25 @@ def list_messages(conn: sqlite3.Connection, args: argparse.Namespace) -> list[Ro
 
 def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
     """Envelope, recipients with their delivery history, and the headers (or whole body)."""
-    msg = conn.execute(
-        "SELECT id, queue_id, sender, received_at, client, helo, origin, size, smtputf8, body"
-        " FROM messages WHERE queue_id = ?",
-        (args.queue_id,),
-    ).fetchone()
-    if msg is None:
-        raise CtlError(f"no message with queue id {args.queue_id}")
-    msg_id, queue_id, sender, received_at, client, helo, origin, size, smtputf8, body = msg
-    recipients = conn.execute(
-        "SELECT rcpt, state, attempts, next_attempt, last_attempt, last_code, last_reply, last_mx"
-        " FROM recipients WHERE msg_id = ? ORDER BY id",
-        (msg_id,),
-    ).fetchall()
+    msg, recipients = admin.message(conn, args.queue_id)
+    body = msg["body"]
     text = body.decode("utf-8", "replace").replace("\r\n", "\n")
     return {
-        "queue_id": queue_id,
-        "sender": sender,
-        "received_at": _iso(received_at),
-        "client": client,
-        "helo": helo,
-        "origin": origin,
-        "size": size,
-        "smtputf8": bool(smtputf8),
+        **{k: msg[k] for k in ("queue_id", "sender", "client", "helo", "origin", "size")},
+        "received_at": _iso(msg["received_at"]),
+        "smtputf8": bool(msg["smtputf8"]),
         "recipients": [
             {
-                "rcpt": rcpt,
-                "state": State(state).name.lower(),
-                "attempts": attempts,
-                "next_attempt": _iso(next_at) if state in (State.PENDING, State.DEFERRED) else None,
-                "last_attempt": _iso(last_at) if last_at else None,
-                "last_code": code,
-                "last_reply": reply,
-                "last_mx": mx,
+                "rcpt": r["rcpt"],
+                "state": State(r["state"]).name.lower(),
+                "attempts": r["attempts"],
+                "next_attempt": _iso(r["next_attempt"]) if r["state"] in WAITING else None,
+                "last_attempt": _iso(r["last_attempt"]) if r["last_attempt"] else None,
+                "last_code": r["last_code"],
+                "last_reply": r["last_reply"],
+                "last_mx": r["last_mx"],
             }
-            for rcpt, state, attempts, next_at, last_at, code, reply, mx in recipients
+            for r in recipients
         ],
         "headers": text.split("\n\n", 1)[0] + "\n",
     } | ({"body": text} if args.body else {})
@@ -203,121 +120,11 @@ def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
 # -- changing commands --------------------------------------------------------------------
 
 
-@dataclass
-class Selection:
-    """The recipients a changing command applies to: of the named messages, or at a domain."""
-
-    where: str  # condition on recipients
-    params: tuple[Any, ...]
-    msg_ids: tuple[int, ...]  # the named messages; empty for --domain
-
-
-def select(conn: sqlite3.Connection, args: argparse.Namespace) -> Selection:
-    """Resolve queue ids inside the transaction; one unknown id aborts it all."""
-    if args.domain:
-        return Selection("domain = ?", (args.domain.lower(),), ())
-    found = dict(
-        conn.execute(
-            f"SELECT queue_id, id FROM messages WHERE queue_id IN {IDS_IN}",
-            (json.dumps(args.queue_ids),),
-        ).fetchall()
-    )
-    unknown = [q for q in args.queue_ids if q not in found]
-    if unknown:
-        raise CtlError(f"no message with queue id {', '.join(unknown)}; nothing changed")
-    ids = tuple(found.values())
-    return Selection(f"msg_id IN {IDS_IN}", (json.dumps(ids),), ids)
-
-
-@dataclass
-class Changed:
-    """What an action did, for the control row and the report."""
-
-    touched: list[int]  # the message of each changed recipient
-    removed: dict[int, str] = field(default_factory=dict)  # messages deleted: id -> queue id
-
-
-def hold(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
-    """Unfinished recipients, also those in the daemon's memory, are set aside."""
-    waiting = _in(State.PENDING, State.DEFERRED, State.ACTIVE)
-    return _update(conn, f"state = {int(State.HELD)}", f"state IN {waiting}", sel, ())
-
-
-def release(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
-    """Held recipients become due at once, as retries if they were ever tried."""
-    state = f"CASE WHEN attempts = 0 THEN {int(State.PENDING)} ELSE {int(State.DEFERRED)} END"
-    held = f"state = {int(State.HELD)}"
-    return _update(conn, f"state = {state}, next_attempt = ?", held, sel, (now,))
-
-
-def retry(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
-    """Waiting recipients become due at once; held ones stay held."""
-    waiting = _in(State.PENDING, State.DEFERRED)
-    return _update(conn, "next_attempt = ?", f"state IN {waiting}", sel, (now,))
-
-
-def _update(
-    conn: sqlite3.Connection, changes: str, cond: str, sel: Selection, values: tuple[Any, ...]
-) -> Changed:
-    rows = conn.execute(
-        f"UPDATE recipients SET {changes} WHERE {cond} AND {sel.where} RETURNING msg_id",
-        (*values, *sel.params),
-    ).fetchall()
-    return Changed([r[0] for r in rows])
-
-
-def delete(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
-    """Drop unfinished recipients without a DSN, then the messages left with nothing to deliver
-    (a message holding only final recipients would otherwise stay in the spool for good)."""
-    touched = conn.execute(
-        f"DELETE FROM recipients WHERE state IN {IN_UNFINISHED} AND {sel.where} RETURNING msg_id",
-        sel.params,
-    ).fetchall()
-    candidates = sorted({r[0] for r in touched} | set(sel.msg_ids))
-    removed = conn.execute(
-        f"DELETE FROM messages WHERE id IN {IDS_IN} AND NOT EXISTS (SELECT 1 FROM recipients r"
-        f" WHERE r.msg_id = messages.id AND r.state IN {IN_UNFINISHED}) RETURNING id, queue_id",
-        (json.dumps(candidates),),
-    ).fetchall()
-    return Changed([r[0] for r in touched], dict(removed))
-
-
-ACTIONS: dict[str, tuple[Callable[[sqlite3.Connection, Selection, float], Changed], str]] = {
-    "hold": (hold, "held"),
-    "release": (release, "released"),
-    "retry": (retry, "rescheduled"),
-    "delete": (delete, "deleted"),
-}
-
-
 def change(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
-    """Apply one action and tell the daemon which messages it touched, atomically."""
-    action, _ = ACTIONS[args.command]
-    now = time.time()
-    changed = action(conn, select(conn, args), now)
-    messages = sorted({*changed.touched, *changed.removed})
-    queue_ids = _queue_ids(conn, messages) | changed.removed
-    if messages:
-        conn.execute(
-            "INSERT INTO control (action, msg_ids, at) VALUES (?, ?, ?)",
-            (args.command, ",".join(map(str, messages)), now),
-        )
-    result: Row = {
-        "action": args.command,
-        "recipients": len(changed.touched),
-        "messages": [queue_ids[m] for m in messages],
-    }
-    if args.command == "delete":
-        result["removed"] = sorted(changed.removed.values())
-    return result
-
-
-def _queue_ids(conn: sqlite3.Connection, msg_ids: list[int]) -> dict[int, str]:
-    return dict(
-        conn.execute(
-            f"SELECT id, queue_id FROM messages WHERE id IN {IDS_IN}", (json.dumps(msg_ids),)
-        ).fetchall()
-    )
+    """Apply one action; the daemon honours it through the operator event it leaves."""
+    if not (args.queue_ids or args.domain or args.all):
+        raise CtlError(f"{args.command}: name queue ids, --domain DOMAIN or --all")
+    return admin.change(conn, args.command, args.queue_ids, args.domain, time.time())
 
 
 # -- text output --------------------------------------------------------------------------
@@ -390,8 +197,8 @@ def render_show(msg: Row) -> str:
 
 
 def render_change(result: Row) -> str:
-    _, verb = ACTIONS[result["action"]]
-    text = f"{verb} {result['recipients']} recipient(s) of {len(result['messages'])} message(s)"
+    verb, count = VERBS[result["action"]], len(result["messages"])
+    text = f"{verb} {result['recipients']} recipient(s) of {count} message(s)"
     if "removed" in result:
         text += f"; removed {len(result['removed'])} message(s) from the spool"
     return text
@@ -601,6 +408,7 @@ def parser() -> argparse.ArgumentParser:
         target = p.add_mutually_exclusive_group(required=True)
         target.add_argument("queue_ids", nargs="*", default=[], metavar="QUEUE_ID")
         target.add_argument("--domain", help="all recipients at this domain")
+        target.add_argument("--all", action="store_true", help="every queued recipient")
         p.set_defaults(run=change, render=render_change, write=True)
 
     p = sub.add_parser("user", parents=[common], help="submission logins (auth.users_file)")
@@ -659,11 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         elif needs == "config":
             result = args.run(cfg, args)
         else:
-            conn = open_spool(cfg.spool_path, args.write)
-            kind = "IMMEDIATE" if args.write else "DEFERRED"
-            with contextlib.closing(conn), transaction(conn, kind):
+            conn = admin.open_spool(cfg.spool_path, args.write)
+            with contextlib.closing(conn), admin.transaction(conn, args.write):
                 result = args.run(conn, args)
-    except CtlError as exc:
+    except (CtlError, admin.Refused) as exc:
         print(f"relayctl: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:

@@ -6,22 +6,12 @@ and the remote reply; sent with a null envelope sender so it can never be bounce
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
-from relayd.spool import Report
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
-
-
-def status_of(code: int, reply: str) -> str:
-    """The RFC 3463 status of a reply: its own enhanced code, else one derived from the code."""
-    m = _ENHANCED.match(reply)
-    if m:
-        return m.group(0)
-    return f"{code // 100}.0.0" if code // 100 in (4, 5) else "5.0.0"
+from relayd.mime import headers
+from relayd.model.message import Report
+from relayd.model.status import status_of
 
 
 def build(report: Report, reporting_mta: str, now: float) -> bytes:
@@ -53,7 +43,7 @@ def build(report: Report, reporting_mta: str, now: float) -> bytes:
     ]
     if failed:
         lines.append("Your message could not be delivered to one or more recipients.")
-        lines.append("It is attached below. The remote replies were:")
+        lines.append("Its header section is attached below. The remote replies were:")
     else:
         lines.append("Your message has not been delivered yet to one or more recipients;")
         lines.append("delivery is still being attempted, you need not resend it.")
@@ -86,10 +76,8 @@ def build(report: Report, reporting_mta: str, now: float) -> bytes:
         "Content-Type: text/rfc822-headers",
         "",
     ]
-    head = _HEADER_END.split(report.body, maxsplit=1)[0]
-    text = (
-        "\r\n".join(lines).encode() + b"\r\n" + head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    )
+    head = headers.to_crlf(headers.split(report.body)[0])
+    text = "\r\n".join(lines).encode() + b"\r\n" + head
     return text + f"\r\n\r\n--{boundary}--\r\n".encode()
 
 

@@ -18,30 +18,16 @@ import contextlib
 import socket
 import ssl
 from collections import deque
-from dataclasses import dataclass
 
 from relayd.config import HostPort
-from relayd.dns import LookupFailure, Resolver
-from relayd.events import log
-from relayd.spool import Job, State
+from relayd.delivery.dns import LookupFailure, Resolver
+from relayd.events.log import log
+from relayd.model.message import Job
+from relayd.model.status import Reply
 
 _MAX_LINE = 8192  # longest reply line accepted (RFC 5321 4.5.3.1.5 says 512)
 _MAX_LINES = 100  # lines of one multi-line reply
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One recipient's result, with what the log needs about where it went."""
-
-    code: int
-    reply: str
-
-    @property
-    def state(self) -> State:
-        if 200 <= self.code < 300:
-            return State.DELIVERED
-        return State.BOUNCED if self.code >= 500 else State.DEFERRED
 
 
 class ConnectFailure(Exception):
@@ -214,14 +200,14 @@ class Connection:
                 return cls(client, extensions, mx, local, command_timeout)
         raise last
 
-    async def send(self, job: Job) -> list[tuple[int, Outcome]]:
+    async def send(self, job: Job) -> list[tuple[int, Reply]]:
         """One transaction for ``job``: (recipient row id, outcome) for each recipient."""
         try:
             options = ""
             if job.smtputf8:
                 if "smtputf8" not in self.extensions:
                     msg = "5.6.7 remote server does not support SMTPUTF8"
-                    return [(r.id, Outcome(553, msg)) for r in job.recipients]
+                    return [(r.id, Reply(553, msg)) for r in job.recipients]
                 options += " SMTPUTF8"
             if "8bitmime" in self.extensions and not job.body.isascii():
                 options += " BODY=8BITMIME"
@@ -232,18 +218,18 @@ class Connection:
         except UnicodeEncodeError as exc:  # ingress lets no such address through
             log.error("send_failed", queue_id=job.queue_id, mx=self.mx, error=repr(exc))
             reply = f"4.3.0 local error before MAIL FROM: {exc!r}"
-            return [(r.id, Outcome(421, reply)) for r in job.recipients]
+            return [(r.id, Reply(421, reply)) for r in job.recipients]
         replies = await self._exchange(commands)
         mail, data = replies[0], replies[-1]
         if mail[0] != 250:
             await self._abandon(data)
-            return [(r.id, Outcome(*mail)) for r in job.recipients]
+            return [(r.id, Reply(*mail)) for r in job.recipients]
         outcomes, accepted = [], []
         for r, (code, text) in zip(job.recipients, replies[1:-1], strict=True):
             if code in (250, 251):
                 accepted.append(r)
             else:
-                outcomes.append((r.id, Outcome(code, text)))
+                outcomes.append((r.id, Reply(code, text)))
         if not accepted:
             await self._abandon(data)
             return outcomes
@@ -253,7 +239,7 @@ class Connection:
                 data = await self.client.reply(self.timeout)
             except (SessionError, OSError) as exc:
                 data = self._lost("the message text", exc)
-        return outcomes + [(r.id, Outcome(*data)) for r in accepted]
+        return outcomes + [(r.id, Reply(*data)) for r in accepted]
 
     def _lost(self, phase: str, exc: BaseException) -> tuple[int, str]:
         self.broken = True

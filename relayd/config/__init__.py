@@ -179,6 +179,7 @@ class Config:
     shaping_domains: dict[str, Shaping]
     retry: Retry
     pools: dict[str, tuple[Source, ...]]
+    events_retention: float
 
     def shaping_for(self, domain: str) -> Shaping:
         return self.shaping_domains.get(domain, self.shaping_default)
@@ -533,6 +534,10 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     if not 0 <= retry.jitter < 1:
         raise ConfigError(path, "retry.jitter", "must be in [0, 1)")
     retry_sec.finish()
+
+    events_sec = top.table("events")
+    events_retention = events_sec.duration("retention", "7d")
+    events_sec.finish()
     top.finish()
 
     return Config(
@@ -568,4 +573,5 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         shaping_domains=domains,
         retry=retry,
         pools=pools,
+        events_retention=events_retention,
     )

@@ -20,6 +20,8 @@ from typing import TextIO
 
 import structlog
 
+from relayd.events.records import Event
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 _BUFFER_LIMIT = 64 * 1024
@@ -122,3 +124,9 @@ def flush() -> None:
 
 
 log = structlog.get_logger("relayd")
+
+
+def emit(events: list[Event]) -> None:
+    """The log lines of records that are now durable."""
+    for e in events:
+        log.info(e.type, queue_id=e.queue_id, **e.data)

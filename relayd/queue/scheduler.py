@@ -15,33 +15,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
-from relayd import bounce, spool
-from relayd.config import Config, Retry, Shaping, Source
-from relayd.delivery import ConnectFailure, Connection, Outcome
-from relayd.dns import LookupFailure, Resolver, Route
-from relayd.events import log
+from relayd.config import Config, Shaping, Source
+from relayd.delivery.client import ConnectFailure, Connection
+from relayd.delivery.dns import LookupFailure, Resolver, Route
+from relayd.events.log import emit, log
+from relayd.model.address import domain_of
+from relayd.model.message import Job, NewMessage, Recipient, Result
+from relayd.model.status import Reply
+from relayd.outcomes import commit, decide
 from relayd.shaping import Gcra, Rotation
-from relayd.spool import Job, NewMessage, Result, State
+from relayd.spool import store
+from relayd.spool.writer import Writer
 
 POLL_INTERVAL = 1.0  # seconds between spool scans when nothing pokes the loader
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
+
+Connect = Callable[..., Awaitable[Connection]]
 
 
-def retry_delay(attempts: int, retry: Retry, rng: random.Random) -> float:
-    """Backoff after the ``attempts``-th failed attempt: first, doubling, capped, jittered."""
-    base = min(retry.first * retry.multiplier ** max(attempts - 1, 0), retry.max_interval)
-    return base * (1 + rng.uniform(-retry.jitter, retry.jitter))
+async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) -> None:
+    """After a failed spool operation: log which task and why, then wait before the next try
+    (0.5 s doubling to 30 s). A loop that meets a locked or full disk slows down, never dies."""
+    delay = min(RETRY_FIRST * 2**attempt, RETRY_MAX)
+    log.error("spool_retry", task=task, error=repr(error), retry_in_s=delay, **keys)
+    await asyncio.sleep(delay)
 
 
 @dataclass
 class Site:
     key: str
-    domain: str  # the first domain routed here: its shaping applies to the whole site
+    lane: str  # the domain whose [shaping.domains] table applies, or "" for the default
     route: Route
     queue: deque[Job] = field(default_factory=deque)
     waiters: deque[asyncio.Future[Job | None]] = field(default_factory=deque)
@@ -58,16 +69,21 @@ class Scheduler:
     def __init__(
         self,
         config: Config,
-        writer: spool.Writer,
+        writer: Writer,
         resolver: Resolver,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        connect: Connect = Connection.open,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.writer = writer
         self.resolver = resolver
-        self.clock = clock
+        self.clock = clock  # wall time: what is due, lifetimes, what the spool records
+        self.monotonic = monotonic  # intervals: rates, cooldowns
         self.rng = rng or random.Random()
+        self.connect = connect
+        self.dsn: commit.DsnDoor | None = None  # intake's door, handed in by start()
         self.sites: dict[str, Site] = {}
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
@@ -77,7 +93,6 @@ class Scheduler:
         self.stopping = False
         self._poke = asyncio.Event()
         self._spool_has_due = True  # until a load comes back short: then only new work sets it
-        self._control_id = 0
 
     # -- entry points -------------------------------------------------------------------
 
@@ -95,7 +110,7 @@ class Scheduler:
         """A fresh message, durable and marked ACTIVE: route its jobs."""
         by_domain: dict[str, Job] = {}
         for rid, rcpt in zip(msg.ids, msg.recipients, strict=True):
-            domain = spool.domain_of(rcpt)
+            domain = domain_of(rcpt)
             job = by_domain.get(domain)
             if job is None:
                 job = by_domain[domain] = Job(
@@ -108,7 +123,7 @@ class Scheduler:
                     msg.body,
                     [],
                 )
-            job.recipients.append(spool.Recipient(rid, rcpt, 0))
+            job.recipients.append(Recipient(rid, rcpt, 0))
         for job in by_domain.values():
             self._route(job)
 
@@ -117,9 +132,10 @@ class Scheduler:
         self._spool_has_due = True
         self._poke.set()
 
-    def start(self) -> None:
+    def start(self, dsn: commit.DsnDoor) -> None:
+        """Begin loading; ``dsn`` is intake's door, through which the DSNs owed go."""
+        self.dsn = dsn
         self._spawn(self._loader())
-        self._spawn(self._control())
 
     async def stop(self, timeout: float) -> None:
         """Finish transactions in flight (up to ``timeout``), give the rest back to the spool."""
@@ -135,7 +151,8 @@ class Scheduler:
         for site in self.sites.values():
             site.queue.clear()
         if queued:
-            await self.writer.submit(spool.release_jobs(queued))
+            with contextlib.suppress(Exception):  # not given back: reset at the next start
+                await self.writer.submit(functools.partial(store.release_jobs, jobs=queued))
         if self.tasks:
             _, pending = await asyncio.wait(self.tasks, timeout=timeout)
             for task in pending:
@@ -171,28 +188,36 @@ class Scheduler:
             route = await self.resolver.route(domain, cfg.delivery_port, cfg.route_for(domain))
         except LookupFailure as exc:
             for job in self.routing.pop(domain, []):
-                outcomes = [(r.id, Outcome(exc.code, exc.reply)) for r in job.recipients]
-                self._finish(job, outcomes, mx="", source_ip="")
+                replies = [(r.id, Reply(exc.code, exc.reply)) for r in job.recipients]
+                self._finish(job, replies, mx="", source_ip="")
             return
         site = self._site(route, domain)
         for job in self.routing.pop(domain, []):
             self._enqueue(site, job)
 
     def _site(self, route: Route, domain: str) -> Site:
-        site = self.sites.get(route.site)
+        """The site of ``domain``'s jobs: its MX hosts, and its lane on them. Domains sharing
+        MX hosts share the default limits there; a domain with a table of its own under
+        [shaping.domains] has its own lane, so its limits hold whatever else goes to the
+        same hosts and whichever domain got there first."""
+        lane = domain if domain in self.config.shaping_domains else ""
+        key = f"{route.site}|{lane}"
+        site = self.sites.get(key)
         if site is None:
-            site = self.sites[route.site] = Site(route.site, domain, route)
+            site = self.sites[key] = Site(key, lane, route)
             self._configure(site)
         site.route = route
         return site
 
     def _configure(self, site: Site) -> None:
-        shaping = self.config.shaping_for(site.domain)
+        shaping = self._shaping(site)
         if shaping.max_rate:
-            site.limiter = Gcra(shaping.max_rate, time.monotonic)
+            site.limiter = Gcra(shaping.max_rate, self.monotonic)
 
     def _shaping(self, site: Site) -> Shaping:
-        return self.config.shaping_for(site.domain)
+        if site.lane:
+            return self.config.shaping_for(site.lane)
+        return self.config.shaping_default
 
     def _enqueue(self, site: Site, job: Job) -> None:
         while site.waiters:
@@ -207,7 +232,7 @@ class Scheduler:
         """Open connections for queued jobs, within the site's and its sources' limits."""
         shaping = self._shaping(site)
         limit = shaping.max_connections
-        if site.open and time.monotonic() < site.cooldown_until:
+        if site.open and self.monotonic() < site.cooldown_until:
             limit = min(limit, site.open)
         while not self.stopping and len(site.queue) > site.starting and site.connections < limit:
             source = self._pick_source(site, shaping)
@@ -258,7 +283,7 @@ class Scheduler:
                     break
                 if conn is None:
                     try:
-                        conn = await Connection.open(
+                        conn = await self.connect(
                             site.route.hosts(),
                             self.resolver,
                             source.address if source else None,
@@ -305,7 +330,7 @@ class Scheduler:
             limiter = site.source_limiters.get(source.address)
             if limiter is None:
                 limiter = site.source_limiters[source.address] = Gcra(
-                    shaping.max_rate_per_source, time.monotonic
+                    shaping.max_rate_per_source, self.monotonic
                 )
             wait = max(wait, limiter.reserve())
         if wait > 0:
@@ -320,7 +345,7 @@ class Scheduler:
         Postfix does for a dead destination, rather than paying a connect timeout for each."""
         if site.open > 0:
             site.queue.appendleft(job)
-            site.cooldown_until = time.monotonic() + 1.0
+            site.cooldown_until = self.monotonic() + 1.0
             log.info(
                 "connect_failed",
                 domain=job.domain,
@@ -336,148 +361,125 @@ class Scheduler:
         for j in jobs:
             self._finish(
                 j,
-                [(r.id, Outcome(exc.code, exc.reply)) for r in j.recipients],
+                [(r.id, Reply(exc.code, exc.reply)) for r in j.recipients],
                 exc.mx,
                 source.address if source else "",
             )
 
     # -- results ------------------------------------------------------------------------
 
-    def _finish(self, job: Job, pairs: list[tuple[int, Outcome]], mx: str, source_ip: str) -> None:
-        """Log each recipient's outcome and store it; the job leaves memory."""
+    def _finish(self, job: Job, replies: list[tuple[int, Reply]], mx: str, source_ip: str) -> None:
+        """The job leaves memory; its outcomes go to the spool in one transaction."""
         now = self.clock()
-        retry = self.config.retry
-        by_id = {r.id: r for r in job.recipients}
-        results = []
-        for rid, outcome in pairs:
-            r = by_id[rid]
-            state, reply, next_attempt = outcome.state, outcome.reply, 0.0
-            if state is State.DEFERRED:
-                expires = job.received_at + retry.max_age
-                if now >= expires:
-                    state = State.BOUNCED
-                    reply = f"4.4.7 message expired after {retry.max_age:.0f}s; last reply: {reply}"
-                else:
-                    next_attempt = min(now + retry_delay(r.attempts + 1, retry, self.rng), expires)
-            results.append(Result(rid, state, outcome.code, reply, mx, next_attempt))
-            log.info(
-                state.name.lower(),
-                queue_id=job.queue_id,
-                sender=job.sender,
-                rcpt=r.rcpt,
-                domain=job.domain,
-                mx=mx,
-                source_ip=source_ip,
-                code=outcome.code,
-                response=reply,
-                attempt=r.attempts + 1,
-                delay_s=round(now - job.received_at, 3),
-                **({"next_attempt_in_s": round(next_attempt - now, 1)} if next_attempt else {}),
-            )
+        results, events = decide.decide(
+            job, replies, mx, source_ip, now, self.config.retry, self.rng
+        )
         self.active -= 1
         self.active_retries -= job.is_retry
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
-        record = spool.record_results(job.msg_id, results, now, retry.delay_warning)
-        fut = self.writer.submit(record)
-        fut.add_done_callback(self._reports_done)
+        self._commit(job, results, events, now, 0)
 
-    def _reports_done(self, fut: asyncio.Future[list[spool.Report]]) -> None:
+    def _commit(
+        self, job: Job, results: list[Result], events: list, now: float, tries: int
+    ) -> None:
+        assert self.dsn is not None
+        op = commit.attempt(
+            job.msg_id, results, events, now, self.config.retry.delay_warning, self.dsn
+        )
+        fut = self.writer.submit(op)
+        fut.add_done_callback(functools.partial(self._committed, job, results, events, now, tries))
+
+    def _committed(
+        self,
+        job: Job,
+        results: list[Result],
+        events: list,
+        now: float,
+        tries: int,
+        fut: asyncio.Future[commit.Committed],
+    ) -> None:
         if fut.cancelled():
             return
-        if fut.exception() is not None:
-            log.error("record_failed", error=repr(fut.exception()))
+        error = fut.exception()
+        if error is not None:  # kept in memory and tried again: never left ACTIVE for good
+            retry = functools.partial(self._commit, job, results, events, now, tries + 1)
+            self._spawn(self._retry_later("record", tries, error, retry, job.queue_id))
             return
-        for report in fut.result():
-            self._spawn(self._send_report(report))
+        done = fut.result()
+        emit(done.events)
+        if done.dsns:
+            self.poke()
 
-    async def _send_report(self, report: spool.Report) -> None:
-        if not report.sender:
-            log.info(
-                "dsn_suppressed", queue_id=report.queue_id, reason="null sender", kind=report.kind
-            )
-            return
-        now = self.clock()
-        body = bounce.build(report, self.config.hostname, now)
-        msg = NewMessage(
-            queue_id=spool.new_queue_id(),
-            sender="",
-            recipients=[report.sender],
-            body=body,
-            client="",
-            helo="",
-            origin=f"dsn:{report.queue_id}",
-            smtputf8=False,
-            received_at=now,
-        )
-        await self.writer.submit(spool.insert_message(msg, now))
-        log.info(
-            "dsn_queued",
-            queue_id=msg.queue_id,
-            kind=report.kind,
-            original_queue_id=report.queue_id,
-            rcpt=report.sender,
-            failed=[r[0] for r in report.recipients],
-        )
-        self.poke()
+    async def _retry_later(
+        self, task: str, tries: int, error: BaseException, again: Callable[[], None], queue_id: str
+    ) -> None:
+        await backoff(task, tries, error, queue_id=queue_id)
+        again()
+
+    def settle(self, msg_ids: list[int]) -> asyncio.Future[commit.Committed]:
+        """Queue the DSNs these messages owe (an attempt did not: see commit.settle_op)."""
+        assert self.dsn is not None
+        op = commit.settle_op(msg_ids, self.clock(), self.config.retry.delay_warning, self.dsn)
+        return self.writer.submit(op)
 
     # -- background loops ---------------------------------------------------------------
 
     async def _loader(self) -> None:
         """Bring due recipients from the spool into memory while there is room."""
+        failures = 0
         while not self.stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), POLL_INTERVAL)
             self._poke.clear()
             self._spool_has_due = True  # each poll looks once for retries that came due
-            while not self.stopping:
-                room = self.config.max_active - self.active
-                retry_room = min(room, self.config.max_active // 2 - self.active_retries)
-                if room <= 0:
-                    break
-                load = spool.load_due(self.clock(), room, retry_room)
-                jobs, self._spool_has_due = await self.writer.submit(load)
-                for job in jobs:
-                    self.active += 1
-                    self.active_retries += job.is_retry
-                    self._route(job)
-                if not self._spool_has_due or not jobs:
-                    break
+            try:
+                await self._load()
+                failures = 0
+            except Exception as exc:
+                await backoff("loader", failures, exc)
+                failures += 1
+                self._poke.set()
 
-    async def _control(self) -> None:
-        """Apply relayctl's changes: forget held or deleted recipients, wake the loader."""
-        self._control_id = await self.writer.submit(spool.last_control_id)
+    async def _load(self) -> None:
         while not self.stopping:
-            await asyncio.sleep(0.5)
-            events = await self.writer.submit(spool.control_events(self._control_id))
-            touched: set[int] = set()
-            for event_id, action, msg_ids in events:
-                self._control_id = event_id
-                if action in ("hold", "delete"):
-                    touched |= {int(i) for i in msg_ids.split(",") if i}
-            if touched:
-                self._drop(touched, await self.writer.submit(spool.still_active(touched)))
-            if events:
-                self.poke()
+            room = self.config.max_active - self.active
+            retry_room = min(room, self.config.max_active // 2 - self.active_retries)
+            if room <= 0:
+                break
+            load = functools.partial(
+                store.load_due, now=self.clock(), limit=room, retry_limit=retry_room
+            )
+            jobs, self._spool_has_due = await self.writer.submit(load)
+            for job in jobs:
+                self.active += 1
+                self.active_retries += job.is_retry
+                self._route(job)
+            if not self._spool_has_due or not jobs:
+                break
 
-    def _drop(self, msg_ids: set[int], active: set[int]) -> None:
-        """Keep, of the queued jobs of ``msg_ids``, only the recipients still ACTIVE in the
-        spool (relayctl moved the others out); a job left with none leaves memory."""
+    def queued(self) -> set[int]:
+        """The messages of the jobs waiting in memory (not those on a connection now)."""
+        queues = [site.queue for site in self.sites.values()] + list(self.routing.values())
+        return {job.msg_id for queue in queues for job in queue}
+
+    def drop(self, active: set[int]) -> None:
+        """Keep, of the jobs waiting in memory, only the recipients still ACTIVE in the spool
+        (relayctl moved the others out); a job left with none leaves memory."""
         for queue in [site.queue for site in self.sites.values()] + list(self.routing.values()):
             kept = []
             for job in queue:
-                if job.msg_id in msg_ids:
-                    retry = job.is_retry
-                    job.recipients = [r for r in job.recipients if r.id in active]
-                    if not job.recipients:
-                        self.active -= 1
-                        self.active_retries -= retry
-                        continue
+                retry = job.is_retry
+                job.recipients = [r for r in job.recipients if r.id in active]
+                if not job.recipients:
+                    self.active -= 1
+                    self.active_retries -= retry
+                    continue
                 kept.append(job)
             queue.clear()
             queue.extend(kept)
 
-    def _spawn(self, coro) -> asyncio.Task:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)

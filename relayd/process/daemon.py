@@ -3,7 +3,7 @@
 One Python process is bound to one core by the GIL; relayd splits its work in two so that it
 uses two. The first process (systemd's main PID) binds the listening sockets and forks the
 ingress process, which serves SMTP on them (policy, headers) and hands every message over
-(``relayd.handoff``). The first process then becomes the queue process: DKIM signing, the
+(``relayd.process.handoff``). The first process then becomes the queue process: DKIM signing, the
 spool's only writer, the scheduler, delivery and relayctl's control. A message is acknowledged
 only after the queue process has committed it. Signing sits in the queue process because its
 event loop has more room than the ingress process's (measured: 1,400 -> 1,540 signed msgs/s).
@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import functools
 import os
 import signal
 import socket
@@ -33,20 +32,28 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 
 from relayd import config as configuration
-from relayd import dkim, events, spool, tls
-from relayd.dns import Resolver
-from relayd.events import log
-from relayd.handoff import IngressLink, SpoolLink
-from relayd.ingress import IngressHandler, start_listeners
-from relayd.scheduler import Scheduler
+from relayd.delivery.dns import Resolver
+from relayd.events import log as events
+from relayd.events.log import log
+from relayd.ingress import tls
+from relayd.ingress.smtp import IngressHandler, start_listeners
+from relayd.mime.dkim import Signer
+from relayd.model import ids
+from relayd.model.message import NewMessage
+from relayd.process.handoff import IngressLink, SpoolLink
+from relayd.queue.control import Control
+from relayd.queue.intake import Intake
+from relayd.queue.scheduler import Scheduler
+from relayd.spool import schema, store
+from relayd.spool.writer import Writer
 
 EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
 EX_OSERR = 71
+EX_DATAERR = 65  # the spool is damaged
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
@@ -66,12 +73,12 @@ def sd_notify(state: str) -> None:
 
 def load_checked(
     path: str | os.PathLike[str],
-) -> tuple[configuration.Config, ssl.SSLContext | None, dkim.Signer]:
+) -> tuple[configuration.Config, ssl.SSLContext | None, Signer]:
     """The config with everything it names loaded (certificate, DKIM keys): a file that parses
     but names an unreadable key is refused as a whole, at start-up and on SIGHUP alike."""
     config = configuration.load(path)
     context = tls.server_context(config.tls, str(config.path))
-    return config, context, dkim.Signer(config.dkim, config.path)
+    return config, context, Signer(config.dkim, config.path)
 
 
 def bind(config: configuration.Config, wait: float = 2.0) -> Bound:
@@ -122,14 +129,13 @@ class QueueProcess:
     def __init__(
         self,
         config: configuration.Config,
-        signer: dkim.Signer,
+        signer: Signer,
         link: socket.socket,
         ingress_pid: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.signer = signer
-        self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
         self.link_socket = link
         self.ingress_pid = ingress_pid
         self.clock = clock
@@ -140,12 +146,15 @@ class QueueProcess:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.writer = spool.Writer(self.config.spool_path, loop)
-        reset = await self.writer.submit(spool.reset_active)
-        resolver = Resolver(self.config.nameservers, self.config.dns_timeout)
-        self.scheduler = Scheduler(self.config, self.writer, resolver, self.clock)
-        self.scheduler.start()
-        self.requeued = reset
+        config = self.config
+        self.writer = Writer(config.spool_path, loop)
+        self.requeued = await self.writer.submit(store.reset_active)
+        resolver = Resolver(config.nameservers, config.dns_timeout)
+        self.scheduler = Scheduler(config, self.writer, resolver, self.clock)
+        self.intake = Intake(self.writer, self.scheduler, self.signer, config.hostname, self.clock)
+        self.scheduler.start(self.intake.dsn)
+        self.control = Control(self.writer, self.scheduler, config.events_retention, self.clock)
+        self.control_task = loop.create_task(self.control.run())
         self.link = IngressLink(self.store, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
 
@@ -160,53 +169,10 @@ class QueueProcess:
         )
         sd_notify("READY=1")
 
-    def store(self, msg: spool.NewMessage) -> asyncio.Future[spool.NewMessage]:
-        """Sign and commit a message the ingress process accepted; it answers 250 when this
-        resolves. Signing here, once, means every attempt delivers the same signed bytes."""
-        if self.signer.enabled:
-            return asyncio.ensure_future(self._sign_and_insert(msg))
-        return self._insert(msg)
-
-    async def _sign_and_insert(self, msg: spool.NewMessage) -> spool.NewMessage:
-        loop = asyncio.get_running_loop()  # RSA in OpenSSL releases the GIL: sign beside the loop
-        signed = await loop.run_in_executor(
-            self.signing, self.signer.sign, msg.body, msg.received_at
-        )
-        msg.signed = len(signed) > len(msg.body)
-        msg.body = signed
-        return await self._insert(msg)
-
-    def _insert(self, msg: spool.NewMessage) -> asyncio.Future[spool.NewMessage]:
-        """Into the spool's next group commit; into memory at once when there is room."""
-        jobs = len({spool.domain_of(r) for r in msg.recipients})
-        msg.active = self.scheduler.reserve(jobs)
-        fut = self.writer.submit(spool.insert_message(msg, msg.received_at))
-        fut.add_done_callback(functools.partial(self._stored, msg, jobs))
-        return fut
-
-    def _stored(self, msg: spool.NewMessage, jobs: int, fut: asyncio.Future) -> None:
-        """Logged here, at the commit, so that a message's lines come from one process in
-        order (accepted before its attempts) and the ingress process's loop stays lighter."""
-        if fut.cancelled() or fut.exception() is not None:
-            if msg.active:
-                self.scheduler.unreserve(jobs)
-            log.error("store_failed", queue_id=msg.queue_id, error=repr(fut.exception()))
-            return
-        log.info(
-            "accepted",
-            queue_id=msg.queue_id,
-            sender=msg.sender,
-            rcpt=msg.recipients,
-            size=len(msg.body),
-            dkim=msg.signed,
-            client=msg.client,
-            helo=msg.helo,
-            origin=msg.origin,
-        )
-        if msg.active:
-            self.scheduler.admit(msg)
-        else:
-            self.scheduler.poke()
+    def store(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
+        """A message the ingress process accepted, through the one door into the spool; the
+        ingress process answers 250 when this resolves."""
+        return self.intake.submit(msg)
 
     def reload(self) -> None:
         """Check the new file here, then let the ingress process apply it (it answers)."""
@@ -223,6 +189,8 @@ class QueueProcess:
             log.warning("reload_partial", reason="listeners and spool_path need a restart")
         events.configure(new.log_level)
         self.config, self.signer = new, signer
+        self.intake.reload(signer, new.hostname)
+        self.control.retention = new.events_retention
         self.scheduler.reload(new)
         self.link.reload()
 
@@ -254,7 +222,8 @@ class QueueProcess:
             await asyncio.wait_for(self.ingress_gone.wait(), timeout + 2)
         await self._reap()
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
-        self.signing.shutdown()
+        self.control_task.cancel()
+        self.intake.close()
         self.writer.close()
         log.info("stopped")
         self.stopped.set()
@@ -280,7 +249,7 @@ class QueueProcess:
 
 
 async def serve_queue(
-    config: configuration.Config, signer: dkim.Signer, link: socket.socket, ingress_pid: int
+    config: configuration.Config, signer: Signer, link: socket.socket, ingress_pid: int
 ) -> int:
     relay = QueueProcess(config, signer, link, ingress_pid)
     await relay.start()
@@ -332,7 +301,7 @@ class IngressProcess:
         )
         self.link.serving()
 
-    async def accept(self, msg: spool.NewMessage) -> None:
+    async def accept(self, msg: NewMessage) -> None:
         """Store a message durably (the queue process signs it); the caller answers 250 only
         after this returns."""
         msg.received_at = time.time()
@@ -403,8 +372,8 @@ def _become_ingress(parent: int) -> None:
         os._exit(1)
 
 
-def run(config: configuration.Config, context: ssl.SSLContext | None, signer: dkim.Signer) -> int:
-    spool.prepare(config.spool_path)
+def run(config: configuration.Config, context: ssl.SSLContext | None, signer: Signer) -> int:
+    schema.prepare(config.spool_path)
     bound = bind(config)
     queue_end, ingress_end = socket.socketpair()
     events.flush()
@@ -414,6 +383,7 @@ def run(config: configuration.Config, context: ssl.SSLContext | None, signer: dk
         code = 1
         try:
             queue_end.close()
+            ids.reseed()
             _become_ingress(parent)
             uvloop.run(serve_ingress(config, context, bound, ingress_end))
             code = 0
@@ -451,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     events.configure(config.log_level)
     try:
         return run(config, context, signer)
+    except schema.SpoolDamaged as exc:
+        print(f"relayd: cannot start: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except (OSError, sqlite3.Error) as exc:
         print(f"relayd: cannot start: {exc}", file=sys.stderr)
         return EX_OSERR

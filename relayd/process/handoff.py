@@ -18,7 +18,7 @@ import functools
 import marshal
 from collections.abc import Callable
 
-from relayd.spool import NewMessage
+from relayd.model.message import NewMessage
 
 _HEADER = 4
 _MARSHAL_VERSION = 4

@@ -1,0 +1,7 @@
+"""``python -m relayd``: the daemon."""
+
+import sys
+
+from relayd.process.daemon import main
+
+sys.exit(main())

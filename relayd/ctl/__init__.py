@@ -1,0 +1,1 @@
+"""relayctl, the operator's command line: the queue, logins, certificates, DKIM keys."""

@@ -1,0 +1,7 @@
+"""``python -m relayd.ctl``: relayctl."""
+
+import sys
+
+from relayd.ctl.main import main
+
+sys.exit(main())

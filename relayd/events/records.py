@@ -1,0 +1,38 @@
+"""The one vocabulary of what happens to mail. A record is written to the ``events`` table in
+the transaction of the change it reports (an outbox that receipts and webhooks read), and the
+log line is rendered from the same record once that transaction is durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Type(StrEnum):
+    """Event types; the value is the log line's ``event`` key (stable)."""
+
+    RECEPTION = "accepted"
+    DELIVERY = "delivered"
+    TRANSIENT_FAILURE = "deferred"
+    BOUNCE = "bounced"
+    EXPIRATION = "expired"
+    DSN_QUEUED = "dsn_queued"
+    DSN_SUPPRESSED = "dsn_suppressed"
+    OPERATOR = "operator"
+    REJECTION = "rejected"
+
+
+@dataclass(slots=True)
+class Event:
+    type: str
+    queue_id: str
+    at: float
+    data: dict[str, Any]  # the log line's other keys: sender, rcpt, domain, mx, code, ...
+    id: int = 0  # the outbox row, once stored
+
+    @property
+    def rcpt(self) -> str | None:
+        """The recipient it concerns, when it concerns one (an indexed column of the row)."""
+        rcpt = self.data.get("rcpt")
+        return rcpt if isinstance(rcpt, str) else None

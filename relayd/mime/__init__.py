@@ -1,0 +1,1 @@
+"""Message text: header sections, trace headers, DKIM signatures, DSN reports."""

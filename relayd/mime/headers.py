@@ -1,0 +1,84 @@
+"""The header section of a CRLF message: splitting, reading From, adding trace headers, line
+ends. Written once here; ingress, DKIM, DSNs and relayctl all read messages through it."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime, getaddresses, make_msgid
+
+_FIELD_SPLIT = re.compile(rb"\r\n(?![ \t])")  # header field boundaries, not folds
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def split(message: bytes) -> tuple[bytes, bytes]:
+    """Header section (without the blank line that ends it) and body."""
+    if message.startswith(b"\r\n"):
+        return b"", message[2:]
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return message.removesuffix(b"\r\n"), b""
+    return message[:end], message[end + 4 :]
+
+
+def fields(head: bytes) -> list[bytes]:
+    """The header fields of a header section, folds kept."""
+    return _FIELD_SPLIT.split(head) if head else []
+
+
+def values(head_fields: list[bytes], name: bytes) -> list[str]:
+    """Unfolded values of the fields called ``name`` (lower case), in order."""
+    found = []
+    for field in head_fields:
+        colon = field.find(b":")
+        if colon > 0 and field[:colon].rstrip(b" \t").lower() == name:
+            found.append(field[colon + 1 :].replace(b"\r\n", b"").decode("utf-8", "replace"))
+    return found
+
+
+def from_addresses(message: bytes) -> list[str]:
+    """The addresses in the From field(s), lower case; [] when there is none or none parses."""
+    head_fields = fields(split(message)[0])
+    return [a.lower() for _, a in getaddresses(values(head_fields, b"from")) if "@" in a]
+
+
+def has_bare_newlines(data: bytes) -> bool:
+    """A CR or LF that is not part of a CRLF pair."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Every line end as CRLF (bare CR and bare LF each count as one)."""
+    return _LINE_END.sub(b"\r\n", data) if has_bare_newlines(data) else data
+
+
+_date = (0, "")
+
+
+def date_header() -> str:
+    """The current time as RFC 5322 wants it, formatted once per second."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date[1]
+
+
+def add_headers(
+    content: bytes, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
+) -> bytes:
+    """Prepend Received; add Message-ID and Date when the client left them out."""
+    end = content.find(b"\r\n\r\n")
+    head = (b"\r\n" + (content if end < 0 else content[: end + 2])).lower()
+    now = date_header()
+    extra = [
+        f"Received: from {helo or 'unknown'} ([{client}])\r\n\tby {hostname} (relayd) with "
+        f"{'UTF8SMTP' if utf8 else 'ESMTP'} id {queue_id};\r\n\t{now}\r\n"
+    ]
+    if b"\r\nmessage-id:" not in head:
+        extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")
+    if b"\r\ndate:" not in head:
+        extra.append(f"Date: {now}\r\n")
+    return "".join(extra).encode() + content

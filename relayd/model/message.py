@@ -1,0 +1,87 @@
+"""A message and its recipients as they move through relayd."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class State(IntEnum):
+    PENDING = 0  # accepted, never tried
+    DEFERRED = 1  # tried, waiting for next_attempt
+    DELIVERED = 2
+    BOUNCED = 3
+    HELD = 4  # set aside by the operator
+    ACTIVE = 5  # loaded into the daemon's memory; reset to PENDING/DEFERRED at start-up
+
+
+FINAL = (State.DELIVERED, State.BOUNCED)
+UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
+
+
+@dataclass
+class Recipient:
+    id: int
+    rcpt: str
+    attempts: int
+
+
+@dataclass
+class Job:
+    """One message to the recipients it has at one domain: what one SMTP transaction carries."""
+
+    msg_id: int
+    queue_id: str
+    sender: str
+    domain: str
+    received_at: float
+    smtputf8: bool
+    body: bytes
+    recipients: list[Recipient]
+
+    @property
+    def is_retry(self) -> bool:
+        return any(r.attempts for r in self.recipients)
+
+
+@dataclass
+class Result:
+    """An attempt's outcome for one recipient, as stored."""
+
+    rcpt_id: int
+    state: State  # DELIVERED, DEFERRED or BOUNCED
+    code: int
+    reply: str
+    mx: str
+    next_attempt: float = 0.0
+
+
+@dataclass
+class NewMessage:
+    """A message on its way into the spool: from ingress, from a DSN, from any later source."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+    client: str
+    helo: str
+    origin: str  # "auth:NAME", "trusted:IP" or "dsn:QUEUEID": who vouched for it
+    smtputf8: bool
+    received_at: float = 0.0  # set when it is stored
+    signed: bool = False  # a DKIM signature was added
+    active: bool = False  # the scheduler took it straight into memory
+    ids: list[int] = field(default_factory=list)  # recipient row ids, set on insert
+    msg_id: int = 0
+
+
+@dataclass
+class Report:
+    """A message that needs a DSN: the failed (or delayed) recipients and the original."""
+
+    kind: str  # "failed" or "delayed"
+    queue_id: str
+    sender: str
+    received_at: float
+    body: bytes
+    recipients: list[tuple[str, int, str, str]]  # rcpt, code, reply, mx

@@ -1,0 +1,97 @@
+"""The policy after an attempt, as pure functions of the results, the config and the time they
+are given: testable without sockets, a spool or a clock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from relayd.config import Retry
+from relayd.events.records import Event, Type
+from relayd.model.message import Job, Result, State
+from relayd.model.status import Reply
+
+REPORTED_FAILED = 1
+REPORTED_DELAYED = 2
+
+_EVENT = {
+    State.DELIVERED: Type.DELIVERY,
+    State.DEFERRED: Type.TRANSIENT_FAILURE,
+    State.BOUNCED: Type.BOUNCE,
+}
+
+
+def retry_delay(attempts: int, retry: Retry, rng: random.Random) -> float:
+    """Backoff after the ``attempts``-th failed attempt: first, doubling, jittered, and never
+    longer than ``max_interval`` (the documented longest delay), jitter included."""
+    try:
+        grown = retry.first * retry.multiplier ** max(attempts - 1, 0)
+    except OverflowError:  # after a thousand attempts or so
+        grown = retry.max_interval
+    base = min(grown, retry.max_interval)
+    return min(base * (1 + rng.uniform(-retry.jitter, retry.jitter)), retry.max_interval)
+
+
+def decide(
+    job: Job,
+    replies: Sequence[tuple[int, Reply]],
+    mx: str,
+    source_ip: str,
+    now: float,
+    retry: Retry,
+    rng: random.Random,
+) -> tuple[list[Result], list[Event]]:
+    """Each recipient's new state (a deferral past the message's lifetime expires it as a
+    bounce, 4.4.7) and the event that reports it."""
+    by_id = {r.id: r for r in job.recipients}
+    results, events = [], []
+    expires = job.received_at + retry.max_age
+    for rid, reply in replies:
+        r = by_id[rid]
+        state, text, next_attempt, kind = reply.state, reply.text, 0.0, _EVENT[reply.state]
+        if state is State.DEFERRED:
+            if now >= expires:
+                state, kind = State.BOUNCED, Type.EXPIRATION
+                text = f"4.4.7 message expired after {retry.max_age:.0f}s; last reply: {text}"
+            else:
+                next_attempt = min(now + retry_delay(r.attempts + 1, retry, rng), expires)
+        results.append(Result(rid, state, reply.code, text, mx, next_attempt))
+        data = {
+            "sender": job.sender,
+            "rcpt": r.rcpt,
+            "domain": job.domain,
+            "mx": mx,
+            "source_ip": source_ip,
+            "code": reply.code,
+            "response": text,
+            "attempt": r.attempts + 1,
+            "delay_s": round(now - job.received_at, 3),
+        }
+        if next_attempt:
+            data["next_attempt_in_s"] = round(next_attempt - now, 1)
+        events.append(Event(kind, job.queue_id, now, data))
+    return results, events
+
+
+def owed(
+    states: Sequence[tuple[State, int]], received_at: float, now: float, delay_warning: float
+) -> tuple[list[int], list[int], bool]:
+    """Given each recipient's (state, reported flags): the indexes of those a failure DSN must
+    report, of those a delay warning must report, and whether the message is finished. Nothing
+    is reported while a recipient is still in memory or never tried: one DSN per event, with
+    every recipient it concerns."""
+    kinds = {s for s, _ in states}
+    finished = kinds <= {State.DELIVERED, State.BOUNCED}
+    if State.ACTIVE in kinds or State.PENDING in kinds:
+        return [], [], False
+    failed = [
+        i for i, (s, rep) in enumerate(states) if s is State.BOUNCED and not rep & REPORTED_FAILED
+    ]
+    delayed = []
+    if delay_warning and now - received_at >= delay_warning:
+        delayed = [
+            i
+            for i, (s, rep) in enumerate(states)
+            if s is State.DEFERRED and not rep & REPORTED_DELAYED
+        ]
+    return failed, delayed, finished

@@ -1,0 +1,91 @@
+"""relayctl's actions reach the running daemon through the spool's outbox: relayctl changes
+rows and writes an ``operator`` event in one transaction; this loop reads those events, drops
+from memory what relayctl moved out, settles what relayctl left owing a DSN, and wakes the
+loader. It also keeps the outbox to its configured retention."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+
+from relayd.events.log import emit, log
+from relayd.queue.scheduler import Scheduler, backoff
+from relayd.spool import store
+from relayd.spool.writer import Writer
+
+POLL = 0.5  # seconds between looks at the outbox for relayctl's actions
+PRUNE_EVERY = 60.0  # seconds between retention passes
+
+
+class Control:
+    def __init__(
+        self,
+        writer: Writer,
+        scheduler: Scheduler,
+        retention: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.writer, self.scheduler, self.retention, self.clock = (
+            writer,
+            scheduler,
+            retention,
+            clock,
+        )
+        self.cursor: int | None = None  # the last operator event applied
+        self.next_prune = 0.0
+
+    async def run(self) -> None:
+        """Every step is retried after a failure (a locked or full spool), never given up."""
+        failures = 0
+        while not self.scheduler.stopping:
+            try:
+                await self.step()
+                failures = 0
+            except Exception as exc:
+                await backoff("control", failures, exc)
+                failures += 1
+                continue
+            await asyncio.sleep(POLL)
+
+    async def step(self) -> None:
+        submit = self.writer.submit
+        if self.cursor is None:  # start-up: what a stopped relayd or relayctl left owing
+            self.cursor = await submit(store.last_event_id)
+            await self.settle()
+        events = await submit(functools.partial(store.operator_events, after=self.cursor))
+        if events:
+            if any(e.data.get("action") in ("hold", "delete") for e in events):
+                queued = self.scheduler.queued()
+                if queued:
+                    self.scheduler.drop(
+                        await submit(functools.partial(store.still_active, msg_ids=queued))
+                    )
+            if any(e.data.get("action") == "delete" for e in events):
+                await self.settle()
+            self.cursor = events[-1].id
+            emit(events)
+            self.scheduler.poke()
+        if self.clock() >= self.next_prune:
+            await self.prune()
+
+    async def settle(self) -> None:
+        owing = await self.writer.submit(store.owing)
+        if owing:
+            done = await self.scheduler.settle(owing)
+            emit(done.events)
+            if done.dsns:
+                self.scheduler.poke()
+
+    async def prune(self) -> None:
+        """Events older than the retention go, a bounded batch per transaction."""
+        before = self.clock() - self.retention
+        pruned = 0
+        while True:
+            n = await self.writer.submit(functools.partial(store.prune_events, before=before))
+            pruned += n
+            if n < 5000:
+                break
+        if pruned:
+            log.info("events_pruned", count=pruned, retention_s=self.retention)
+        self.next_prune = self.clock() + PRUNE_EVERY
