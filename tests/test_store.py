@@ -1,0 +1,142 @@
+"""Loading due mail from a real SQLite spool (spool.store.load_due) and the hand-off framing
+between the two processes (process.handoff), without a daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import marshal
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relayd.model.message import NewMessage, State
+from relayd.process.handoff import Channel, message_frame, message_of
+from relayd.spool import schema, store
+
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    c = schema.connect(path)
+    yield c
+    c.close()
+
+
+def add(conn: sqlite3.Connection, qid: str, rcpts: list[str], state: State, due: float) -> None:
+    msg = NewMessage(
+        qid, "a@s.test", rcpts, f"Subject: {qid}\r\n\r\n".encode(), "", "", "t", False, NOW
+    )
+    store.insert_message(conn, msg, due)
+    attempts = 0 if state is State.PENDING else 1
+    conn.execute(
+        "UPDATE recipients SET state = ?, attempts = ?, next_attempt = ? WHERE msg_id = ?",
+        (int(state), attempts, due, msg.msg_id),
+    )
+
+
+def states(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT rcpt, state FROM recipients"))
+
+
+def test_due_mail_is_loaded_as_one_job_per_message_and_domain_and_marked_active(conn):
+    add(conn, "M1", ["a@x.test", "b@x.test", "c@y.test"], State.PENDING, NOW - 1)
+    add(conn, "M2", ["d@x.test"], State.DEFERRED, NOW + 60)  # not due yet
+    jobs, more = store.load_due(conn, NOW, limit=100, retry_limit=100)
+    assert not more
+    assert sorted((j.queue_id, j.domain, [r.rcpt for r in j.recipients]) for j in jobs) == [
+        ("M1", "x.test", ["a@x.test", "b@x.test"]),
+        ("M1", "y.test", ["c@y.test"]),
+    ]
+    assert all(j.body == b"Subject: M1\r\n\r\n" for j in jobs)
+    assert states(conn)["a@x.test"] == State.ACTIVE and states(conn)["d@x.test"] == State.DEFERRED
+    assert store.load_due(conn, NOW, 100, 100) == ([], False)  # what is active is not loaded twice
+
+
+def test_fresh_mail_comes_before_a_due_backlog_of_retries(conn):
+    for i in range(5):
+        add(conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100)
+    add(conn, "NEW", ["n@x.test"], State.PENDING, NOW)
+    jobs, more = store.load_due(conn, NOW, limit=3, retry_limit=2)
+    assert jobs[0].queue_id == "NEW"
+    assert len(jobs) == 3 and more
+    assert sum(s == State.ACTIVE for s in states(conn).values()) == 3
+
+
+def test_retries_are_capped_by_their_own_limit(conn):
+    for i in range(5):
+        add(conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100 + i)
+    jobs, more = store.load_due(conn, NOW, limit=10, retry_limit=2)
+    assert [j.queue_id for j in jobs] == ["R0", "R1"]  # the longest due first
+    assert more and all(j.is_retry for j in jobs)
+
+
+def test_held_and_final_recipients_are_never_loaded(conn):
+    add(conn, "H", ["h@x.test"], State.HELD, NOW - 100)
+    add(conn, "B", ["b@x.test"], State.BOUNCED, NOW - 100)
+    assert store.load_due(conn, NOW, 10, 10) == ([], False)
+
+
+def test_start_up_gives_what_was_in_memory_back_to_waiting(conn):
+    add(conn, "P", ["p@x.test"], State.ACTIVE, NOW)
+    add(conn, "D", ["d@x.test"], State.ACTIVE, NOW)
+    conn.execute("UPDATE recipients SET attempts = 0 WHERE rcpt = 'p@x.test'")
+    assert store.reset_active(conn) == 2
+    assert states(conn) == {"p@x.test": State.PENDING, "d@x.test": State.DEFERRED}
+
+
+# -- hand-off framing ------------------------------------------------------------------------
+
+
+def sample() -> NewMessage:
+    return NewMessage(
+        "0191A2B3C4D5E6F7",
+        "app@sender.test",
+        ["a@x.test", "ü@y.test"],
+        b"Subject: hi\r\n\r\n" + bytes(range(256)) * 100,
+        "127.0.0.1",
+        "client.test",
+        "auth:app",
+        True,
+        NOW,
+    )
+
+
+def test_a_message_survives_its_frame_unchanged():
+    request, msg = message_of(message_frame(42, sample()))
+    assert request == 42 and msg == sample()
+
+
+def test_frames_split_at_any_byte_are_reassembled_in_order():
+    sent = [message_frame(i, sample()) for i in range(3)] + [("s", [(0, ""), (1, "disk full")])]
+    size = sum(4 + len(marshal.dumps(f, 4)) for f in sent)
+
+    async def over_a_socketpair() -> bytes:
+        """The frames as one process writes them to the other, read at the far end."""
+        loop = asyncio.get_running_loop()
+        near, far = socket.socketpair()
+        far.setblocking(False)
+        channel = Channel(lambda frame: None, lambda: None)
+        await loop.create_unix_connection(lambda: channel, sock=near)
+        for frame in sent:
+            channel.send(frame)
+        stream = b""
+        while len(stream) < size:
+            stream += await loop.sock_recv(far, 65536)
+        channel.close()
+        far.close()
+        return stream
+
+    stream = asyncio.run(over_a_socketpair())
+    for step in (1, 7, 4096, len(stream)):
+        frames: list[tuple] = []
+        receiver = Channel(frames.append, lambda: None)
+        for pos in range(0, len(stream), step):
+            receiver.data_received(stream[pos : pos + step])
+        assert [f[1] for f in frames[:3]] == [0, 1, 2]
+        assert message_of(frames[1])[1] == sample()
+        assert frames[3] == sent[3]
