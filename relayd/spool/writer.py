@@ -65,14 +65,20 @@ class Writer:
             self.loop.call_soon_threadsafe(_settle, outcomes)
 
     def _run_batch(self, ops: list[tuple[Callable[[sqlite3.Connection], Any], Any]]) -> list:
-        """All operations in one transaction. They run side by side first; only when one fails
-        is the batch run again with a savepoint around each, so that the failing one cannot
-        undo its neighbours (two statements per operation saved on the common path)."""
-        with contextlib.suppress(Exception):
+        """All operations in one transaction. They run side by side first; only when one of
+        them fails is the batch run again with a savepoint around each, so that the failing one
+        cannot undo its neighbours (two statements per operation saved on the common path).
+        When the spool itself fails (locked past the busy timeout, full), nothing of the batch
+        is durable and it is not run again: every caller learns at once and retries."""
+        try:
             return self._transaction(ops, isolated=False)
+        except _OperationFailed:
+            pass
+        except Exception as exc:
+            return [(fut, False, exc) for _, fut in ops]
         try:
             return self._transaction(ops, isolated=True)
-        except Exception as exc:  # the commit itself failed: nothing of the batch is durable
+        except Exception as exc:
             return [(fut, False, exc) for _, fut in ops]
 
     def _transaction(
@@ -84,7 +90,10 @@ class Writer:
             outcomes = []
             for fn, fut in ops:
                 if not isolated:
-                    outcomes.append((fut, True, fn(conn)))
+                    try:
+                        outcomes.append((fut, True, fn(conn)))
+                    except Exception as exc:
+                        raise _OperationFailed from exc
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -100,6 +109,10 @@ class Writer:
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+
+class _OperationFailed(Exception):
+    """One operation of a batch failed (not the transaction around it)."""
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, bool, Any]]) -> None:
