@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 from datetime import datetime
 
-from support.util import mx_zone
+from support.util import mx_zone, send
 
 from relayd.config import Rate, Retry, Source
 from relayd.outcomes.decide import retry_delay
@@ -62,6 +62,30 @@ def test_domains_sharing_mx_hosts_share_the_limit(relay, dns_server, fake_mx):
         t.join(60)
     mx.wait_for_messages(200, timeout=60)
     assert mx.max_concurrent_connections == 2
+
+
+def test_a_domains_own_limits_hold_on_hosts_another_domain_reached_first(
+    relay, dns_server, fake_mx
+):
+    """The example config's shape: b.test has a [shaping.domains] table, a.test has not, both
+    use the same MX host. a.test's mail arrives first; b.test's limits still hold."""
+    mx_zone(dns_server, "a.test", (10, "mx.shared.test", "127.0.0.10"))
+    mx_zone(dns_server, "b.test", (10, "mx.shared.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", accept_delay=0.02)
+    limits = {"max_connections": 2, "max_rate": "10/s"}
+    r = relay({"shaping": {"default": {"max_connections": 20}, "domains": {"b.test": limits}}})
+    send(r.port, ["first@a.test"])
+    mx.wait_for_messages(1)  # the shared host's site now exists, made for a.test
+    blast(r.port, 20, "x@b.test")
+    mx.wait_for_messages(21, timeout=30)
+    mx.wait_idle()
+    spans = [(c.started, c.ended) for c in mx.connections if any("b.test" in x for x in c.commands)]
+    assert max(sum(s <= t < (e or t + 1) for s, e in spans) for t, _ in spans) <= 2
+    times = sorted(
+        datetime.fromisoformat(e["timestamp"]).timestamp()
+        for e in r.wait_event("delivered", n=20, domain="b.test")
+    )
+    assert times[-1] - times[0] >= 19 / 10 - 0.05
 
 
 def test_sources_rotate_by_weight_with_their_own_ehlo(relay, dns_server, fake_mx):
