@@ -3,9 +3,12 @@ spool, a damaged spool refused at start, and a spool private whatever the umask.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import signal
 import smtplib
 import sqlite3
 import stat
@@ -13,8 +16,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from conftest import ROOT
 from support.util import mx_zone, send, wait_until
+
+from relayd.spool import schema
+from relayd.spool.space import is_full
 
 BOUNCE = "550 5.1.1 no such user"
 DEFER = "451 4.3.0 try later"
@@ -189,3 +196,48 @@ def test_spool_and_its_folder_are_private_whatever_the_umask(relay, tmp_path):
         mode = stat.S_IMODE(os.stat(f"{r.spool}{suffix}").st_mode)
         assert mode == 0o600, (suffix, oct(mode))
     assert stat.S_IMODE(os.stat(r.spool.parent).st_mode) == 0o700
+
+
+def test_below_min_free_space_new_mail_gets_452_431_while_deliveries_go_on(
+    relay, dns_server, fake_mx
+):
+    mx_zone(dns_server, "example.test", (10, "mx.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", rcpt_reply=DEFER)
+    r = relay({"server": {"min_free_space": "0"}})
+    waiting = send(r.port, ["waiting@example.test"]).rsplit(" ", 1)[1]
+    r.wait_event("deferred", queue_id=waiting)
+
+    free = shutil.disk_usage(r.spool.parent).free
+    set_min_free_space(r, f"{free // 2**20 + 10_000}MB")  # more than the disk has free
+    with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as c:
+        c.ehlo("client.test")
+        code, reply = c.mail("a@sender.test")
+    assert (code, reply) == (452, b"4.3.1 Insufficient system storage, try again later")
+    mx.rcpt_reply = "250 2.1.5 ok"  # what is queued is still delivered
+    r.wait_event("delivered", queue_id=waiting, timeout=20)
+
+    set_min_free_space(r, "0")
+    send(r.port, ["later@example.test"])
+
+
+def set_min_free_space(r, value: str) -> None:
+    text = re.sub(
+        r'"min_free_space" = "[^"]*"', f'"min_free_space" = "{value}"', r.config_path.read_text()
+    )
+    r.config_path.write_text(text)
+    seen = len(r.events("reloaded"))
+    r.signal(signal.SIGHUP)
+    r.wait_event("reloaded", n=seen + 1)
+
+
+def test_a_full_database_is_told_apart_from_other_spool_errors(tmp_path):
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    conn = schema.connect(path)
+    conn.execute("PRAGMA max_page_count = 20")  # SQLite's own "disk full", for this connection
+    with pytest.raises(sqlite3.OperationalError) as full:
+        conn.execute("CREATE TABLE filler (x BLOB)")
+        conn.execute("INSERT INTO filler VALUES (zeroblob(1000000))")
+    assert is_full(full.value)
+    assert not is_full(sqlite3.OperationalError("database is locked"))
+    assert is_full(OSError(errno.ENOSPC, "No space left on device"))

@@ -150,6 +150,7 @@ class Config:
     path: Path
     hostname: str
     spool_path: Path
+    min_free_space: int
     log_level: str
     shutdown_timeout: float
     listeners: tuple[Listener, ...]
@@ -364,6 +365,10 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(path, "server.log_level", "must be debug, info, warning or error")
     shutdown_timeout = server.duration("shutdown_timeout", "30s")
+    min_free_space = 0 if server.data.get("min_free_space") in (0, "0") else None
+    if min_free_space is None:
+        min_free_space = server.size("min_free_space", "100MB")
+    server.used.add("min_free_space")
     server.finish()
 
     top.used.add("listeners")
@@ -544,6 +549,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         path=path,
         hostname=hostname,
         spool_path=spool_path,
+        min_free_space=min_free_space,
         log_level=log_level,
         shutdown_timeout=shutdown_timeout,
         listeners=tuple(listeners),

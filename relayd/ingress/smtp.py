@@ -41,6 +41,8 @@ from relayd.ingress.users import Directory, LoginGuard, User
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
+from relayd.spool import space
+from relayd.spool.space import FreeSpace
 
 # Stores a message durably (raising when it could not); the reply to DATA waits for it.
 Accept = Callable[[NewMessage], Awaitable[None]]
@@ -446,10 +448,12 @@ class IngressHandler:
         self.per_ip: Counter[str] = Counter()
         self.users = Directory(config.auth.users_file)
         self.guard = LoginGuard(config.auth.max_failures, config.auth.lockout, time.monotonic)
+        self.space = FreeSpace(config.spool_path, config.min_free_space)
 
     def reload(self, config: Config) -> None:
         self.config = config
         self._trusted.clear()
+        self.space = FreeSpace(config.spool_path, config.min_free_space)
         self.users = Directory(config.auth.users_file)
         self.guard.max_failures, self.guard.lockout = config.auth.max_failures, config.auth.lockout
 
@@ -514,6 +518,9 @@ class IngressHandler:
     ) -> str:
         if address != "<>" and not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad sender address syntax"
+        if self.space.low():  # before the client sends the message, not after
+            log.warning("spool_low", client=server.client, sender=address)
+            return space.REPLY
         user = _user(session)
         if user is not None:
             if address == "<>" or not user.may_send_as(address):
@@ -582,6 +589,8 @@ class IngressHandler:
             raise
         except Exception as exc:
             log.error("accept_failed", client=client, sender=sender, error=repr(exc))
+            if space.is_full(exc):
+                return space.REPLY
             return "451 4.3.0 Local error in processing, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 

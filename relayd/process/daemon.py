@@ -49,6 +49,7 @@ from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler
 from relayd.spool import schema, store
+from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
@@ -151,7 +152,10 @@ class QueueProcess:
         self.requeued = await self.writer.submit(store.reset_active)
         resolver = Resolver(config.nameservers, config.dns_timeout)
         self.scheduler = Scheduler(config, self.writer, resolver, self.clock)
-        self.intake = Intake(self.writer, self.scheduler, self.signer, config.hostname, self.clock)
+        space = FreeSpace(config.spool_path, config.min_free_space)
+        self.intake = Intake(
+            self.writer, self.scheduler, self.signer, config.hostname, space, self.clock
+        )
         self.scheduler.start(self.intake.dsn)
         self.control = Control(self.writer, self.scheduler, config.events_retention, self.clock)
         self.control_task = loop.create_task(self.control.run())
@@ -189,7 +193,7 @@ class QueueProcess:
             log.warning("reload_partial", reason="listeners and spool_path need a restart")
         events.configure(new.log_level)
         self.config, self.signer = new, signer
-        self.intake.reload(signer, new.hostname)
+        self.intake.reload(signer, new.hostname, FreeSpace(new.spool_path, new.min_free_space))
         self.control.retention = new.events_retention
         self.scheduler.reload(new)
         self.link.reload()

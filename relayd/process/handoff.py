@@ -19,6 +19,7 @@ import marshal
 from collections.abc import Callable
 
 from relayd.model.message import NewMessage
+from relayd.spool.space import FULL_MARK, SpoolFull, is_full
 
 _HEADER = 4
 _MARSHAL_VERSION = 4
@@ -139,7 +140,9 @@ class SpoolLink:
                 fut = self.pending.pop(request, None)
                 if fut is None or fut.done():
                     continue
-                if error:
+                if error.startswith(FULL_MARK):
+                    fut.set_exception(SpoolFull(error.removeprefix(FULL_MARK)))
+                elif error:
                     fut.set_exception(OSError(error))
                 else:
                     fut.set_result(None)
@@ -192,7 +195,8 @@ class IngressLink:
         if fut.cancelled():
             error = "cancelled"
         else:
-            error = "" if fut.exception() is None else repr(fut.exception())
+            exc = fut.exception()
+            error = "" if exc is None else f"{FULL_MARK if is_full(exc) else ''}{exc!r}"
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
         self._done.append((request, error))

@@ -19,6 +19,7 @@ from relayd.model.address import domain_of
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage, Report
 from relayd.spool import store
+from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 
@@ -38,21 +39,27 @@ class Intake:
         admission: Admission,
         signer: Signer,
         hostname: str,
+        space: FreeSpace,
         clock: Callable[[], float],
     ) -> None:
         self.writer, self.admission, self.signer = writer, admission, signer
-        self.hostname, self.clock = hostname, clock
+        self.hostname, self.space, self.clock = hostname, space, clock
         self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
 
-    def reload(self, signer: Signer, hostname: str) -> None:
-        self.signer, self.hostname = signer, hostname
+    def reload(self, signer: Signer, hostname: str, space: FreeSpace) -> None:
+        self.signer, self.hostname, self.space = signer, hostname, space
 
     def close(self) -> None:
         self.signing.shutdown()
 
     def submit(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
         """Store a message; resolves once it is durable (the caller answers 250 or 202 then).
-        Signing here, once, means every attempt delivers the same signed bytes."""
+        Signing here, once, means every attempt delivers the same signed bytes. Refused while
+        the disk is short of room (DSNs, owed, are not: they come through ``dsn``)."""
+        if self.space.low():
+            fut: asyncio.Future[NewMessage] = asyncio.get_running_loop().create_future()
+            fut.set_exception(self.space.refusal())
+            return fut
         if self.signer.enabled:
             return asyncio.ensure_future(self._sign_and_insert(msg))
         return self._insert(msg)
