@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.events.records import Event, Type
 from relayd.model.message import NewMessage, State
 from relayd.process.handoff import Channel, message_frame, message_of
 from relayd.spool import schema, store
@@ -140,3 +141,15 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
         assert [f[1] for f in frames[:3]] == [0, 1, 2]
         assert message_of(frames[1])[1] == sample()
         assert frames[3] == sent[3]
+
+
+def test_events_older_than_the_retention_are_pruned_in_bounded_batches(conn):
+    events = [Event(Type.DELIVERY, f"Q{i}", NOW - 100 + i, {"rcpt": "a@x.test"}) for i in range(10)]
+    store.append_events(conn, events)
+    assert store.prune_events(conn, before=NOW - 95, limit=3) == 3  # a batch, oldest first
+    assert store.prune_events(conn, before=NOW - 95, limit=3) == 2
+    assert store.prune_events(conn, before=NOW - 95, limit=3) == 0
+    left = [r[0] for r in conn.execute("SELECT queue_id FROM events ORDER BY id")]
+    assert left == ["Q5", "Q6", "Q7", "Q8", "Q9"]
+    rcpt = conn.execute("SELECT rcpt FROM events LIMIT 1").fetchone()[0]
+    assert rcpt == "a@x.test"  # the indexed column receipts look recipients up by
