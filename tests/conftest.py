@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import pytest
 from support.dnsserver import TestDNSServer
 from support.fakemx import FakeMX
 from support.util import free_port, wait_until
+
+from relayd.spool import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,6 +151,16 @@ class RelayProcess:
         if check and result.returncode != 0:
             raise AssertionError(f"relayctl {args} failed: {result.stdout}{result.stderr}")
         return result
+
+
+@pytest.fixture
+def spool_conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """A fresh spool file with the current schema, opened as the daemon opens it."""
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    conn = schema.connect(path)
+    yield conn
+    conn.close()
 
 
 @pytest.fixture

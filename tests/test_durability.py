@@ -14,11 +14,10 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 from conftest import ROOT
-from support.util import mx_zone, send, wait_until
+from support.util import mx_zone, send, steady_load, wait_until
 
 from relayd.spool import schema
 from relayd.spool.space import is_full
@@ -42,38 +41,13 @@ def test_sigkill_during_steady_bounces_loses_no_dsn(relay, dns_server, fake_mx):
     fake_mx("127.0.0.10", rcpt_reply=BOUNCE)
     sender_mx = fake_mx("127.0.0.20")
     r = relay({"shaping": {"default": {"max_connections": 4}}})
-    acked: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        for i in range(2000):
-            if stop.is_set():
-                return
-            rcpt = f"t{n}-{i}@example.test"
-            try:
-                with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as c:
-                    c.sendmail("a@sender.test", [rcpt], f"Subject: {rcpt}\r\n\r\nx")
-            except (OSError, smtplib.SMTPException):
-                stop.wait(0.1)  # relayd is down: a real client backs off too
-                continue  # not acknowledged: nothing promised
-            with lock:
-                acked.append(rcpt)
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with steady_load(r.port, "example.test") as acked:
         for kill in range(3):  # killed while bounces and their DSNs commit
             done = len(sender_mx.messages) + 20
             wait_until(lambda n=done: len(sender_mx.messages) >= n, 30, "bounces under way")
             r.kill()
             if kill < 2:
                 r.start()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
     assert len(acked) >= 40
     r.start()
     wanted = set(acked)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from relayd.model.message import Job, NewMessage, Recipient, Report, State
 from relayd.model.status import Reply, status_of
 from relayd.outcomes import commit, decide
 from relayd.queue.intake import store_message
-from relayd.spool import schema
 
 NOW = 1_800_000_000.0
 RETRY = Retry(first=300, multiplier=2, max_interval=3600, jitter=0, max_age=86400, delay_warning=0)
@@ -125,15 +123,6 @@ def test_a_delay_warning_is_owed_once_after_its_age():
 # -- the one transaction -------------------------------------------------------------------
 
 
-@pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
-    path = tmp_path / "spool.sqlite"
-    schema.prepare(path)
-    c = schema.connect(path)
-    yield c
-    c.close()
-
-
 def stored(
     conn: sqlite3.Connection, rcpts: list[str], sender: str = "app@sender.test"
 ) -> NewMessage:
@@ -184,45 +173,45 @@ def rows(conn: sqlite3.Connection, sql: str) -> list[tuple]:
     return conn.execute(sql).fetchall()
 
 
-def test_a_bounce_its_dsn_and_their_events_commit_together(conn):
-    msg = stored(conn, ["gone@example.test", "ok@example.test"])
-    done = run_attempt(conn, msg, [Reply(550, "5.1.1 no such user"), Reply(250, "ok")])
+def test_a_bounce_its_dsn_and_their_events_commit_together(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test", "ok@example.test"])
+    done = run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no such user"), Reply(250, "ok")])
     assert [e.type for e in done.events] == ["bounced", "delivered", "accepted", "dsn_queued"]
     assert done.dsns == 1
     # the original left the spool (every recipient final, its DSN queued); the DSN is in it
-    assert rows(conn, "SELECT queue_id, origin FROM messages") == [("DSN1", "dsn:ORIG")]
-    types = [r[0] for r in rows(conn, "SELECT type FROM events ORDER BY id")]
+    assert rows(spool_conn, "SELECT queue_id, origin FROM messages") == [("DSN1", "dsn:ORIG")]
+    types = [r[0] for r in rows(spool_conn, "SELECT type FROM events ORDER BY id")]
     assert types == ["accepted", "bounced", "delivered", "accepted", "dsn_queued"]
-    queued = json.loads(rows(conn, "SELECT data FROM events WHERE type = 'dsn_queued'")[0][0])
+    queued = json.loads(rows(spool_conn, "SELECT data FROM events WHERE type = 'dsn_queued'")[0][0])
     assert queued["original_queue_id"] == "ORIG" and queued["failed"] == ["gone@example.test"]
 
 
-def test_a_failing_dsn_insert_undoes_the_bounce_it_reports(conn):
-    msg = stored(conn, ["gone@example.test"])
+def test_a_failing_dsn_insert_undoes_the_bounce_it_reports(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test"])
 
     def broken(conn: sqlite3.Connection, report: Report, now: float) -> list[Event]:
         raise sqlite3.OperationalError("database or disk is full")
 
     with pytest.raises(sqlite3.OperationalError):
-        run_attempt(conn, msg, [Reply(550, "5.1.1 no")], door=broken)
+        run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no")], door=broken)
     # nothing of the attempt is stored: the recipient is still in memory's hands, to be retried
-    assert rows(conn, "SELECT state, attempts FROM recipients") == [(State.ACTIVE, 0)]
-    assert [r[0] for r in rows(conn, "SELECT type FROM events")] == ["accepted"]
-    done = run_attempt(conn, msg, [Reply(550, "5.1.1 no")])  # the retry of the commit
+    assert rows(spool_conn, "SELECT state, attempts FROM recipients") == [(State.ACTIVE, 0)]
+    assert [r[0] for r in rows(spool_conn, "SELECT type FROM events")] == ["accepted"]
+    done = run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no")])  # the retry of the commit
     assert done.dsns == 1
 
 
-def test_a_null_sender_bounce_is_reported_as_suppressed_not_sent(conn):
-    msg = stored(conn, ["gone@example.test"], sender="")
-    done = run_attempt(conn, msg, [Reply(550, "5.1.1 no")])
+def test_a_null_sender_bounce_is_reported_as_suppressed_not_sent(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test"], sender="")
+    done = run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no")])
     assert [e.type for e in done.events] == ["bounced", "dsn_suppressed"]
-    assert rows(conn, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(spool_conn, "SELECT count(*) FROM messages") == [(0,)]
 
 
-def test_a_deferral_keeps_the_message_and_owes_nothing(conn):
-    msg = stored(conn, ["later@example.test"])
-    done = run_attempt(conn, msg, [Reply(451, "4.3.0 later")])
+def test_a_deferral_keeps_the_message_and_owes_nothing(spool_conn):
+    msg = stored(spool_conn, ["later@example.test"])
+    done = run_attempt(spool_conn, msg, [Reply(451, "4.3.0 later")])
     assert done.dsns == 0
-    assert rows(conn, "SELECT state, attempts, next_attempt FROM recipients") == [
+    assert rows(spool_conn, "SELECT state, attempts, next_attempt FROM recipients") == [
         (State.DEFERRED, 1, NOW + 300)
     ]

@@ -7,11 +7,10 @@ import smtplib
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from support.util import free_port, mx_zone, send, wait_until
+from support.util import free_port, mx_zone, send, steady_load, wait_until
 
 from relayd import config
 
@@ -124,31 +123,9 @@ def test_sigkill_under_load_loses_no_acknowledged_message(relay, dns_server, fak
     mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
     mx = fake_mx("127.0.0.10", accept_delay=0.005)
     r = relay({"shaping": {"default": {"max_connections": 4}}})
-    acked: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        for i in range(400):
-            if stop.is_set():
-                return
-            tag = f"t{n}-{i}"
-            try:
-                with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as c:
-                    c.sendmail("a@sender.test", [f"{tag}@example.test"], f"Subject: {tag}\r\n\r\nx")
-            except (OSError, smtplib.SMTPException):
-                continue  # not acknowledged: the client would retry; nothing promised
-            with lock:
-                acked.append(f"{tag}@example.test")
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    wait_until(lambda: len(mx.messages) >= 50, 30, "deliveries under way")
-    r.kill()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    with steady_load(r.port, "example.test", clients=6, per_client=400) as acked:
+        wait_until(lambda: len(mx.messages) >= 50, 30, "deliveries under way")
+        r.kill()
     assert len(acked) >= 50
     r.start()
     wanted = set(acked)

@@ -7,25 +7,13 @@ import asyncio
 import marshal
 import socket
 import sqlite3
-from pathlib import Path
-
-import pytest
 
 from relayd.events.records import Event, Type
 from relayd.model.message import NewMessage, State
 from relayd.process.handoff import Channel, message_frame, message_of
-from relayd.spool import schema, store
+from relayd.spool import store
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture
-def conn(tmp_path: Path) -> sqlite3.Connection:
-    path = tmp_path / "spool.sqlite"
-    schema.prepare(path)
-    c = schema.connect(path)
-    yield c
-    c.close()
 
 
 def add(conn: sqlite3.Connection, qid: str, rcpts: list[str], state: State, due: float) -> None:
@@ -44,50 +32,56 @@ def states(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT rcpt, state FROM recipients"))
 
 
-def test_due_mail_is_loaded_as_one_job_per_message_and_domain_and_marked_active(conn):
-    add(conn, "M1", ["a@x.test", "b@x.test", "c@y.test"], State.PENDING, NOW - 1)
-    add(conn, "M2", ["d@x.test"], State.DEFERRED, NOW + 60)  # not due yet
-    jobs, more = store.load_due(conn, NOW, limit=100, retry_limit=100)
+def test_due_mail_is_loaded_as_one_job_per_message_and_domain_and_marked_active(spool_conn):
+    add(spool_conn, "M1", ["a@x.test", "b@x.test", "c@y.test"], State.PENDING, NOW - 1)
+    add(spool_conn, "M2", ["d@x.test"], State.DEFERRED, NOW + 60)  # not due yet
+    jobs, more = store.load_due(spool_conn, NOW, limit=100, retry_limit=100)
     assert not more
     assert sorted((j.queue_id, j.domain, [r.rcpt for r in j.recipients]) for j in jobs) == [
         ("M1", "x.test", ["a@x.test", "b@x.test"]),
         ("M1", "y.test", ["c@y.test"]),
     ]
     assert all(j.body == b"Subject: M1\r\n\r\n" for j in jobs)
-    assert states(conn)["a@x.test"] == State.ACTIVE and states(conn)["d@x.test"] == State.DEFERRED
-    assert store.load_due(conn, NOW, 100, 100) == ([], False)  # what is active is not loaded twice
+    assert (
+        states(spool_conn)["a@x.test"] == State.ACTIVE
+        and states(spool_conn)["d@x.test"] == State.DEFERRED
+    )
+    assert store.load_due(spool_conn, NOW, 100, 100) == (
+        [],
+        False,
+    )  # what is active is not loaded twice
 
 
-def test_fresh_mail_comes_before_a_due_backlog_of_retries(conn):
+def test_fresh_mail_comes_before_a_due_backlog_of_retries(spool_conn):
     for i in range(5):
-        add(conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100)
-    add(conn, "NEW", ["n@x.test"], State.PENDING, NOW)
-    jobs, more = store.load_due(conn, NOW, limit=3, retry_limit=2)
+        add(spool_conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100)
+    add(spool_conn, "NEW", ["n@x.test"], State.PENDING, NOW)
+    jobs, more = store.load_due(spool_conn, NOW, limit=3, retry_limit=2)
     assert jobs[0].queue_id == "NEW"
     assert len(jobs) == 3 and more
-    assert sum(s == State.ACTIVE for s in states(conn).values()) == 3
+    assert sum(s == State.ACTIVE for s in states(spool_conn).values()) == 3
 
 
-def test_retries_are_capped_by_their_own_limit(conn):
+def test_retries_are_capped_by_their_own_limit(spool_conn):
     for i in range(5):
-        add(conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100 + i)
-    jobs, more = store.load_due(conn, NOW, limit=10, retry_limit=2)
+        add(spool_conn, f"R{i}", [f"r{i}@x.test"], State.DEFERRED, NOW - 100 + i)
+    jobs, more = store.load_due(spool_conn, NOW, limit=10, retry_limit=2)
     assert [j.queue_id for j in jobs] == ["R0", "R1"]  # the longest due first
     assert more and all(j.is_retry for j in jobs)
 
 
-def test_held_and_final_recipients_are_never_loaded(conn):
-    add(conn, "H", ["h@x.test"], State.HELD, NOW - 100)
-    add(conn, "B", ["b@x.test"], State.BOUNCED, NOW - 100)
-    assert store.load_due(conn, NOW, 10, 10) == ([], False)
+def test_held_and_final_recipients_are_never_loaded(spool_conn):
+    add(spool_conn, "H", ["h@x.test"], State.HELD, NOW - 100)
+    add(spool_conn, "B", ["b@x.test"], State.BOUNCED, NOW - 100)
+    assert store.load_due(spool_conn, NOW, 10, 10) == ([], False)
 
 
-def test_start_up_gives_what_was_in_memory_back_to_waiting(conn):
-    add(conn, "P", ["p@x.test"], State.ACTIVE, NOW)
-    add(conn, "D", ["d@x.test"], State.ACTIVE, NOW)
-    conn.execute("UPDATE recipients SET attempts = 0 WHERE rcpt = 'p@x.test'")
-    assert store.reset_active(conn) == 2
-    assert states(conn) == {"p@x.test": State.PENDING, "d@x.test": State.DEFERRED}
+def test_start_up_gives_what_was_in_memory_back_to_waiting(spool_conn):
+    add(spool_conn, "P", ["p@x.test"], State.ACTIVE, NOW)
+    add(spool_conn, "D", ["d@x.test"], State.ACTIVE, NOW)
+    spool_conn.execute("UPDATE recipients SET attempts = 0 WHERE rcpt = 'p@x.test'")
+    assert store.reset_active(spool_conn) == 2
+    assert states(spool_conn) == {"p@x.test": State.PENDING, "d@x.test": State.DEFERRED}
 
 
 # -- hand-off framing ------------------------------------------------------------------------
@@ -143,13 +137,13 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
         assert frames[3] == sent[3]
 
 
-def test_events_older_than_the_retention_are_pruned_in_bounded_batches(conn):
+def test_events_older_than_the_retention_are_pruned_in_bounded_batches(spool_conn):
     events = [Event(Type.DELIVERY, f"Q{i}", NOW - 100 + i, {"rcpt": "a@x.test"}) for i in range(10)]
-    store.append_events(conn, events)
-    assert store.prune_events(conn, before=NOW - 95, limit=3) == 3  # a batch, oldest first
-    assert store.prune_events(conn, before=NOW - 95, limit=3) == 2
-    assert store.prune_events(conn, before=NOW - 95, limit=3) == 0
-    left = [r[0] for r in conn.execute("SELECT queue_id FROM events ORDER BY id")]
+    store.append_events(spool_conn, events)
+    assert store.prune_events(spool_conn, before=NOW - 95, limit=3) == 3  # a batch, oldest first
+    assert store.prune_events(spool_conn, before=NOW - 95, limit=3) == 2
+    assert store.prune_events(spool_conn, before=NOW - 95, limit=3) == 0
+    left = [r[0] for r in spool_conn.execute("SELECT queue_id FROM events ORDER BY id")]
     assert left == ["Q5", "Q6", "Q7", "Q8", "Q9"]
-    rcpt = conn.execute("SELECT rcpt FROM events LIMIT 1").fetchone()[0]
+    rcpt = spool_conn.execute("SELECT rcpt FROM events LIMIT 1").fetchone()[0]
     assert rcpt == "a@x.test"  # the indexed column receipts look recipients up by

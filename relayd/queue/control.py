@@ -10,7 +10,7 @@ import functools
 from collections.abc import Callable
 
 from relayd.events.log import emit, log
-from relayd.queue.scheduler import Scheduler, backoff
+from relayd.queue.scheduler import Scheduler, keep_running
 from relayd.spool import store
 from relayd.spool.writer import Writer
 
@@ -37,16 +37,11 @@ class Control:
 
     async def run(self) -> None:
         """Every step is retried after a failure (a locked or full spool), never given up."""
-        failures = 0
-        while not self.scheduler.stopping:
-            try:
-                await self.step()
-                failures = 0
-            except Exception as exc:
-                await backoff("control", failures, exc)
-                failures += 1
-                continue
-            await asyncio.sleep(POLL)
+        await keep_running("control", self._tick, lambda: not self.scheduler.stopping)
+
+    async def _tick(self) -> None:
+        await self.step()
+        await asyncio.sleep(POLL)
 
     async def step(self) -> None:
         submit = self.writer.submit

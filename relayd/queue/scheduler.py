@@ -49,6 +49,20 @@ async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) ->
     await asyncio.sleep(delay)
 
 
+async def keep_running(
+    task: str, step: Callable[[], Awaitable[None]], running: Callable[[], bool]
+) -> None:
+    """Run ``step`` over and over; a failure is logged and backed off from, never fatal."""
+    failures = 0
+    while running():
+        try:
+            await step()
+            failures = 0
+        except Exception as exc:
+            await backoff(task, failures, exc)
+            failures += 1
+
+
 @dataclass
 class Site:
     key: str
@@ -427,19 +441,18 @@ class Scheduler:
 
     async def _loader(self) -> None:
         """Bring due recipients from the spool into memory while there is room."""
-        failures = 0
-        while not self.stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), POLL_INTERVAL)
-            self._poke.clear()
-            self._spool_has_due = True  # each poll looks once for retries that came due
-            try:
-                await self._load()
-                failures = 0
-            except Exception as exc:
-                await backoff("loader", failures, exc)
-                failures += 1
-                self._poke.set()
+        await keep_running("loader", self._poll, lambda: not self.stopping)
+
+    async def _poll(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._poke.wait(), POLL_INTERVAL)
+        self._poke.clear()
+        self._spool_has_due = True  # each poll looks once for retries that came due
+        try:
+            await self._load()
+        except Exception:
+            self._poke.set()  # look again straight after the backoff
+            raise
 
     async def _load(self) -> None:
         while not self.stopping:

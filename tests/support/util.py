@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
 
@@ -48,3 +50,39 @@ def mx_zone(dns, domain: str, *hosts: tuple[int, str, str]) -> None:
     for pref, host, ip in hosts:
         dns.add(domain, "MX", f"{pref} {host}")
         dns.add(host, "A", ip)
+
+
+@contextlib.contextmanager
+def steady_load(
+    port: int, domain: str, clients: int = 4, per_client: int = 2000
+) -> Iterator[list[str]]:
+    """Clients each sending one message per connection, a recipient of its own per message,
+    until the block ends (or each has sent ``per_client``); yields the recipients relayd
+    acknowledged, growing as it goes. A refused or dropped attempt is not acknowledged."""
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        for i in range(per_client):
+            if stop.is_set():
+                return
+            rcpt = f"t{n}-{i}@{domain}"
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+                    c.sendmail("a@sender.test", [rcpt], f"Subject: {rcpt}\r\n\r\nx")
+            except (OSError, smtplib.SMTPException):
+                stop.wait(0.1)  # relayd is down: a real client backs off too
+                continue
+            with lock:
+                acked.append(rcpt)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield acked
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
