@@ -98,6 +98,7 @@ def test_hold_keeps_mail_from_the_daemon_until_release(relay, mxs):
         proc.wait_event("deferred", queue_id=qid)
 
     assert ctl_json(proc, "hold", held) == {"action": "hold", "recipients": 1, "messages": [held]}
+    proc.wait_event("operator", action="hold")  # the daemon has dropped it from memory
     assert states(proc, held) == {"a@example.test": "held"}
     assert queued(proc, "--state", "held") == [held]
     attempts = ctl_json(proc, "show", held)["recipients"][0]["attempts"]
