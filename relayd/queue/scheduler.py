@@ -31,7 +31,7 @@ from relayd.model.address import domain_of
 from relayd.model.message import Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
 from relayd.outcomes import commit, decide
-from relayd.shaping import Gcra, Rotation
+from relayd.shaping import Gcra, Rotation, Throttle, ThrottleFactory
 from relayd.spool import store
 from relayd.spool.writer import Writer
 
@@ -75,8 +75,8 @@ class Site:
     open: int = 0  # connections established
     cooldown_until: float = 0.0  # after a failed connect: no more connections than are open
     per_source: Counter[str] = field(default_factory=Counter)
-    limiter: Gcra | None = None
-    source_limiters: dict[str, Gcra] = field(default_factory=dict)
+    limiter: Throttle | None = None
+    source_limiters: dict[str, Throttle] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -89,6 +89,7 @@ class Scheduler:
         rng: random.Random | None = None,
         connect: Connect = Connection.open,
         monotonic: Callable[[], float] = time.monotonic,
+        throttle: ThrottleFactory = Gcra,
     ) -> None:
         self.config = config
         self.writer = writer
@@ -97,6 +98,7 @@ class Scheduler:
         self.monotonic = monotonic  # intervals: rates, cooldowns
         self.rng = rng or random.Random()
         self.connect = connect
+        self.throttle = throttle
         self.dsn: commit.DsnDoor | None = None  # intake's door, handed in by start()
         self.sites: dict[str, Site] = {}
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
@@ -226,7 +228,7 @@ class Scheduler:
     def _configure(self, site: Site) -> None:
         shaping = self._shaping(site)
         if shaping.max_rate:
-            site.limiter = Gcra(shaping.max_rate, self.monotonic)
+            site.limiter = self.throttle(shaping.max_rate, self.monotonic)
 
     def _shaping(self, site: Site) -> Shaping:
         if site.lane:
@@ -343,7 +345,7 @@ class Scheduler:
         if source is not None and shaping.max_rate_per_source:
             limiter = site.source_limiters.get(source.address)
             if limiter is None:
-                limiter = site.source_limiters[source.address] = Gcra(
+                limiter = site.source_limiters[source.address] = self.throttle(
                     shaping.max_rate_per_source, self.monotonic
                 )
             wait = max(wait, limiter.reserve())

@@ -8,8 +8,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from relayd.config import Rate, Source
+
+
+class Throttle(Protocol):
+    """A rate the scheduler books sending slots from. Gcra keeps it in this process; a store
+    shared by several relayd hosts sending to the same destinations can implement the same
+    two calls."""
+
+    def reserve(self) -> float:
+        """Book the next slot; seconds to wait for it."""
+        ...
+
+    def idle(self) -> bool:
+        """No slot booked ahead: forgetting the throttle would let nothing through early."""
+        ...
+
+
+# How the scheduler makes a throttle for a rate, on its monotonic clock.
+ThrottleFactory = Callable[[Rate, Callable[[], float]], Throttle]
 
 
 class Gcra:
