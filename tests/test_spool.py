@@ -57,3 +57,23 @@ def test_prepare_refuses_a_spool_from_a_newer_relayd(tmp_path: Path):
         db.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     with pytest.raises(schema.SpoolDamaged, match="newer relayd"):
         schema.prepare(path)
+
+
+def test_a_version_1_spool_is_upgraded_in_place_keeping_its_mail(tmp_path: Path):
+    """relayd before the outbox: a control table, no events. The mail stays; control goes."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            schema._TABLES
+            + "CREATE TABLE control (id INTEGER PRIMARY KEY, action TEXT, msg_ids TEXT, at REAL);"
+            + "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
+            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+            + " VALUES (1, 'r@y.test', 'y.test', 1, 0);"
+            + "PRAGMA user_version = 1;"
+        )
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert db.execute("SELECT rcpt, state FROM recipients").fetchall() == [("r@y.test", 1)]
+    assert "events" in tables and "control" not in tables
