@@ -106,3 +106,38 @@ def test_check_exits_78_naming_file_key_and_problem(tmp_path):
     assert result.returncode == 78, result.stdout + result.stderr
     assert f"{path}: retry.first: must be a duration" in result.stderr
     assert "nan" in result.stderr
+
+
+def _listeners(*addresses: str) -> str:
+    return "".join(f'[[listeners]]\naddress = "{a}"\nkind = "relay"\n' for a in addresses)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("127.0.0.1:2525", "127.0.0.1:2525"),
+        ("0.0.0.0:2525", "127.0.0.1:2525"),
+        ("127.0.0.2:2525", "0.0.0.0:2525"),
+        ("[::]:2525", "[::1]:2525"),
+        ("[::1]:2525", "[0:0::1]:2525"),
+        ("localhost:2525", "LOCALHOST:2525"),
+    ],
+)
+def test_listeners_on_one_socket_are_refused(tmp_path, first, second):
+    text = _listeners("127.0.0.1:2600", first, second)
+    problem = _refused(tmp_path, text, "listeners[2].address")
+    assert "listeners[1].address" in problem
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ("0.0.0.0:2525", "[::]:2525"),  # IPv6 listeners are V6ONLY: two sockets, both listen
+        ("127.0.0.1:2525", "127.0.0.2:2525"),
+        ("0.0.0.0:2525", "127.0.0.1:587"),
+        ("[::]:2525", "127.0.0.1:2525"),
+    ],
+)
+def test_listeners_on_distinct_sockets_are_accepted(tmp_path, addresses):
+    config = load(_write(tmp_path, _listeners(*addresses)))
+    assert len(config.listeners) == len(addresses)

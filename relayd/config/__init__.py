@@ -335,6 +335,21 @@ def parse_hostport(raw: str, default_port: int | None) -> HostPort:
     return HostPort(host, number)
 
 
+def _same_socket(a: HostPort, b: HostPort) -> bool:
+    """Whether two listen addresses contend for one port: the same address, or a wildcard
+    (0.0.0.0, ::) and an address of its family (IPv6 sockets are bound V6ONLY, so :: and
+    0.0.0.0 do not). Host names are compared as written: they are resolved only at bind."""
+    if a.port != b.port:
+        return False
+    try:
+        ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:
+        return a.host.lower().rstrip(".") == b.host.lower().rstrip(".")
+    if ip_a.version != ip_b.version:
+        return False
+    return ip_a == ip_b or ip_a.is_unspecified or ip_b.is_unspecified
+
+
 def _hostport(section: _Section, name: str, raw: Any, default_port: int | None) -> HostPort:
     if not isinstance(raw, str):
         raise ConfigError(section.path, section.key(name), f"must be a string, got {raw!r}")
@@ -422,6 +437,14 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
                 path, sec.key("kind"), f"unknown kind {kind!r}: {', '.join(LISTENER_KINDS)}"
             )
         sec.finish()
+        for j, other in enumerate(listeners):
+            if _same_socket(other.address, address):
+                raise ConfigError(
+                    path,
+                    sec.key("address"),
+                    f"{address} overlaps listeners[{j}].address ({other.address}):"
+                    " only one of them could listen",
+                )
         listeners.append(Listener(address, kind))
 
     tls_sec = top.table("tls")
