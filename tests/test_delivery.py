@@ -242,6 +242,33 @@ def test_address_literal_parsing(domain, ip):
     assert address_literal(domain) == ip
 
 
+def test_mx_that_never_greets_is_given_up_after_connect_timeout(relay, dns_server, fake_mx):
+    """The greeting is waited for connect_timeout (1 s here), not command_timeout (300 s)."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", on_connect="stall")
+    r = relay({"delivery": {"connect_timeout": "1s", "command_timeout": "300s"}})
+    send(r.port, ["x@example.test"])
+    event = r.wait_event("deferred", rcpt="x@example.test", timeout=20)[0]
+    assert event["code"] == 421 and "no greeting within connect_timeout 1s" in event["response"]
+    assert mx.connections and mx.messages == []
+
+
+def test_mx_that_never_greets_falls_back_to_the_next_mx(relay, dns_server, fake_mx):
+    mx_zone(
+        dns_server,
+        "example.test",
+        (10, "mx1.example.test", "127.0.0.10"),
+        (20, "mx2.example.test", "127.0.0.12"),
+    )
+    primary = fake_mx("127.0.0.10", on_connect="stall")
+    secondary = fake_mx("127.0.0.12")
+    r = relay({"delivery": {"connect_timeout": "1s", "command_timeout": "300s"}})
+    send(r.port, ["x@example.test"])
+    assert secondary.wait_for_messages(1, timeout=20)[0].rcpts == ["x@example.test"]
+    assert r.wait_event("delivered")[0]["mx"].startswith("mx2.example.test")
+    assert len(primary.connections) == 1 and primary.messages == []
+
+
 def test_swaks_submission_to_two_domains(relay, dns_server, fake_mx):
     mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
     mx_zone(dns_server, "other.test", (10, "mx.other.test", "127.0.0.11"))
