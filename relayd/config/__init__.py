@@ -254,10 +254,12 @@ class _Section:
                 self.path, self.key(name), f"must be a duration like '30s', '5m', '2h', got {raw!r}"
             )
         if seconds < 0 or (seconds == 0 and not allow_zero):
-            least = "0 or more" if allow_zero else "more than 0"
-            raise ConfigError(self.path, self.key(name), f"must be {least}, got {raw!r}")
+            least = "of 0 or more" if allow_zero else "more than 0"
+            raise ConfigError(self.path, self.key(name), f"must be a duration {least}, got {raw!r}")
         if seconds > MAX_DURATION:
-            raise ConfigError(self.path, self.key(name), f"must be at most 365d, got {raw!r}")
+            raise ConfigError(
+                self.path, self.key(name), f"must be a duration of at most 365d, got {raw!r}"
+            )
         return seconds
 
     def factor(
