@@ -12,6 +12,8 @@ import pytest
 from support.fakemx import self_signed_tls_context
 from support.util import mx_zone, send, wait_until
 
+from relayd.delivery.dns import address_literal
+
 
 def test_delivers_with_received_message_id_and_date(relay, dns_server, fake_mx):
     mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
@@ -203,6 +205,68 @@ def test_connection_lost_or_stalled_defers(relay, dns_server, fake_mx, reply):
     event = r.wait_event("deferred", rcpt="x@example.test")[0]
     assert event["code"] == 421 and "4.4.2" in event["response"]
     wait_until(lambda: mx.messages, 20, "redelivery after the failed attempt")
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "ip"),
+    [("bob@[IPv6:::1]", "::1"), ("bob@[ipv6:0::1]", "::1"), ("bob@[127.0.0.13]", "127.0.0.13")],
+)
+def test_address_literal_delivered_to_its_address_whatever_the_tag_case(relay, fake_mx, rcpt, ip):
+    """Domains are lower-cased before routing, so the IPv6 tag must match in any case. (Not
+    127.0.0.1 for the IPv4 case: clients' ports there may take the fake MX's port.)"""
+    mx = fake_mx(ip)
+    r = relay()
+    send(r.port, [rcpt])
+    assert [a.lower() for a in mx.wait_for_messages(1)[0].rcpts] == [rcpt.lower()]
+    assert r.wait_event("delivered")[0]["mx"].startswith(f"{ip}[{ip}]:")
+
+
+@pytest.mark.parametrize(
+    ("domain", "ip"),
+    [
+        ("[192.0.2.1]", "192.0.2.1"),
+        ("[IPv6:2001:DB8::1]", "2001:db8::1"),
+        ("[ipv6:2001:db8:0:0:0:0:0:1]", "2001:db8::1"),
+        ("[IPV6:::ffff:192.0.2.1]", "::ffff:c000:201"),
+        ("example.test", None),
+        ("[999.0.0.1]", None),
+        ("[192.0.2]", None),
+        ("[::1]", None),
+        ("[IPv6:192.0.2.1]", None),
+        ("[IPv6:fe80::1%eth0]", None),
+        ("[x-tag:abc]", None),
+        ("[192.0.2.1", None),
+    ],
+)
+def test_address_literal_parsing(domain, ip):
+    assert address_literal(domain) == ip
+
+
+def test_mx_that_never_greets_is_given_up_after_connect_timeout(relay, dns_server, fake_mx):
+    """The greeting is waited for connect_timeout (1 s here), not command_timeout (300 s)."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", on_connect="stall")
+    r = relay({"delivery": {"connect_timeout": "1s", "command_timeout": "300s"}})
+    send(r.port, ["x@example.test"])
+    event = r.wait_event("deferred", rcpt="x@example.test", timeout=20)[0]
+    assert event["code"] == 421 and "no greeting within connect_timeout 1s" in event["response"]
+    assert mx.connections and mx.messages == []
+
+
+def test_mx_that_never_greets_falls_back_to_the_next_mx(relay, dns_server, fake_mx):
+    mx_zone(
+        dns_server,
+        "example.test",
+        (10, "mx1.example.test", "127.0.0.10"),
+        (20, "mx2.example.test", "127.0.0.12"),
+    )
+    primary = fake_mx("127.0.0.10", on_connect="stall")
+    secondary = fake_mx("127.0.0.12")
+    r = relay({"delivery": {"connect_timeout": "1s", "command_timeout": "300s"}})
+    send(r.port, ["x@example.test"])
+    assert secondary.wait_for_messages(1, timeout=20)[0].rcpts == ["x@example.test"]
+    assert r.wait_event("delivered")[0]["mx"].startswith("mx2.example.test")
+    assert len(primary.connections) == 1 and primary.messages == []
 
 
 def test_swaks_submission_to_two_domains(relay, dns_server, fake_mx):

@@ -51,6 +51,9 @@ def test_untrusted_client_cannot_relay(parked):
         ("RCPT TO:<user@>", 501, b"5.1.3"),
         ("RCPT TO:<@example.test>", 501, b"5.1.3"),
         ("RCPT TO:<a@-bad-.test>", 501, b"5.1.3"),
+        ("RCPT TO:<a@[999.0.0.1]>", 501, b"5.1.3"),  # literals that name no address
+        ("RCPT TO:<a@[::1]>", 501, b"5.1.3"),
+        ("RCPT TO:<a@[IPv6:1.2.3.4]>", 501, b"5.1.3"),
     ],
 )
 def test_bad_addresses_get_501_513(parked, command, code, enhanced):

@@ -8,6 +8,7 @@ silently falls back to a default is how reputations get burnt.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -26,6 +27,13 @@ _SIZE_UNITS["gb"] = _SIZE_UNITS["g"]
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
 _RATE_PERIODS |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+# Upper bounds, so that a typo (or nan, inf, 1e300) is refused at load instead of leaving mail
+# waiting forever or a port number silently wrapped: conf/relayd.toml documents them.
+MAX_DURATION = 365 * 86400.0  # seconds
+MAX_COUNT = 1_000_000  # any limit counted in connections, recipients, messages, ...
+MAX_SIZE = 512 * 1024**2  # bytes: a message is one SQLite value and is held in memory
+MAX_RATE = 1_000_000.0  # messages per second
+MAX_MULTIPLIER = 10.0  # retry.multiplier
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
@@ -221,27 +229,60 @@ class _Section:
             raise ConfigError(self.path, self.key(name), f"must be a {names}, got {value!r}")
         return value
 
-    def positive_int(self, name: str, default: int, minimum: int = 1) -> int:
+    def positive_int(
+        self, name: str, default: int, minimum: int = 1, maximum: int = MAX_COUNT
+    ) -> int:
         value = self.get(name, default, int)
-        if value < minimum:
-            raise ConfigError(self.path, self.key(name), f"must be >= {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(
+                self.path, self.key(name), f"must be from {minimum} to {maximum}, got {value}"
+            )
         return value
 
-    def duration(self, name: str, default: str, allow_zero: bool = False) -> float:
+    def port(self, name: str, default: int) -> int:
+        """A TCP port: anything else would be wrapped modulo 65536 by the socket layer."""
+        value = self.get(name, default, int)
+        if not 0 < value < 65536:
+            raise ConfigError(self.path, self.key(name), f"must be a port 1-65535, got {value}")
+        return value
+
+    def duration(self, name: str, default: str | int, allow_zero: bool = False) -> float:
+        """Seconds, finite and at most MAX_DURATION: a nan delay never comes due."""
         raw = self.get(name, default, (str, int, float))
         seconds = _parse_duration(raw)
-        if seconds is None or (seconds <= 0 and not allow_zero):
+        if seconds is None or math.isnan(seconds):
             raise ConfigError(
                 self.path, self.key(name), f"must be a duration like '30s', '5m', '2h', got {raw!r}"
             )
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            least = "of 0 or more" if allow_zero else "more than 0"
+            raise ConfigError(self.path, self.key(name), f"must be a duration {least}, got {raw!r}")
+        if seconds > MAX_DURATION:
+            raise ConfigError(
+                self.path, self.key(name), f"must be a duration of at most 365d, got {raw!r}"
+            )
         return seconds
+
+    def factor(
+        self, name: str, default: float, low: float, high: float, high_included: bool = True
+    ) -> float:
+        """A finite number in [low, high] (or [low, high) when not ``high_included``)."""
+        value = self.get(name, default, float)
+        below_high = value <= high if high_included else value < high
+        if not (math.isfinite(value) and low <= value and below_high):
+            span = f"[{low:g}, {high:g}{']' if high_included else ')'}"
+            raise ConfigError(self.path, self.key(name), f"must be in {span}, got {value!r}")
+        return value
 
     def size(self, name: str, default: str) -> int:
         raw = self.get(name, default, (str, int))
         m = _SIZE.match(str(raw))
         if not m or int(m.group(1)) <= 0:
             raise ConfigError(self.path, self.key(name), f"must be a size like '25MB', got {raw!r}")
-        return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower() if m.group(2) else None]
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower() if m.group(2) else None]
+        if size > MAX_SIZE:
+            raise ConfigError(self.path, self.key(name), f"must be at most 512MB, got {raw!r}")
+        return size
 
     def rate(self, name: str) -> Rate | None:
         raw = self.get(name, "", str)
@@ -267,7 +308,10 @@ def parse_rate(raw: str) -> Rate:
     m = _RATE.match(raw)
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"must be a rate like '100/min', got {raw!r}")
-    return Rate(float(m.group(1)), _RATE_PERIODS[m.group(2)])
+    rate = Rate(float(m.group(1)), _RATE_PERIODS[m.group(2)])
+    if not rate.count / rate.period <= MAX_RATE:  # inf too: a long string of digits
+        raise ValueError(f"must be at most 1000000/s, got {raw!r}")
+    return rate
 
 
 def _parse_duration(raw: str | int | float) -> float | None:
@@ -292,6 +336,21 @@ def parse_hostport(raw: str, default_port: int | None) -> HostPort:
     if (port is not None and not port.isdigit()) or number is None or not 0 < number < 65536:
         raise ValueError(f"bad port in {raw!r}")
     return HostPort(host, number)
+
+
+def _same_socket(a: HostPort, b: HostPort) -> bool:
+    """Whether two listen addresses contend for one port: the same address, or a wildcard
+    (0.0.0.0, ::) and an address of its family (IPv6 sockets are bound V6ONLY, so :: and
+    0.0.0.0 do not). Host names are compared as written: they are resolved only at bind."""
+    if a.port != b.port:
+        return False
+    try:
+        ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:
+        return a.host.lower().rstrip(".") == b.host.lower().rstrip(".")
+    if ip_a.version != ip_b.version:
+        return False
+    return ip_a == ip_b or ip_a.is_unspecified or ip_b.is_unspecified
 
 
 def _hostport(section: _Section, name: str, raw: Any, default_port: int | None) -> HostPort:
@@ -385,6 +444,14 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
                 path, sec.key("kind"), f"unknown kind {kind!r}: {', '.join(LISTENER_KINDS)}"
             )
         sec.finish()
+        for j, other in enumerate(listeners):
+            if _same_socket(other.address, address):
+                raise ConfigError(
+                    path,
+                    sec.key("address"),
+                    f"{address} overlaps listeners[{j}].address ({other.address}):"
+                    " only one of them could listen",
+                )
         listeners.append(Listener(address, kind))
 
     tls_sec = top.table("tls")
@@ -499,7 +566,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     pools_sec.finish()
 
     delivery = top.table("delivery")
-    delivery_port = delivery.positive_int("port", 25)
+    delivery_port = delivery.port("port", 25)
     connect_timeout = delivery.duration("connect_timeout", "30s")
     command_timeout = delivery.duration("command_timeout", "300s")
     idle_connection_time = delivery.duration("idle_connection_time", "2s")
@@ -528,16 +595,12 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     retry_sec = top.table("retry")
     retry = Retry(
         first=retry_sec.duration("first", "5m"),
-        multiplier=retry_sec.get("multiplier", 2.0, float),
+        multiplier=retry_sec.factor("multiplier", 2.0, 1.0, MAX_MULTIPLIER),
         max_interval=retry_sec.duration("max_interval", "1h"),
-        jitter=retry_sec.get("jitter", 0.1, float),
+        jitter=retry_sec.factor("jitter", 0.1, 0.0, 1.0, high_included=False),
         max_age=retry_sec.duration("max_age", "5d"),
         delay_warning=retry_sec.duration("delay_warning", 0, allow_zero=True),
     )
-    if retry.multiplier < 1:
-        raise ConfigError(path, "retry.multiplier", "must be >= 1")
-    if not 0 <= retry.jitter < 1:
-        raise ConfigError(path, "retry.jitter", "must be in [0, 1)")
     retry_sec.finish()
 
     events_sec = top.table("events")

@@ -331,12 +331,17 @@ async def _session(
     """Connected, greeted, EHLO done, and TLS if wanted and offered: the client and the
     server's extensions (lower case keywords)."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout  # the connection and the 220 greeting, as documented
     _, client = await asyncio.wait_for(
         loop.create_connection(_Client, ip, port, local_addr=(source_ip, 0) if source_ip else None),
         connect_timeout,
     )
     try:
-        code, text = await client.reply(command_timeout)
+        try:  # a server that accepts but never greets must not hold us for command_timeout
+            async with asyncio.timeout_at(deadline):
+                code, text = await client.reply(connect_timeout)
+        except TimeoutError:
+            raise SessionError(f"no greeting within connect_timeout {connect_timeout:g}s") from None
         if code != 220:
             raise _Refused(code, text)
         extensions = await _hello(client, ehlo, command_timeout)

@@ -23,6 +23,23 @@ NEGATIVE_TTL = 300.0  # NXDOMAIN/NODATA cached this long at most
 TEMPFAIL_TTL = 5.0  # SERVFAIL/timeouts: short, so the next attempt asks again
 
 
+def address_literal(domain: str) -> str | None:
+    """The IP address of an address literal (RFC 5321 4.1.3): "[192.0.2.1]" or
+    "[IPv6:2001:db8::1]", the tag in any case since domains are lower-cased before routing;
+    None when ``domain`` is not a valid one. Ingress and routing both ask here, so that an
+    address accepted at RCPT is one that can be delivered."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    text = domain[1:-1]
+    tag, colon, rest = text.partition(":")
+    try:
+        if colon and tag.lower() == "ipv6" and "%" not in rest:  # no zone ids (RFC 6874)
+            return str(ipaddress.IPv6Address(rest))
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
 class LookupFailure(Exception):
     """A destination that cannot be resolved; ``code`` and ``reply`` go into the log and DSN."""
 
@@ -85,8 +102,10 @@ class Resolver:
     async def _route(self, domain: str, port: int, static: HostPort | None) -> Route:
         if static is not None:
             return Route(((static,),), f"route:{static}")
-        if domain.startswith("[") and domain.endswith("]"):
-            literal = domain[1:-1].removeprefix("IPv6:")
+        if domain.startswith("["):
+            literal = address_literal(domain)
+            if literal is None:  # ingress lets no such address through
+                raise LookupFailure(553, f"5.1.3 bad address literal {domain}")
             return Route(((HostPort(literal, port),),), f"literal:{literal}")
         mx = await self._query(domain, dns.rdatatype.MX)
         if not mx:  # NODATA: the domain itself is its mail host (RFC 5321 5.1)

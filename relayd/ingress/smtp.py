@@ -36,6 +36,7 @@ from aiosmtpd.smtp import (
 )
 
 from relayd.config import Config, Listener
+from relayd.delivery.dns import address_literal
 from relayd.events.log import log
 from relayd.ingress.users import Directory, LoginGuard, User
 from relayd.mime import headers
@@ -51,7 +52,6 @@ _DOMAIN = re.compile(
     r"^(?:(?:[^\W_]|[^\x00-\x7f])(?:[\w-]|[^\x00-\x7f]){0,62}\.)*"
     r"(?:[^\W_]|[^\x00-\x7f])(?:[\w-]|[^\x00-\x7f]){0,62}$"
 )
-_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
 _LOCAL_ASCII = re.compile(r"^[\x21-\x7e]{1,64}$")
 
 # aiosmtpd's own replies that lack an enhanced status code, and what we say instead.
@@ -103,7 +103,7 @@ def valid_address(address: str, smtputf8: bool) -> bool:
         return False
     if local.isascii() and not _LOCAL_ASCII.match(local):
         return False
-    return bool(_DOMAIN.match(domain) or _LITERAL.match(domain))
+    return bool(_DOMAIN.match(domain) or address_literal(domain))  # one that can be delivered
 
 
 @functools.lru_cache(maxsize=256)

@@ -161,7 +161,8 @@ class FakeMX:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> FakeMX:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET  # e.g. "::1"
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]

@@ -1,0 +1,143 @@
+"""Config validation: load() on files written per test, and `relayd --check` as operators run it.
+
+Every refusal must name the file, the key and the problem, so these tests check all three.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relayd.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relayd.toml"
+    path.write_text(text)
+    return path
+
+
+def _refused(tmp_path: Path, text: str, key: str) -> str:
+    """Load ``text``, expect a ConfigError on ``key`` in the file/key/problem form; the problem."""
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    exc = info.value
+    assert (exc.path, exc.key) == (str(path), key), str(exc)
+    assert str(exc) == f"{path}: {key}: {exc.problem}"
+    return exc.problem
+
+
+_HUGE_DIGITS = "9" * 400  # float() of it is inf
+
+
+@pytest.mark.parametrize(
+    ("table", "name", "value", "problem"),
+    [
+        ("retry", "first", "nan", "duration"),
+        ("retry", "first", "inf", "at most 365d"),
+        ("retry", "max_age", "1e300", "at most 365d"),
+        ("retry", "max_interval", '"366d"', "at most 365d"),
+        ("delivery", "connect_timeout", f'"{_HUGE_DIGITS}s"', "at most 365d"),
+        ("server", "shutdown_timeout", "-inf", "more than 0"),
+        ("dns", "timeout", "0", "more than 0"),
+        ("auth", "failure_delay", "-1", "0 or more"),
+        ("retry", "delay_warning", "-5", "0 or more"),
+        ("retry", "delay_warning", "nan", "duration"),
+        ("events", "retention", "nan", "duration"),
+        ("retry", "multiplier", "nan", "[1, 10]"),
+        ("retry", "multiplier", "inf", "[1, 10]"),
+        ("retry", "multiplier", "1e300", "[1, 10]"),
+        ("retry", "multiplier", "0.5", "[1, 10]"),
+        ("retry", "jitter", "nan", "[0, 1)"),
+        ("retry", "jitter", "1.0", "[0, 1)"),
+        ("delivery", "port", "70000", "1-65535"),
+        ("delivery", "port", "0", "1-65535"),
+        ("delivery", "max_active", "1000000000000", "from 10 to 1000000"),
+        ("ingress", "max_recipients", "1000001", "from 1 to 1000000"),
+        ("ingress", "max_line_length", "77", "from 78 to 1000000"),
+        ("ingress", "max_message_size", '"2GB"', "at most 512MB"),
+        ("auth", "max_failures", "0", "from 1 to 1000000"),
+        ("shaping.default", "max_connections", "9223372036854775807", "from 1 to 1000000"),
+        ("shaping.default", "max_rate", f'"{_HUGE_DIGITS}/s"', "at most 1000000/s"),
+        ("shaping.default", "max_rate_per_source", '"2000000/s"', "at most 1000000/s"),
+    ],
+)
+def test_numbers_out_of_range_are_refused(tmp_path, table, name, value, problem):
+    text = f"[{table}]\n{name} = {value}\n"
+    assert problem in _refused(tmp_path, text, f"{table}.{name}")
+
+
+def test_pool_source_weight_is_bounded(tmp_path):
+    text = '[pools.main]\nsources = [{ address = "127.0.0.1", weight = 10000000 }]\n'
+    assert "from 1 to 1000000" in _refused(tmp_path, text, "pools.main.sources[0].weight")
+
+
+def test_the_limits_themselves_are_accepted(tmp_path):
+    config = load(
+        _write(
+            tmp_path,
+            '[delivery]\nport = 65535\nconnect_timeout = "365d"\n'
+            '[ingress]\nmax_recipients = 1000000\nmax_message_size = "512MB"\n'
+            '[shaping.default]\nmax_rate = "1000000/s"\n'
+            '[retry]\nmultiplier = 10.0\njitter = 0\nmax_age = 31536000\ndelay_warning = "0"\n'
+            '[auth]\nfailure_delay = "0s"\n',
+        )
+    )
+    assert config.delivery_port == 65535 and config.connect_timeout == 365 * 86400
+    assert config.retry.multiplier == 10.0 and config.retry.max_age == 365 * 86400
+    assert config.max_message_size == 512 * 1024**2 and config.auth.failure_delay == 0
+
+
+def test_check_exits_78_naming_file_key_and_problem(tmp_path):
+    path = _write(tmp_path, "[retry]\nfirst = nan\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "relayd", "--check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert f"{path}: retry.first: must be a duration" in result.stderr
+    assert "nan" in result.stderr
+
+
+def _listeners(*addresses: str) -> str:
+    return "".join(f'[[listeners]]\naddress = "{a}"\nkind = "relay"\n' for a in addresses)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("127.0.0.1:2525", "127.0.0.1:2525"),
+        ("0.0.0.0:2525", "127.0.0.1:2525"),
+        ("127.0.0.2:2525", "0.0.0.0:2525"),
+        ("[::]:2525", "[::1]:2525"),
+        ("[::1]:2525", "[0:0::1]:2525"),
+        ("localhost:2525", "LOCALHOST:2525"),
+    ],
+)
+def test_listeners_on_one_socket_are_refused(tmp_path, first, second):
+    text = _listeners("127.0.0.1:2600", first, second)
+    problem = _refused(tmp_path, text, "listeners[2].address")
+    assert "listeners[1].address" in problem
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ("0.0.0.0:2525", "[::]:2525"),  # IPv6 listeners are V6ONLY: two sockets, both listen
+        ("127.0.0.1:2525", "127.0.0.2:2525"),
+        ("0.0.0.0:2525", "127.0.0.1:587"),
+        ("[::]:2525", "127.0.0.1:2525"),
+    ],
+)
+def test_listeners_on_distinct_sockets_are_accepted(tmp_path, addresses):
+    config = load(_write(tmp_path, _listeners(*addresses)))
+    assert len(config.listeners) == len(addresses)
