@@ -21,9 +21,9 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "conf" / "relayd.toml"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|m|mb|g|gb)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+)\s*(k|kb|m|mb|g|gb|t|tb)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {None: 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3}
-_SIZE_UNITS["gb"] = _SIZE_UNITS["g"]
+_SIZE_UNITS |= {"gb": 1024**3, "t": 1024**4, "tb": 1024**4}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60}
 _RATE_PERIODS |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
@@ -32,6 +32,7 @@ _RATE_PERIODS |= {"h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 MAX_DURATION = 365 * 86400.0  # seconds
 MAX_COUNT = 1_000_000  # any limit counted in connections, recipients, messages, ...
 MAX_SIZE = 512 * 1024**2  # bytes: a message is one SQLite value and is held in memory
+MAX_DISK = 1024**5  # bytes: a free-space minimum (a petabyte)
 MAX_RATE = 1_000_000.0  # messages per second
 MAX_MULTIPLIER = 10.0  # retry.multiplier
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -274,14 +275,17 @@ class _Section:
             raise ConfigError(self.path, self.key(name), f"must be in {span}, got {value!r}")
         return value
 
-    def size(self, name: str, default: str) -> int:
+    def size(
+        self, name: str, default: str, maximum: int = MAX_SIZE, allow_zero: bool = False
+    ) -> int:
         raw = self.get(name, default, (str, int))
         m = _SIZE.match(str(raw))
-        if not m or int(m.group(1)) <= 0:
+        if not m or (int(m.group(1)) <= 0 and not allow_zero):
             raise ConfigError(self.path, self.key(name), f"must be a size like '25MB', got {raw!r}")
         size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower() if m.group(2) else None]
-        if size > MAX_SIZE:
-            raise ConfigError(self.path, self.key(name), f"must be at most 512MB, got {raw!r}")
+        if size > maximum:
+            limit = f"{maximum // 1024**2}MB"
+            raise ConfigError(self.path, self.key(name), f"must be at most {limit}, got {raw!r}")
         return size
 
     def rate(self, name: str) -> Rate | None:
@@ -424,10 +428,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(path, "server.log_level", "must be debug, info, warning or error")
     shutdown_timeout = server.duration("shutdown_timeout", "30s")
-    min_free_space = 0 if server.data.get("min_free_space") in (0, "0") else None
-    if min_free_space is None:
-        min_free_space = server.size("min_free_space", "100MB")
-    server.used.add("min_free_space")
+    min_free_space = server.size("min_free_space", "100MB", MAX_DISK, allow_zero=True)
     server.finish()
 
     top.used.add("listeners")
