@@ -88,6 +88,7 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _COMMAND_READ_LIMIT = 1024  # longest command line read; aiosmtpd then applies 512 (+ extensions)
 _DATA_BLOCK = 256 * 1024  # message text is read in blocks of up to this much
+_GOODBYE_TIME = 1.0  # seconds a closing session's last replies get to drain before an abort
 
 
 def valid_address(address: str, smtputf8: bool) -> bool:
@@ -156,6 +157,7 @@ class RelaySMTP(SMTP):
         self.refusal = ""  # set when the connection must be refused at greeting
         self._greeting = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._last_input = 0.0
 
     def __dir__(self) -> list[str]:
@@ -198,6 +200,8 @@ class RelaySMTP(SMTP):
         self.handler.release(self)
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -222,24 +226,43 @@ class RelaySMTP(SMTP):
         if quiet < self._timeout_duration:
             self._reset_timeout(self._timeout_duration - quiet)
             return
-        self._goodbye("421 4.4.2 Idle timeout, closing connection")
+        self._goodbye("421 4.4.2 Idle timeout, closing connection", "idle")
 
     def _expired(self) -> None:
-        self._goodbye("421 4.4.2 Session time limit reached, closing connection")
+        self._goodbye("421 4.4.2 Session time limit reached, closing connection", "session_time")
 
-    def _goodbye(self, reply: str) -> None:
+    def _goodbye(self, reply: str, reason: str) -> None:
+        """Say why, then close within a bounded time (see close)."""
         if self.transport is not None:
             self.transport.write(reply.encode() + b"\r\n")
-            self.transport.close()
+            self.close(reason)
 
     @property
     def in_transaction(self) -> bool:
         """Between MAIL and the reply to DATA: what a graceful stop waits for."""
         return bool(self.envelope is not None and self.envelope.mail_from)
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def close(self, reason: str = "closed") -> None:
+        """Close once the replies written so far have drained, but never wait on a client that
+        does not read (a shut receive window) for its slot: abort at once when the buffer is
+        already over its high-water mark, else after _GOODBYE_TIME if it has not drained."""
+        transport = self.transport
+        if transport is None or self._abort_handle is not None:
+            return
+        high = transport.get_write_buffer_limits()[1]
+        if self._paused or transport.get_write_buffer_size() > high:
+            self._abort(transport, reason)
+            return
+        transport.close()
+        self._abort_handle = self.loop.call_later(_GOODBYE_TIME, self._abort, transport, reason)
+
+    def _abort(self, transport: asyncio.WriteTransport, reason: str) -> None:
+        """Drop the connection with whatever is still unsent (connection_lost follows)."""
+        if self.transport is not transport:
+            return  # already gone
+        unsent = transport.get_write_buffer_size()
+        log.info("session_aborted", client=self.client, reason=reason, unsent=unsent)
+        transport.abort()
 
     # -- replies --------------------------------------------------------------------------
 
@@ -262,9 +285,8 @@ class RelaySMTP(SMTP):
         await self._send(line)
         if code[:1] in ("4", "5") and code != "421":
             self.errors += 1
-            if self.errors >= self.handler.config.max_errors and self.transport is not None:
-                await self._send(b"421 4.7.0 Too many errors, closing connection\r\n")
-                self.transport.close()
+            if self.errors >= self.handler.config.max_errors:
+                self._goodbye("421 4.7.0 Too many errors, closing connection", "errors")
 
     async def _send(self, line: bytes) -> None:
         """aiosmtpd's push without its debug log call, waiting only when the socket's buffer is
