@@ -88,6 +88,7 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _COMMAND_READ_LIMIT = 1024  # longest command line read; aiosmtpd then applies 512 (+ extensions)
 _DATA_BLOCK = 256 * 1024  # message text is read in blocks of up to this much
+_AUTH_BUSY = "454 4.7.0 Too many login attempts from your address, try again later"
 _GOODBYE_TIME = 1.0  # seconds a closing session's last replies get to drain before an abort
 
 
@@ -396,11 +397,18 @@ class RelaySMTP(SMTP):
         if not isinstance(parsed.auth_data, LoginPassword):
             return parsed  # malformed exchange, already answered
         name = parsed.auth_data.login.decode("utf-8", "replace")
-        user = await self.handler.verify(name, parsed.auth_data.password)
+        guard = self.handler.guard
+        if not guard.begin(self.client):  # as many checks in flight as failures allowed
+            log.warning("auth_refused", client=self.client, user=name)
+            return AuthResult(success=False, handled=False, message=_AUTH_BUSY)
+        try:
+            user = await self.handler.verify(name, parsed.auth_data.password)
+            failures = 0 if user else guard.failed(self.client)  # before end(): no dip
+        finally:
+            guard.end(self.client)
         if user is not None:
             log.info("auth_ok", client=self.client, user=name)
             return AuthResult(success=True, auth_data=user)
-        failures = self.handler.guard.failed(self.client)
         log.warning("auth_failed", client=self.client, user=name, failures=failures)
         await asyncio.sleep(self.handler.config.auth.failure_delay)
         if self.handler.guard.locked(self.client):
