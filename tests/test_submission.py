@@ -265,6 +265,35 @@ def test_parallel_logins_cannot_outrun_the_lockout(submission):
         assert late.reply().line.startswith("421 4.7.0")  # locked out now
 
 
+def test_mail_auth_parameter_accepted_where_auth_is_offered(submission):
+    """RFC 4954 section 5: MAIL FROM's AUTH=<> or AUTH=xtext-mailbox is accepted wherever the
+    session offers AUTH (and not passed on: relayd's client never sends AUTH=)."""
+    r = submission()
+    assert ctl(r.config_path, "user", "set", "app1", "--rate", "").returncode == 0
+    with login(r) as client:
+        for param in ("AUTH=<>", "AUTH=news@example.test", "AUTH=n+2Bx+3Dy@example.test"):
+            code, text = client.docmd(f"MAIL FROM:<news@example.test> {param}")
+            assert (code, text[:5]) == (250, b"2.1.0"), (param, text)
+            assert client.docmd("RSET")[0] == 250
+        for param in ("AUTH=a+zz@example.test", "AUTH=a+2@example.test", "AUTH", "AUTH=a=b"):
+            code, text = client.docmd(f"MAIL FROM:<news@example.test> {param}")
+            assert (code, text[:5]) == (501, b"5.5.4"), (param, text)
+        client.sendmail("news@example.test", ["x@dest.test"], message(), ["AUTH=<>"])
+    got = r.mx.wait_for_messages(1)[0]
+    assert got.mail_from == "news@example.test"
+    assert not any(o.upper().startswith("AUTH") for o in got.mail_options), got.mail_options
+    with smtplib.SMTP("127.0.0.1", r.ports["relay"], timeout=10) as client:  # trusted client
+        client.ehlo("app.test")  # plaintext: AUTH not offered yet, nor its parameter
+        code, text = client.docmd("MAIL FROM:<app@sender.test> AUTH=<>")
+        assert (code, text[:5]) == (555, b"5.5.4"), text
+        client.starttls(context=client_tls())
+        assert b"AUTH" in client.ehlo("app.test")[1]
+        code, text = client.docmd("MAIL FROM:<app@sender.test> AUTH=<>")
+        assert (code, text[:5]) == (250, b"2.1.0"), text
+        code, text = client.docmd("RCPT TO:<x@dest.test> AUTH=<>")  # a MAIL parameter only
+        assert (code, text[:5]) == (555, b"5.5.4"), text
+
+
 def test_user_added_while_running_can_log_in(submission):
     r = submission()
     added = ctl(

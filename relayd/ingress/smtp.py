@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import MethodType
 from typing import Any
 
@@ -33,6 +33,7 @@ from aiosmtpd.smtp import (
     Session,
     TLSSetupException,
     _AuthMechAttr,
+    syntax,
 )
 
 from relayd.config import Config, Listener
@@ -51,6 +52,9 @@ _DOMAIN = re.compile(
 )
 _LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
 _LOCAL_ASCII = re.compile(r"^[\x21-\x7e]{1,64}$")
+# RFC 4954 section 5: AUTH=<> or AUTH=xtext (RFC 3461: "+" and "=" only as "+HH"); seen upper
+# cased, as aiosmtpd upper-cases MAIL parameters
+_AUTH_PARAM = re.compile(r"^(?:<>|(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+)$")
 
 # aiosmtpd's own replies that lack an enhanced status code, and what we say instead.
 _REWRITE = {
@@ -157,6 +161,7 @@ class RelaySMTP(SMTP):
         self.trusted = False  # client address in trusted_networks, decided once per connection
         self.refusal = ""  # set when the connection must be refused at greeting
         self._greeting = False
+        self._in_mail = False  # parsing MAIL's parameters (not RCPT's)
         self._deadline: asyncio.TimerHandle | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._last_input = 0.0
@@ -366,6 +371,29 @@ class RelaySMTP(SMTP):
         if content.startswith(b"."):
             content = content[1:]
         return content.replace(b"\r\n.", b"\r\n")
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")  # HELP still lists it
+    async def smtp_MAIL(self, arg: str) -> None:
+        """aiosmtpd's MAIL, knowing its parameters from RCPT's for _getparams."""
+        self._in_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._in_mail = False
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter parse, with MAIL's AUTH= (RFC 4954 section 5) taken out where
+        this session offers AUTH, as its EHLO does: accepted, and ignored (relayd's client
+        never passes an AUTH= on, which the RFC allows a relay that does not vouch for it).
+        None (a syntax error) when its value is not "<>" or xtext."""
+        result = super()._getparams(params)
+        offered = not self._auth_require_tls or self._tls_protocol is not None
+        if result is None or not self._in_mail or not offered or "AUTH" not in result:
+            return result
+        value = result.pop("AUTH")
+        if not isinstance(value, str) or not _AUTH_PARAM.match(value):
+            return None
+        return result
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None or self.listener.kind == "smtps":
