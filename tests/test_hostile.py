@@ -507,6 +507,38 @@ def test_untrusted_client_relay_tricks_refused(relay):
     assert spooled(r) == 0
 
 
+def test_postmaster_without_domain_accepted_from_anyone(relay, dns_server, fake_mx):
+    """RFC 5321 4.5.1: RCPT TO:<postmaster> (any case) must be accepted. relayd takes it as
+    postmaster@ its server.hostname, from an untrusted client too (mail to relayd's own
+    postmaster relays nothing for others) and refuses that client's other recipients."""
+    mx_zone(dns_server, "relay.test", (10, "mx.relay.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    with session(r, source=UNTRUSTED) as client:
+        assert client.cmd("EHLO outsider.test").code == 250
+        assert client.cmd("MAIL FROM:<someone@sender.test>").code == 250
+        reply = client.cmd("RCPT TO:<postmaster>")
+        assert reply.line.startswith("250 2.1.5"), reply
+        for rcpt in ("postmaster@relay.test", "postmaster@example.test", "victim@example.test"):
+            reply = client.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.line.startswith("554 5.7.1"), (rcpt, reply)
+        assert client.cmd("DATA").code == 354
+        client.send(b"Subject: for the postmaster\r\n\r\nhello\r\n.\r\n")
+        queue_id(client.reply())
+        assert client.cmd("QUIT").code == 221
+    for source, rcpt in ((UNTRUSTED, "PostMaster"), (None, "POSTMASTER")):
+        with session(r, source=source) as client:
+            assert client.cmd("EHLO client.test").code == 250
+            assert client.cmd("MAIL FROM:<someone@sender.test>").code == 250
+            reply = client.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.line.startswith("250 2.1.5"), (source, rcpt, reply)
+    got = mx.wait_for_messages(1)[0]
+    assert (got.mail_from, got.rcpts) == ("someone@sender.test", ["postmaster@relay.test"])
+    accepted = r.wait_event("accepted")[0]
+    assert accepted["rcpt"] == ["postmaster@relay.test"]
+    assert accepted["origin"] == f"postmaster:{UNTRUSTED}", accepted
+
+
 def test_untrusted_pipelined_transaction_spools_nothing(relay):
     r = relay()
     with session(r, source=UNTRUSTED) as client:

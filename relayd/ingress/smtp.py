@@ -587,10 +587,16 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
+        # RFC 5321 4.5.1: <postmaster> without a domain must be accepted, from anyone: it is
+        # relayd's own postmaster (server.hostname; route that domain to the mailbox), and
+        # mail to it relays nothing for others. postmaster@ a domain is a recipient like any.
+        postmaster = address.lower() == "postmaster"
+        if postmaster:
+            address = f"postmaster@{self.config.hostname}"
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
         user = _user(session)
-        if user is None and not server.trusted:
+        if user is None and not server.trusted and not postmaster:
             log.info("relay_denied", client=server.client, rcpt=address, sender=envelope.mail_from)
             return f"554 5.7.1 <{address}>: Relay access denied"
         limit = self.config.max_recipients
@@ -622,7 +628,10 @@ class IngressHandler:
         body = headers.add_headers(
             content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
-        origin = f"auth:{user.name}" if user is not None else f"trusted:{client}"
+        if user is not None:
+            origin = f"auth:{user.name}"
+        else:  # an untrusted client's only recipients are the postmaster (handle_RCPT)
+            origin = f"{'trusted' if server.trusted else 'postmaster'}:{client}"
         try:
             await self.accept(
                 NewMessage(
