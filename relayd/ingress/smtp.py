@@ -52,6 +52,9 @@ _DOMAIN = re.compile(
 )
 _LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
 _LOCAL_ASCII = re.compile(r"^[\x21-\x7e]{1,64}$")
+# RFC 5321 4.1.2 Quoted-string: qtextSMTP (RFC 6531: and UTF-8) or a quoted pair
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]|[^\x00-\x7f])*"'
+_LOCAL_QUOTED = re.compile(f"^{_QUOTED}$")
 # RFC 4954 section 5: AUTH=<> or AUTH=xtext (RFC 3461: "+" and "=" only as "+HH"); seen upper
 # cased, as aiosmtpd upper-cases MAIL parameters
 _AUTH_PARAM = re.compile(r"^(?:<>|(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+)$")
@@ -97,7 +100,8 @@ _GOODBYE_TIME = 1.0  # seconds a closing session's last replies get to drain bef
 
 
 def valid_address(address: str, smtputf8: bool) -> bool:
-    """RFC 5321 mailbox syntax, loosely: local@domain or local@[literal]."""
+    """RFC 5321 mailbox syntax, loosely: local@domain or local@[literal]; a quoted local part
+    ("john doe"@domain) strictly, at most 64 octets with its quotes."""
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or len(address) > 254:
         return False
@@ -105,7 +109,10 @@ def valid_address(address: str, smtputf8: bool) -> bool:
         return False
     if _SURROGATE.search(address):  # bytes that were not UTF-8 at all
         return False
-    if local.isascii() and not _LOCAL_ASCII.match(local):
+    if local.startswith('"'):  # as sent: _getaddr takes no other quoting from the client
+        if len(local.encode()) > 64 or not _LOCAL_QUOTED.match(local):
+            return False
+    elif local.isascii() and not _LOCAL_ASCII.match(local):
         return False
     return bool(_DOMAIN.match(domain) or _LITERAL.match(domain))
 
@@ -182,11 +189,16 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common ``<local@domain> PARAMS`` form without the email package's full RFC 5322
-        parser (slow); anything else still goes through it."""
-        m = _PLAIN_PATH.match(arg)
+        parser (slow), and ``<"quoted local"@domain>`` kept as sent; anything else still goes
+        through that parser, but not an address it quoted itself: it quotes what the client
+        did not (``<john doe@x>``) and merges ``"a b".c`` into ``"a b.c"``, another mailbox."""
+        m = _PLAIN_PATH.match(arg) or _QUOTED_PATH.match(arg)
         if m:
             return m.group(1), m.group(2) or ""
-        return super()._getaddr(arg)
+        address, rest = super()._getaddr(arg)
+        if address and address.startswith('"'):
+            return None, None
+        return address, rest
 
     # -- connection life ----------------------------------------------------------------
 
@@ -485,6 +497,7 @@ _MECHANISMS = {
 _PLAIN_PATH = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,253})>(?: +(.*))?$"
 )
+_QUOTED_PATH = re.compile(f'<({_QUOTED}@[^\\s<>"]{{1,253}})>(?: +(.*))?$')
 
 
 class IngressHandler:
