@@ -8,10 +8,12 @@ the spool and what a downstream server received.
 from __future__ import annotations
 
 import re
+import select
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -396,6 +398,78 @@ def test_session_time_limit_closes_busy_session_with_421_442(relay):
         assert client.read_until_eof() == b""
 
 
+def stall(socks: list[socket.socket]) -> None:
+    """Pipeline EHLOs on every connection, never reading a reply, until each one's sends stall
+    (no room for 0.5 s: relayd has stopped reading, its replies piling up unread behind a
+    receive window of 1 KiB) or relayd drops it. All at once, so that none sits idle."""
+    chunk = b"EHLO jam.test\r\n" * 4096
+    progress = dict.fromkeys(socks, time.monotonic())
+    deadline = time.monotonic() + 20
+    for sock in socks:
+        sock.setblocking(False)
+    while progress:
+        assert time.monotonic() < deadline, "relayd kept reading EHLOs that nobody reads"
+        for sock in select.select([], list(progress), [], 0.1)[1]:
+            try:
+                if sock.send(chunk):
+                    progress[sock] = time.monotonic()
+            except BlockingIOError:
+                pass
+            except OSError:  # reset by relayd: dropped already
+                del progress[sock]
+        for sock, last in list(progress.items()):
+            if time.monotonic() - last > 0.5:
+                del progress[sock]
+
+
+def never_reading(port: int, source: str, n: int) -> list[socket.socket]:
+    """``n`` connections greeted with 220 whose receive buffer is 1 KiB (set before connecting,
+    so that the window they offer is that small); retried like hold()."""
+
+    def attempt() -> list[socket.socket] | None:
+        socks: list[socket.socket] = []
+        for _ in range(n):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.bind((source, 0))
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            if not sock.recv(512).startswith(b"220 "):
+                for s in socks:
+                    s.close()
+                return None
+        return socks
+
+    return wait_until(attempt, 10, f"{n} connections from {source} greeted with 220")
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_session_time": "4s", "session_timeout": "60s"},
+        {"max_session_time": "60s", "session_timeout": "2s"},
+    ],
+    ids=["session-time", "idle"],
+)
+def test_clients_that_never_read_lose_their_slot_at_the_time_limit(relay, limits):
+    """The 421 goodbye cannot drain to a client whose window is shut: relayd must abort the
+    connection soon after the limit instead of waiting for the buffer to drain forever."""
+    r = relay({"ingress": {"max_connections": 3, "max_connections_per_ip": 50, **limits}})
+    held = never_reading(r.port, CLIENT, 3)
+    try:
+        refused(r.port)  # the three hold every slot: a trusted client is turned away
+        stall(held)
+        for client in hold(r.port, "127.0.0.1", "127.0.0.1", "127.0.0.1"):  # all three slots
+            client.close()
+    finally:
+        for sock in held:
+            sock.close()
+    aborted = r.events("session_aborted")
+    assert len(aborted) == 3 and all(e["client"] == CLIENT for e in aborted), aborted
+    assert r.proc.poll() is None
+
+
 # -- open relay -------------------------------------------------------------------------------
 
 UNTRUSTED = "127.0.0.7"
@@ -431,6 +505,38 @@ def test_untrusted_client_relay_tricks_refused(relay):
             assert reply.code in (501, 553, 554) and ENHANCED.match(reply.line), (rcpt, reply)
             assert client.cmd("DATA").code in (503, 554)
     assert spooled(r) == 0
+
+
+def test_postmaster_without_domain_accepted_from_anyone(relay, dns_server, fake_mx):
+    """RFC 5321 4.5.1: RCPT TO:<postmaster> (any case) must be accepted. relayd takes it as
+    postmaster@ its server.hostname, from an untrusted client too (mail to relayd's own
+    postmaster relays nothing for others) and refuses that client's other recipients."""
+    mx_zone(dns_server, "relay.test", (10, "mx.relay.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    with session(r, source=UNTRUSTED) as client:
+        assert client.cmd("EHLO outsider.test").code == 250
+        assert client.cmd("MAIL FROM:<someone@sender.test>").code == 250
+        reply = client.cmd("RCPT TO:<postmaster>")
+        assert reply.line.startswith("250 2.1.5"), reply
+        for rcpt in ("postmaster@relay.test", "postmaster@example.test", "victim@example.test"):
+            reply = client.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.line.startswith("554 5.7.1"), (rcpt, reply)
+        assert client.cmd("DATA").code == 354
+        client.send(b"Subject: for the postmaster\r\n\r\nhello\r\n.\r\n")
+        queue_id(client.reply())
+        assert client.cmd("QUIT").code == 221
+    for source, rcpt in ((UNTRUSTED, "PostMaster"), (None, "POSTMASTER")):
+        with session(r, source=source) as client:
+            assert client.cmd("EHLO client.test").code == 250
+            assert client.cmd("MAIL FROM:<someone@sender.test>").code == 250
+            reply = client.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.line.startswith("250 2.1.5"), (source, rcpt, reply)
+    got = mx.wait_for_messages(1)[0]
+    assert (got.mail_from, got.rcpts) == ("someone@sender.test", ["postmaster@relay.test"])
+    accepted = r.wait_event("accepted")[0]
+    assert accepted["rcpt"] == ["postmaster@relay.test"]
+    assert accepted["origin"] == f"postmaster:{UNTRUSTED}", accepted
 
 
 def test_untrusted_pipelined_transaction_spools_nothing(relay):

@@ -54,6 +54,13 @@ def test_untrusted_client_cannot_relay(parked):
         ("RCPT TO:<a@[999.0.0.1]>", 501, b"5.1.3"),  # literals that name no address
         ("RCPT TO:<a@[::1]>", 501, b"5.1.3"),
         ("RCPT TO:<a@[IPv6:1.2.3.4]>", 501, b"5.1.3"),
+        # quoted local parts: RFC 5321 syntax only, never one the email package makes up
+        ('RCPT TO:<"a b".c@example.test>', 501, b"5.1.3"),
+        ("RCPT TO:<john doe@example.test>", 501, b"5.1.3"),
+        ('RCPT TO:<"unterminated@example.test>', 501, b"5.1.3"),
+        ('RCPT TO:<"a"b"@example.test>', 501, b"5.1.3"),
+        ('RCPT TO:<"tab\there"@example.test>', 501, b"5.1.3"),
+        ('RCPT TO:<"' + "x" * 63 + '"@example.test>', 501, b"5.1.3"),
     ],
 )
 def test_bad_addresses_get_501_513(parked, command, code, enhanced):
@@ -164,3 +171,31 @@ def test_large_dot_stuffed_message_arrives_byte_for_byte(relay, dns_server, fake
     with smtplib.SMTP("127.0.0.1", r.port) as client:
         client.sendmail("a@sender.test", ["x@example.test"], text)  # smtplib dot-stuffs
     assert mx.wait_for_messages(1)[0].data.endswith(text)
+
+
+def test_quoted_local_parts_accepted_and_delivered_as_sent(relay, dns_server, fake_mx):
+    """RFC 5321 4.1.2 Quoted-string local parts (spaces, quoted pairs, an "@") are accepted at
+    MAIL and RCPT and reach the MX exactly as the client wrote them, quotes and all."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10")
+    r = relay()
+    sender = '"john doe"@sender.test'
+    rcpts = [
+        '"jane q. public"@example.test',
+        '"a\\"b\\\\c"@example.test',
+        '"x@y"@example.test',
+        '"plain"@example.test',
+        '"' + "x" * 62 + '"@example.test',
+    ]
+    with smtplib.SMTP("127.0.0.1", r.port) as client:
+        client.ehlo("client.test")
+        code, text = client.docmd(f"MAIL FROM:<{sender}> SIZE=100")
+        assert (code, text[:5]) == (250, b"2.1.0"), text
+        for rcpt in rcpts:
+            code, text = client.docmd(f"RCPT TO:<{rcpt}>")
+            assert (code, text[:5]) == (250, b"2.1.5"), (rcpt, text)
+        code, text = client.data(b"Subject: quoted\r\n\r\nbody\r\n")
+        assert code == 250, text
+    got = mx.wait_for_messages(1)[0]
+    assert got.mail_from == sender
+    assert sorted(got.rcpts) == sorted(rcpts)

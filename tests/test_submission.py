@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import select
 import signal
 import smtplib
 import socket
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.raw import RawSMTP
 from support.util import free_port, mx_zone, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,6 +227,71 @@ def test_failed_logins_lock_the_client_ip_out(submission):
     assert len(failures) == 3 and all(f["user"] == "app1" for f in failures)
     assert "wrong password" not in r.log_text()
     r.wait_event("auth_lockout")
+
+
+def test_parallel_logins_cannot_outrun_the_lockout(submission):
+    """30 connections from one IP each send AUTH at once, the right password last: attempts in
+    flight count against max_failures (5), so only 5 are checked and the rest refused unchecked
+    (454 4.7.0); the right password is never checked, the IP ends up locked out."""
+    r = submission(auth={"max_failures": 5, "failure_delay": "2s"})
+    source = "127.0.0.9"
+    clients = []
+    try:
+        for _ in range(30):
+            client = RawSMTP(r.ports["smtps"], source=source, timeout=20)
+            clients.append(client)
+            client.starttls()  # smtps: TLS from the start
+            assert client.reply().code == 220
+            assert "AUTH" in str(client.cmd("EHLO parallel.test"))
+        wrong = base64.b64encode(b"\0app1\0wrong password").decode()
+        right = base64.b64encode(f"\0app1\0{PASSWORD}".encode()).decode()
+        for client in clients[:-1]:
+            client.send(f"AUTH PLAIN {wrong}\r\n".encode())
+        # The right one last: after the first reply to a wrong one (a 454 once five are in
+        # flight), or 0.1 s, well before the failures are counted (each check takes ~80 ms).
+        select.select([c.sock for c in clients[:-1]], [], [], 0.1)
+        clients[-1].send(f"AUTH PLAIN {right}\r\n".encode())
+        replies = [client.reply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert replies[-1].code != 235, [x.code for x in replies]  # not even checked
+    codes = [x.code for x in replies]
+    assert codes.count(535) == 5 and codes.count(454) == 25, codes
+    assert all(x.line.startswith(("535 5.7.8", "454 4.7.0")) for x in replies), replies
+    assert len(r.events("auth_failed")) == 5 and not r.events("auth_ok")
+    with RawSMTP(r.ports["smtps"], source=source) as late:
+        late.starttls()
+        assert late.reply().line.startswith("421 4.7.0")  # locked out now
+
+
+def test_mail_auth_parameter_accepted_where_auth_is_offered(submission):
+    """RFC 4954 section 5: MAIL FROM's AUTH=<> or AUTH=xtext-mailbox is accepted wherever the
+    session offers AUTH (and not passed on: relayd's client never sends AUTH=)."""
+    r = submission()
+    assert ctl(r.config_path, "user", "set", "app1", "--rate", "").returncode == 0
+    with login(r) as client:
+        for param in ("AUTH=<>", "AUTH=news@example.test", "AUTH=n+2Bx+3Dy@example.test"):
+            code, text = client.docmd(f"MAIL FROM:<news@example.test> {param}")
+            assert (code, text[:5]) == (250, b"2.1.0"), (param, text)
+            assert client.docmd("RSET")[0] == 250
+        for param in ("AUTH=a+zz@example.test", "AUTH=a+2@example.test", "AUTH", "AUTH=a=b"):
+            code, text = client.docmd(f"MAIL FROM:<news@example.test> {param}")
+            assert (code, text[:5]) == (501, b"5.5.4"), (param, text)
+        client.sendmail("news@example.test", ["x@dest.test"], message(), ["AUTH=<>"])
+    got = r.mx.wait_for_messages(1)[0]
+    assert got.mail_from == "news@example.test"
+    assert not any(o.upper().startswith("AUTH") for o in got.mail_options), got.mail_options
+    with smtplib.SMTP("127.0.0.1", r.ports["relay"], timeout=10) as client:  # trusted client
+        client.ehlo("app.test")  # plaintext: AUTH not offered yet, nor its parameter
+        code, text = client.docmd("MAIL FROM:<app@sender.test> AUTH=<>")
+        assert (code, text[:5]) == (555, b"5.5.4"), text
+        client.starttls(context=client_tls())
+        assert b"AUTH" in client.ehlo("app.test")[1]
+        code, text = client.docmd("MAIL FROM:<app@sender.test> AUTH=<>")
+        assert (code, text[:5]) == (250, b"2.1.0"), text
+        code, text = client.docmd("RCPT TO:<x@dest.test> AUTH=<>")  # a MAIL parameter only
+        assert (code, text[:5]) == (555, b"5.5.4"), text
 
 
 def test_user_added_while_running_can_log_in(submission):

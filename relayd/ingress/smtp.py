@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import MethodType
 from typing import Any
 
@@ -33,6 +33,7 @@ from aiosmtpd.smtp import (
     Session,
     TLSSetupException,
     _AuthMechAttr,
+    syntax,
 )
 
 from relayd.config import Config, Listener
@@ -53,6 +54,12 @@ _DOMAIN = re.compile(
     r"(?:[^\W_]|[^\x00-\x7f])(?:[\w-]|[^\x00-\x7f]){0,62}$"
 )
 _LOCAL_ASCII = re.compile(r"^[\x21-\x7e]{1,64}$")
+# RFC 5321 4.1.2 Quoted-string: qtextSMTP (RFC 6531: and UTF-8) or a quoted pair
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e]|[^\x00-\x7f])*"'
+_LOCAL_QUOTED = re.compile(f"^{_QUOTED}$")
+# RFC 4954 section 5: AUTH=<> or AUTH=xtext (RFC 3461: "+" and "=" only as "+HH"); seen upper
+# cased, as aiosmtpd upper-cases MAIL parameters
+_AUTH_PARAM = re.compile(r"^(?:<>|(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+)$")
 
 # aiosmtpd's own replies that lack an enhanced status code, and what we say instead.
 _REWRITE = {
@@ -90,10 +97,13 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 _COMMAND_READ_LIMIT = 1024  # longest command line read; aiosmtpd then applies 512 (+ extensions)
 _DATA_BLOCK = 256 * 1024  # message text is read in blocks of up to this much
+_AUTH_BUSY = "454 4.7.0 Too many login attempts from your address, try again later"
+_GOODBYE_TIME = 1.0  # seconds a closing session's last replies get to drain before an abort
 
 
 def valid_address(address: str, smtputf8: bool) -> bool:
-    """RFC 5321 mailbox syntax, loosely: local@domain or local@[literal]."""
+    """RFC 5321 mailbox syntax, loosely: local@domain or local@[literal]; a quoted local part
+    ("john doe"@domain) strictly, at most 64 octets with its quotes."""
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain or len(address) > 254:
         return False
@@ -101,7 +111,10 @@ def valid_address(address: str, smtputf8: bool) -> bool:
         return False
     if _SURROGATE.search(address):  # bytes that were not UTF-8 at all
         return False
-    if local.isascii() and not _LOCAL_ASCII.match(local):
+    if local.startswith('"'):  # as sent: _getaddr takes no other quoting from the client
+        if len(local.encode()) > 64 or not _LOCAL_QUOTED.match(local):
+            return False
+    elif local.isascii() and not _LOCAL_ASCII.match(local):
         return False
     return bool(_DOMAIN.match(domain) or address_literal(domain))  # one that can be delivered
 
@@ -157,7 +170,9 @@ class RelaySMTP(SMTP):
         self.trusted = False  # client address in trusted_networks, decided once per connection
         self.refusal = ""  # set when the connection must be refused at greeting
         self._greeting = False
+        self._in_mail = False  # parsing MAIL's parameters (not RCPT's)
         self._deadline: asyncio.TimerHandle | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._last_input = 0.0
 
     def __dir__(self) -> list[str]:
@@ -176,11 +191,16 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common ``<local@domain> PARAMS`` form without the email package's full RFC 5322
-        parser (slow); anything else still goes through it."""
-        m = _PLAIN_PATH.match(arg)
+        parser (slow), and ``<"quoted local"@domain>`` kept as sent; anything else still goes
+        through that parser, but not an address it quoted itself: it quotes what the client
+        did not (``<john doe@x>``) and merges ``"a b".c`` into ``"a b.c"``, another mailbox."""
+        m = _PLAIN_PATH.match(arg) or _QUOTED_PATH.match(arg)
         if m:
             return m.group(1), m.group(2) or ""
-        return super()._getaddr(arg)
+        address, rest = super()._getaddr(arg)
+        if address and address.startswith('"'):
+            return None, None
+        return address, rest
 
     # -- connection life ----------------------------------------------------------------
 
@@ -200,6 +220,8 @@ class RelaySMTP(SMTP):
         self.handler.release(self)
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
@@ -224,24 +246,43 @@ class RelaySMTP(SMTP):
         if quiet < self._timeout_duration:
             self._reset_timeout(self._timeout_duration - quiet)
             return
-        self._goodbye("421 4.4.2 Idle timeout, closing connection")
+        self._goodbye("421 4.4.2 Idle timeout, closing connection", "idle")
 
     def _expired(self) -> None:
-        self._goodbye("421 4.4.2 Session time limit reached, closing connection")
+        self._goodbye("421 4.4.2 Session time limit reached, closing connection", "session_time")
 
-    def _goodbye(self, reply: str) -> None:
+    def _goodbye(self, reply: str, reason: str) -> None:
+        """Say why, then close within a bounded time (see close)."""
         if self.transport is not None:
             self.transport.write(reply.encode() + b"\r\n")
-            self.transport.close()
+            self.close(reason)
 
     @property
     def in_transaction(self) -> bool:
         """Between MAIL and the reply to DATA: what a graceful stop waits for."""
         return bool(self.envelope is not None and self.envelope.mail_from)
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def close(self, reason: str = "closed") -> None:
+        """Close once the replies written so far have drained, but never wait on a client that
+        does not read (a shut receive window) for its slot: abort at once when the buffer is
+        already over its high-water mark, else after _GOODBYE_TIME if it has not drained."""
+        transport = self.transport
+        if transport is None or self._abort_handle is not None:
+            return
+        high = transport.get_write_buffer_limits()[1]
+        if self._paused or transport.get_write_buffer_size() > high:
+            self._abort(transport, reason)
+            return
+        transport.close()
+        self._abort_handle = self.loop.call_later(_GOODBYE_TIME, self._abort, transport, reason)
+
+    def _abort(self, transport: asyncio.WriteTransport, reason: str) -> None:
+        """Drop the connection with whatever is still unsent (connection_lost follows)."""
+        if self.transport is not transport:
+            return  # already gone
+        unsent = transport.get_write_buffer_size()
+        log.info("session_aborted", client=self.client, reason=reason, unsent=unsent)
+        transport.abort()
 
     # -- replies --------------------------------------------------------------------------
 
@@ -264,9 +305,8 @@ class RelaySMTP(SMTP):
         await self._send(line)
         if code[:1] in ("4", "5") and code != "421":
             self.errors += 1
-            if self.errors >= self.handler.config.max_errors and self.transport is not None:
-                await self._send(b"421 4.7.0 Too many errors, closing connection\r\n")
-                self.transport.close()
+            if self.errors >= self.handler.config.max_errors:
+                self._goodbye("421 4.7.0 Too many errors, closing connection", "errors")
 
     async def _send(self, line: bytes) -> None:
         """aiosmtpd's push without its debug log call, waiting only when the socket's buffer is
@@ -346,6 +386,29 @@ class RelaySMTP(SMTP):
             content = content[1:]
         return content.replace(b"\r\n.", b"\r\n")
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")  # HELP still lists it
+    async def smtp_MAIL(self, arg: str) -> None:
+        """aiosmtpd's MAIL, knowing its parameters from RCPT's for _getparams."""
+        self._in_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._in_mail = False
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's parameter parse, with MAIL's AUTH= (RFC 4954 section 5) taken out where
+        this session offers AUTH, as its EHLO does: accepted, and ignored (relayd's client
+        never passes an AUTH= on, which the RFC allows a relay that does not vouch for it).
+        None (a syntax error) when its value is not "<>" or xtext."""
+        result = super()._getparams(params)
+        offered = not self._auth_require_tls or self._tls_protocol is not None
+        if result is None or not self._in_mail or not offered or "AUTH" not in result:
+            return result
+        value = result.pop("AUTH")
+        if not isinstance(value, str) or not _AUTH_PARAM.match(value):
+            return None
+        return result
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None or self.listener.kind == "smtps":
             await self.push("503 5.5.1 TLS already active")
@@ -376,11 +439,18 @@ class RelaySMTP(SMTP):
         if not isinstance(parsed.auth_data, LoginPassword):
             return parsed  # malformed exchange, already answered
         name = parsed.auth_data.login.decode("utf-8", "replace")
-        user = await self.handler.verify(name, parsed.auth_data.password)
+        guard = self.handler.guard
+        if not guard.begin(self.client):  # as many checks in flight as failures allowed
+            log.warning("auth_refused", client=self.client, user=name)
+            return AuthResult(success=False, handled=False, message=_AUTH_BUSY)
+        try:
+            user = await self.handler.verify(name, parsed.auth_data.password)
+            failures = 0 if user else guard.failed(self.client)  # before end(): no dip
+        finally:
+            guard.end(self.client)
         if user is not None:
             log.info("auth_ok", client=self.client, user=name)
             return AuthResult(success=True, auth_data=user)
-        failures = self.handler.guard.failed(self.client)
         log.warning("auth_failed", client=self.client, user=name, failures=failures)
         await asyncio.sleep(self.handler.config.auth.failure_delay)
         if self.handler.guard.locked(self.client):
@@ -429,6 +499,7 @@ _MECHANISMS = {
 _PLAIN_PATH = re.compile(
     r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,253})>(?: +(.*))?$"
 )
+_QUOTED_PATH = re.compile(f'<({_QUOTED}@[^\\s<>"]{{1,253}})>(?: +(.*))?$')
 
 
 class IngressHandler:
@@ -536,10 +607,16 @@ class IngressHandler:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
+        # RFC 5321 4.5.1: <postmaster> without a domain must be accepted, from anyone: it is
+        # relayd's own postmaster (server.hostname; route that domain to the mailbox), and
+        # mail to it relays nothing for others. postmaster@ a domain is a recipient like any.
+        postmaster = address.lower() == "postmaster"
+        if postmaster:
+            address = f"postmaster@{self.config.hostname}"
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
         user = _user(session)
-        if user is None and not server.trusted:
+        if user is None and not server.trusted and not postmaster:
             log.info("relay_denied", client=server.client, rcpt=address, sender=envelope.mail_from)
             return f"554 5.7.1 <{address}>: Relay access denied"
         limit = self.config.max_recipients
@@ -571,7 +648,10 @@ class IngressHandler:
         body = headers.add_headers(
             content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
-        origin = f"auth:{user.name}" if user is not None else f"trusted:{client}"
+        if user is not None:
+            origin = f"auth:{user.name}"
+        else:  # an untrusted client's only recipients are the postmaster (handle_RCPT)
+            origin = f"{'trusted' if server.trusted else 'postmaster'}:{client}"
         try:
             await self.accept(
                 NewMessage(

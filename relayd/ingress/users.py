@@ -16,6 +16,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,15 +158,35 @@ class Directory:
 
 
 class LoginGuard:
-    """Failed logins per client IP: too many within the lockout time lock the IP out."""
+    """Failed logins per client IP: too many within the lockout time lock the IP out.
+
+    Checks still in flight count too (begin/end): the hash is slow on purpose, and parallel
+    connections from one IP would otherwise all be checked before the first failure counts,
+    the lockout closing only behind them."""
 
     def __init__(self, max_failures: int, lockout: float, clock: Callable[[], float]) -> None:
         self.max_failures, self.lockout, self.clock = max_failures, lockout, clock
         self._failures: dict[str, list[float]] = {}
+        self._checking: Counter[str] = Counter()
 
     def locked(self, ip: str) -> bool:
         """Asked for every connection: an address that never failed costs one lookup."""
         return ip in self._failures and len(self._recent(ip)) >= self.max_failures
+
+    def begin(self, ip: str) -> bool:
+        """May a password from ``ip`` be checked now? Not when its recent failures and the
+        checks in flight reach max_failures; if so, the check counts until end()."""
+        failures = len(self._recent(ip)) if ip in self._failures else 0
+        if failures + self._checking[ip] >= self.max_failures:
+            return False
+        self._checking[ip] += 1
+        return True
+
+    def end(self, ip: str) -> None:
+        """A check begun with begin() is over (its failure, if any, counted with failed())."""
+        self._checking[ip] -= 1
+        if self._checking[ip] <= 0:
+            del self._checking[ip]
 
     def failed(self, ip: str) -> int:
         recent = self._recent(ip)

@@ -66,7 +66,9 @@ class NewMessage:
     body: bytes
     client: str
     helo: str
-    origin: str  # "auth:NAME", "trusted:IP" or "dsn:QUEUEID": who vouched for it
+    # who vouched for it: "auth:NAME", "trusted:IP", "postmaster:IP" (an untrusted client's mail
+    # to <postmaster>, the one recipient it may name) or "dsn:QUEUEID"
+    origin: str
     smtputf8: bool
     received_at: float = 0.0  # set when it is stored
     signed: bool = False  # a DKIM signature was added
