@@ -49,6 +49,17 @@ def has_bare_newlines(data: bytes) -> bool:
     return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
+def longest_line_over(data: bytes | bytearray, limit: int) -> bool:
+    """A line (between line ends) longer than ``limit``: one scan, no list of lines."""
+    pattern = _LONG_LINE.get(limit)
+    if pattern is None:
+        pattern = _LONG_LINE[limit] = re.compile(rb"[^\r\n]{%d}" % (limit + 1))
+    return pattern.search(data) is not None
+
+
+_LONG_LINE: dict[int, re.Pattern[bytes]] = {}
+
+
 def to_crlf(data: bytes) -> bytes:
     """Every line end as CRLF (bare CR and bare LF each count as one)."""
     return _LINE_END.sub(b"\r\n", data) if has_bare_newlines(data) else data
@@ -70,6 +81,14 @@ def add_headers(
     content: bytes, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
 ) -> bytes:
     """Prepend Received; add Message-ID and Date when the client left them out."""
+    return trace_headers(content, hostname, client, helo, utf8, queue_id) + content
+
+
+def trace_headers(
+    content: bytes | bytearray, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
+) -> bytes:
+    """The fields a relay puts before the message: Received, and Message-ID and Date when the
+    client left them out. Returned apart, so that the text is not copied to prepend them."""
     end = content.find(b"\r\n\r\n")
     head = (b"\r\n" + (content if end < 0 else content[: end + 2])).lower()
     now = date_header()
@@ -81,4 +100,4 @@ def add_headers(
         extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")
     if b"\r\ndate:" not in head:
         extra.append(f"Date: {now}\r\n")
-    return "".join(extra).encode() + content
+    return "".join(extra).encode()
