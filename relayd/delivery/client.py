@@ -286,7 +286,7 @@ class Connection:
         never straddles two), waiting for the transport to drain between them."""
         client = self.client
         blob.seek(0)
-        carry = b""
+        carry, wrote = b"", False
         while piece := blob.read(PIECE):
             if carry:
                 piece = carry + piece
@@ -296,9 +296,10 @@ class Connection:
                 continue
             carry = piece[cut:]
             client.write(_stuffed(piece[:cut] if carry else piece))
+            wrote = True
             await client.drain(self.timeout)
         last = _stuffed(carry) if carry else b""
-        client.writelines([last, _end(last) if carry else b".\r\n"])
+        client.writelines([last, _end(last) if carry or not wrote else b".\r\n"])
 
     def _lost(self, phase: str, exc: BaseException) -> tuple[int, str]:
         self.broken = True
