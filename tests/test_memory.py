@@ -106,7 +106,7 @@ def test_handoff_carries_head_and_text_raw_in_any_pieces() -> None:
             channel.data_received(wire[start : start + step])
         assert [f[0] for f in frames] == [handoff.MESSAGE, handoff.MESSAGE, handoff.STORED]
         (_, first), (_, second) = handoff.message_of(frames[0]), handoff.message_of(frames[1])
-        assert first.body == b"H: 1\r\n" + bytes(big) and first.queue_id == "Q1"
+        assert bytes(first.body) == b"H: 1\r\n" + bytes(big) and first.queue_id == "Q1"
         assert second.body == b"" and second.smtputf8 and second.sender == ""
 
 

@@ -43,7 +43,7 @@ class Channel(asyncio.Protocol):
         self.on_frame, self.on_lost = on_frame, on_lost
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
-        self._raw: tuple[tuple, int, list[bytes]] | None = None  # frame, bytes left, chunks
+        self._raw: tuple[tuple, bytearray, int] | None = None  # frame, its text, bytes in it
         self._outbox: list[bytes | bytearray] = []
         self._flush_handle: asyncio.Handle | None = None
 
@@ -95,8 +95,10 @@ class Channel(asyncio.Protocol):
                 elif size - pos >= need:
                     frames.append((*frame[:-1], bytes(inbox[pos : pos + need])))
                     pos += need
-                else:  # a large text: gathered as it comes, not in the inbox
-                    self._raw = (frame, need - (size - pos), [bytes(inbox[pos:])])
+                else:  # a large text: copied once, as it comes, into a buffer of its size
+                    text = bytearray(need)
+                    text[: size - pos] = memoryview(inbox)[pos:]
+                    self._raw = (frame, text, size - pos)
                     pos = size
                     break
             if pos:
@@ -108,15 +110,15 @@ class Channel(asyncio.Protocol):
         """Add to the text being gathered; the frame is complete once it is all here. Returns
         what follows the text."""
         assert self._raw is not None
-        frame, left, chunks = self._raw
-        if len(data) < left:
-            chunks.append(data)
-            self._raw = (frame, left - len(data), chunks)
+        frame, text, filled = self._raw
+        take = min(len(data), len(text) - filled)
+        text[filled : filled + take] = memoryview(data)[:take]
+        if filled + take < len(text):
+            self._raw = (frame, text, filled + take)
             return b""
-        chunks.append(data[:left] if len(data) > left else data)
         self._raw = None
-        frames.append((*frame[:-1], b"".join(chunks)))
-        return data[left:]
+        frames.append((*frame[:-1], text))
+        return data[take:]
 
     def close(self) -> None:
         if self.transport is not None:
