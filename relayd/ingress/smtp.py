@@ -315,12 +315,13 @@ class RelaySMTP(SMTP):
             await self.push(status)
         self._set_post_data_state()
 
-    async def _read_data(self, reader: asyncio.StreamReader) -> bytearray | None:
+    async def _read_data(self, reader: asyncio.StreamReader) -> bytes | bytearray | None:
         """The text up to CRLF.CRLF, dot-unstuffed (RFC 5321 4.5.2); None when it is larger than
-        the size limit (then the rest is read and dropped). Each block is unstuffed as it comes
-        and added to one buffer: the text is held once, not as blocks and their join."""
+        the size limit (then the rest is read and dropped). Each block is unstuffed as it comes;
+        a text of one block is returned as read, a longer one gathered in one buffer: the text
+        is held once, not as blocks and their join."""
         limit = self.data_size_limit or 0
-        content = bytearray()
+        content: bytes | bytearray = b""
         size = 0
         tail = b"\r\n"  # the text starts at the beginning of a line
         while True:
@@ -328,24 +329,33 @@ class RelaySMTP(SMTP):
                 block = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:  # no ".CRLF" in a whole block
                 block = await reader.read(exc.consumed)
-            last = block.endswith(b".\r\n") and (tail + block)[-5:] == b"\r\n.\r\n"
+            end = block[-5:] if len(block) >= 5 else (tail + block)[-5:]
+            last = end == b"\r\n.\r\n"
             raw = block[:-3] if last else block
             size += len(raw)
             if limit and size > limit:
                 if last:
                     return None
-                content = bytearray()  # keep reading to the dot, but not the text
-                tail = (tail + block)[-2:]
+                content = b""  # keep reading to the dot, but not the text
+                tail = end[-2:]
                 continue
             # a line may start at the block's start (or just after its first byte)
             if tail == b"\r\n" and raw[:1] == b".":
                 raw = raw[1:]
             elif tail[-1:] == b"\r" and raw[:2] == b"\n.":
                 raw = b"\n" + raw[2:]
-            content += raw.replace(b"\r\n.", b"\r\n") if b"\r\n." in raw else raw
+            if b"\r\n." in raw:
+                raw = raw.replace(b"\r\n.", b"\r\n")
+            if not content:
+                content = raw
+            elif isinstance(content, bytes):
+                content = bytearray(content)
+                content += raw
+            else:
+                content += raw
             if last:
                 return content
-            tail = (tail + block)[-2:]
+            tail = end[-2:]
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None or self.listener.kind == "smtps":
