@@ -42,19 +42,25 @@ import shutil
 import signal
 import smtplib
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this tree's relayd, not the one .venv was installed from
+from relayd.spool import admin  # noqa: E402
+
+# The relayd source tree the benchmarks run (PYTHONPATH of every relayd started): this tree
+# by default; RELAYD_SRC=DIR runs another copy (e.g. `git archive` of an older commit) with
+# this suite, for before/after figures from the same benchmark code.
+SRC = Path(os.environ.get("RELAYD_SRC") or REPO)
 BENCH = REPO / "benchmarks"
 SHARED = REPO.parent / "shared" / "bench"
 PEER = SHARED / "postfix_peer.sh"
@@ -554,14 +560,17 @@ class Suite:
             raise SuiteError(f"dkim keygen failed: {r.stderr.strip()}")
         return key
 
-    def relayd_rep(self, label: str, size: int, dkim_key: Path | None) -> dict:
+    def relayd_rep(
+        self, label: str, size: int, dkim_key: Path | None, n: int | None = None
+    ) -> dict:
         a = self.args
+        n = n or a.n
         self.peer("sink-up")
         spool = self.tmp / f"relayd-{label}" / "spool" / "relayd.sqlite"
         rd = self.relayd(f"relayd-{label}", a.relayd_port, a.sink_port, spool, dkim_key)
         try:
             rd.start()
-            r = self.load_rep(f"relayd-{label}", "relayd", a.relayd_port, a.n, size, rd.pid)
+            r = self.load_rep(f"relayd-{label}", "relayd", a.relayd_port, n, size, rd.pid)
             r["hwm_kb"] = proc_status(rd.pid, "VmHWM")
             sink = int(self.peer("sink-count") or 0)
         finally:
@@ -569,15 +578,13 @@ class Suite:
             self.peer("sink-down", check=False)
         ev = rd.events()
         problems = []
-        if ev["accepted"] != a.n or ev["delivered"] != a.n:
-            problems.append(
-                f"accepted={ev['accepted']} delivered={ev['delivered']} (expected {a.n})"
-            )
-        if dkim_key is not None and ev["dkim_true"] != a.n:
-            problems.append(f'accepted with "dkim": true = {ev["dkim_true"]} (expected {a.n})')
+        if ev["accepted"] != n or ev["delivered"] != n:
+            problems.append(f"accepted={ev['accepted']} delivered={ev['delivered']} (expected {n})")
+        if dkim_key is not None and ev["dkim_true"] != n:
+            problems.append(f'accepted with "dkim": true = {ev["dkim_true"]} (expected {n})')
         if dkim_key is None and ev["dkim_true"]:
             problems.append(f'"dkim": true on {ev["dkim_true"]} without keys')
-        if ev["errors"] or ev["stderr_lines"] or rc != 0 or sink < a.n:
+        if ev["errors"] or ev["stderr_lines"] or rc != 0 or sink < n:
             problems.append(
                 f"error events {ev['errors']}, stderr lines {ev['stderr_lines']}, exit {rc}, "
                 f"sink {sink}"
@@ -593,6 +600,251 @@ class Suite:
         )
         return r
 
+    # -- phase: body (rows 4b, 9b) -----------------------------------------------------------
+
+    def phase_body(self) -> None:
+        """100 KB messages (a real newsletter's size), relayd and Postfix interleaved rep by rep
+        as in the rates phase: the path of the bytes from DATA to the remote MX."""
+        a = self.args
+        n, size = a.body_n, 102400
+        res: dict[str, list[dict]] = {"r": [], "p": []}
+        for rep in range(1, a.reps + 1):
+            log(f"=== body: rep {rep}/{a.reps}")
+            for k in ["r", "p"] if rep % 2 else ["p", "r"]:
+                try:
+                    if k == "p":
+                        r = self.load_rep(f"postfix-100k-{rep}", "postfix", a.postfix_port, n, size)
+                        self.detail(f"postfix 100k rep {rep}", r)
+                    else:
+                        r = self.relayd_rep(f"100k-{rep}", size, None, n)
+                except SuiteError as exc:
+                    log(f"ERROR: {exc}")
+                    self.anomalies.append(f"rep 100k {k} {rep} failed: {exc}")
+                    self.cleanup()
+                    continue
+                res[k].append(r)
+        lr = lambda k: "/".join(f"{r['load1']:.1f}" for r in res[k])  # noqa: E731
+        rv, pv = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
+        q = ratio(med(rv), med(pv))
+        self.rows["4b"] = Row(
+            "4b",
+            f"end-to-end msgs/s, 100 KB messages (N={n:,}), new connection per message",
+            fmt_rate(rv),
+            fmt_rate(pv),
+            f"{q:.2f}" if q else "–",
+            "≥ 3 × Postfix",
+            q is not None and q >= 3,
+            f"{lr('r')} · {lr('p')}",
+        )
+        rc = [1000 * r["relay_cpu_s"] / n for r in res["r"]]
+        pc = [1000 * r["relay_cpu_s"] / n for r in res["p"]]
+        q = ratio(med(rc), med(pc))
+        self.rows["9b"] = Row(
+            "9b",
+            "CPU ms per relayed message, 100 KB (relay process tree; median, min–max)",
+            fmt_secs(rc),
+            fmt_secs(pc),
+            f"{q:.2f}" if q else "–",
+            "≤ 1 ms",
+            bool(rc) and (med(rc) or 0) <= 1.0,
+            f"{lr('r')} · {lr('p')}",
+        )
+        hwm = [f"{r['hwm_kb'] / MB:.1f}" for r in res["r"]]
+        self.notes.append("relayd VmHWM (MB, both processes) in the 100 KB reps: " + ", ".join(hwm))
+
+    # -- phase: memory (rows 11, 12) ---------------------------------------------------------
+
+    def relayctl(self, config: Path, *args: str) -> None:
+        r = subprocess.run(
+            [str(VPY), "-m", "relayd.ctl", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        if r.returncode != 0:
+            raise SuiteError(f"relayctl {' '.join(args)} failed: {r.stderr.strip()[-300:]}")
+
+    def wait_events(self, rd: Relayd, name: str, n: int, what: str) -> None:
+        deadline = time.time() + self.args.max_seconds
+        while rd.events()[name] < n:
+            if time.time() > deadline or (rd.proc is not None and rd.proc.poll() is not None):
+                raise SuiteError(f"{what}: {rd.events()[name]} {name} events of {n}")
+            time.sleep(0.5)
+
+    def phase_memory(self) -> None:
+        self.memory_deferred()
+        self.memory_one_large()
+
+    def memory_deferred(self) -> None:
+        """Row 11: N 5 MB messages sent to relayd while their destination refuses connections
+        (each deferred at its first attempt); then relayd restarted routed to smtp-sink and
+        every one made due at once (relayctl retry --all), so that all N are due together."""
+        a = self.args
+        n, size = a.mem_n, 5 * 1024 * 1024
+        d = self.tmp / "mem-deferred"
+        spool = d / "spool" / "relayd.sqlite"
+        rd = self.relayd("relayd-mem-deferred", a.relayd_port, a.pysink_port, spool)
+        text = rd.config.read_text().replace(
+            'max_message_size = "25MB"', 'max_message_size = "32MB"'
+        )
+        rd.config.write_text(text)
+        la = load1()
+        t0 = time.monotonic()
+        try:
+            rd.start()
+            q = rd.pid
+            rss0 = proc_status(q, "VmRSS")
+            with open(d / "source.out", "wb") as so:
+                src = self.spawn(
+                    [
+                        "smtp-source",
+                        "-s",
+                        str(a.mem_sessions),
+                        "-l",
+                        str(size),
+                        "-m",
+                        str(n),
+                        "-f",
+                        "a@x.test",
+                        "-t",
+                        "b@y.test",
+                        f"127.0.0.1:{a.relayd_port}",
+                    ],
+                    "smtp-source",
+                    so,
+                    subprocess.STDOUT,
+                    self.env(),
+                )
+                try:
+                    src.wait(a.max_seconds)
+                except subprocess.TimeoutExpired:
+                    raise SuiteError("memory: smtp-source did not finish in time") from None
+                self.reap(src)
+            t_in = time.monotonic() - t0
+            self.wait_events(rd, "deferred", n, "memory (deferral)")
+            time.sleep(2)
+            rss_def, hwm_def = proc_status(q, "VmRSS"), proc_status(q, "VmHWM")
+            rc1, _ = rd.stop()
+            rd.config.write_text(text.replace(f":{a.pysink_port}", f":{a.sink_port}"))
+            self.peer("sink-up")
+            c0 = int(self.peer("sink-count") or 0)
+            rd.start()
+            q = rd.pid
+            time.sleep(2)
+            rss_idle = proc_status(q, "VmRSS")
+            t1 = time.monotonic()
+            self.relayctl(rd.config, "retry", "--all")
+            deadline = time.time() + a.max_seconds
+            samples = []
+            while int(self.peer("sink-count") or 0) - c0 < n:
+                if time.time() > deadline:
+                    raise SuiteError("memory: the due messages did not all reach the sink")
+                samples.append(proc_status(q, "VmRSS"))
+                time.sleep(0.5)
+            t_out = time.monotonic() - t1
+            hwm_out, rss_after = proc_status(q, "VmHWM"), proc_status(q, "VmRSS")
+        finally:
+            rc2, _ = rd.stop()
+            self.peer("sink-down", check=False)
+        ev = rd.events()
+        if ev["errors"] or ev["stderr_lines"] or rc1 or rc2 or ev["delivered"] != n:
+            self.anomalies.append(
+                f"memory deferred: delivered {ev['delivered']} of {n}, error events "
+                f"{ev['errors']}, stderr {ev['stderr_lines']}, exit {rc1}/{rc2}"
+            )
+        shutil.rmtree(d / "spool", ignore_errors=True)
+        worst = max(rss_def, hwm_out)
+        scale = "" if n == 2000 else " (scaled from the issue's 2,000)"
+        self.rows["11"] = Row(
+            "11",
+            f"queue-process RSS, {n:,} deferred 5 MB messages{scale}, MB: VmRSS after all were "
+            "deferred / peak (VmHWM) while all were due and delivered",
+            f"{rss_def / MB:.1f} / {hwm_out / MB:.1f}",
+            target="≤ 150 MB",
+            met=worst / MB <= 150,
+            load=la,
+        )
+        self.details.append(
+            f"memory deferred: load1={la} n={n} size={size} sessions={a.mem_sessions}; queue "
+            f"process VmRSS at start {rss0 / MB:.1f} MB, after intake and deferral "
+            f"{rss_def / MB:.1f} MB (VmHWM {hwm_def / MB:.1f}; intake {t_in:.0f} s); restarted "
+            f"routed to smtp-sink: idle {rss_idle / MB:.1f} MB, retry --all -> all at the sink in "
+            f"{t_out:.0f} s, VmHWM {hwm_out / MB:.1f} MB, VmRSS sampled max "
+            f"{max(samples or [0]) / MB:.1f} MB, after {rss_after / MB:.1f} MB"
+        )
+
+    def memory_one_large(self) -> None:
+        """Row 12: one 25 MB message into an idle relayd routed to smtp-sink: the peak RSS of
+        each process above its idle RSS (the peak is reset with clear_refs just before)."""
+        a = self.args
+        size = 25 * 1024 * 1024
+        d = self.tmp / "mem-large"
+        spool = d / "spool" / "relayd.sqlite"
+        rd = self.relayd("relayd-mem-large", a.relayd_port, a.sink_port, spool)
+        text = rd.config.read_text().replace(
+            'max_message_size = "25MB"', 'max_message_size = "32MB"'
+        )
+        rd.config.write_text(text)
+        line = "X" * 76 + "\r\n"
+        head = (
+            "From: <a@x.test>\r\nTo: <b@y.test>\r\nSubject: large\r\n"
+            "Message-ID: <large@x.test>\r\n\r\n"
+        )
+        msg = head + line * ((size - len(head)) // len(line))
+        la = load1()
+        costs: dict[str, list[float]] = {"queue": [], "ingress": []}
+        idle: dict[str, list[float]] = {"queue": [], "ingress": []}
+        self.peer("sink-up")
+        try:
+            rd.start()
+            pids = {"queue": rd.pid, "ingress": (descendants(rd.pid) or [0])[0]}
+            for _ in range(a.reps):
+                c0 = int(self.peer("sink-count") or 0)
+                time.sleep(2)
+                base = {k: proc_status(p, "VmRSS") for k, p in pids.items()}
+                for p in pids.values():
+                    Path(f"/proc/{p}/clear_refs").write_text("5")
+                with smtplib.SMTP("127.0.0.1", a.relayd_port, timeout=120) as smtp:
+                    smtp.sendmail("a@x.test", ["b@y.test"], msg)
+                deadline = time.time() + 120
+                while int(self.peer("sink-count") or 0) <= c0:
+                    if time.time() > deadline:
+                        raise SuiteError("memory: the 25 MB message did not reach the sink")
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                for k, p in pids.items():
+                    idle[k].append(base[k] / MB)
+                    costs[k].append((proc_status(p, "VmHWM") - base[k]) / MB)
+        finally:
+            rc, _ = rd.stop()
+            self.peer("sink-down", check=False)
+        ev = rd.events()
+        if ev["errors"] or ev["stderr_lines"] or rc or ev["delivered"] != a.reps:
+            self.anomalies.append(
+                f"memory large: delivered {ev['delivered']} of {a.reps}, error events "
+                f"{ev['errors']}, stderr {ev['stderr_lines']}, exit {rc}"
+            )
+        shutil.rmtree(d / "spool", ignore_errors=True)
+        limit = 3 * size / (1024 * 1024)
+        worst = max(max(v) for v in costs.values() if v) if all(costs.values()) else None
+        self.rows["12"] = Row(
+            "12",
+            "one 25 MB message: peak RSS above idle, MB (median, min–max): queue process / "
+            "ingress process",
+            f"{fmt_secs(costs['queue'])} / {fmt_secs(costs['ingress'])}",
+            target=f"≤ {limit:.0f} MB (3 × size) each",
+            met=None if worst is None else worst <= limit,
+            load=la,
+        )
+        self.details.append(
+            f"memory large: load1={la} size={size}, reps {a.reps}; idle VmRSS queue "
+            f"{idle['queue']} MB, ingress {idle['ingress']} MB; peak above idle queue "
+            f"{[round(x, 1) for x in costs['queue']]}, ingress "
+            f"{[round(x, 1) for x in costs['ingress']]}"
+        )
+
     # -- the 1M spool ------------------------------------------------------------------------
 
     def base_spool(self) -> tuple[Path, str]:
@@ -602,10 +854,7 @@ class Suite:
         rd = self.relayd("relayd-schema", a.relayd_port, a.sink_port, spool)
         rd.start()
         rd.stop()
-        c = sqlite3.connect(spool)
-        sql = sorted(r[0] or "" for r in c.execute("SELECT sql FROM sqlite_master"))
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        c.close()
+        version, sql = admin.schema_fingerprint(spool)
         h = hashlib.sha256(json.dumps([version, sql]).encode()).hexdigest()[:12]
         return spool, h
 
@@ -662,13 +911,7 @@ class Suite:
         t0 = time.monotonic()
         shutil.copyfile(src, dest)
         if due_now:
-            c = sqlite3.connect(dest, isolation_level=None)
-            c.execute(
-                "UPDATE recipients SET next_attempt = 0 WHERE id IN"
-                " (SELECT id FROM recipients WHERE state = 1 ORDER BY id LIMIT ?)",
-                (due_now,),
-            )
-            c.close()
+            admin.make_due(dest, due_now)
         fd = os.open(dest, os.O_RDONLY)
         try:
             os.fsync(fd)  # no writeback of the copy competing with relayd's fsyncs afterwards
@@ -1029,7 +1272,24 @@ class Suite:
             "min) per rep |",
             "|---|---|---:|---:|---:|---|---|---|",
         ]
-        order = ["1", "2", "3", "4", "5", "6", "7a", "7b", "7c", "8", "9", "10"]
+        order = [
+            "1",
+            "2",
+            "3",
+            "4",
+            "4b",
+            "5",
+            "6",
+            "7a",
+            "7b",
+            "7c",
+            "8",
+            "9",
+            "9b",
+            "10",
+            "11",
+            "12",
+        ]
         for k in order:
             r = self.rows.get(k)
             if r:
@@ -1052,6 +1312,7 @@ def _pgid(pid: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+TRUSTED = 'trusted_networks = ["127.0.0.0/8"]'
 CONFIG = """\
 # generated by benchmarks/suite.py
 [server]
@@ -1124,7 +1385,11 @@ class Relayd:
         with open(f"{name}.log", "wb") as out, open(f"{name}.err", "wb") as err:
             t0 = time.time()
             self.proc = self.suite.spawn(
-                [str(RELAYD), "--config", str(self.config)], f"relayd {self.name}", out, err
+                [str(RELAYD), "--config", str(self.config)],
+                f"relayd {self.name}",
+                out,
+                err,
+                dict(os.environ, PYTHONPATH=str(SRC)),
             )
         p = self.proc
         t = wait_greeting(self.port, t0 + timeout, lambda: p.poll() is None)
@@ -1249,29 +1514,14 @@ STATE_NAMES = {0: "pending", 1: "deferred", 2: "delivered", 3: "bounced", 4: "he
 
 
 def spool_states(path: Path) -> dict[str, int]:
-    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = c.execute("SELECT state, count(*) FROM recipients GROUP BY state").fetchall()
-    finally:
-        c.close()
-    return {STATE_NAMES.get(s, str(s)): k for s, k in rows}
+    return {STATE_NAMES.get(s, str(s)): k for s, k in admin.state_counts(path).items()}
 
 
 def build_spool(path: Path, n: int, domains: int) -> float:
     """Fill an empty relayd spool with n deferred messages (one recipient each, about 1 KB),
-    recipients spread over `domains` domains, next attempt 2 days ahead. Indexes are dropped
-    during the load and recreated from their own SQL. Returns the build time (unix)."""
+    recipients spread over `domains` domains, next attempt 2 days ahead (the SQL is
+    relayd.spool.admin.bulk_fill's). Returns the build time (unix)."""
     now = time.time()
-    c = sqlite3.connect(path, isolation_level=None)
-    c.execute("PRAGMA journal_mode=DELETE")
-    c.execute("PRAGMA synchronous=OFF")
-    c.execute("PRAGMA cache_size=-262144")
-    indexes = c.execute(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'recipients'"
-        " AND sql IS NOT NULL"
-    ).fetchall()
-    for name, _ in indexes:
-        c.execute(f'DROP INDEX "{name}"')
     received = now - 3600
     base = int(received * 1e6) & 0xFFFFFFFFFFF
     head = (
@@ -1284,57 +1534,46 @@ def build_spool(path: Path, n: int, domains: int) -> float:
     text_len = 1024 - 300
     text = (line * (text_len // len(line) + 1))[: text_len - 2] + "\r\n"
     batch = 50000
-    for start in range(0, n, batch):
-        msgs, rcpts = [], []
-        for i in range(start, min(n, start + batch)):
-            qid = f"{base + (i >> 20):011X}{i & 0xFFFFF:05X}"
-            d = i % domains
-            body = (head.format(qid=qid, i=i, d=d) + text).encode()
-            msgs.append(
-                (
-                    i + 1,
-                    qid,
-                    "a@x.test",
-                    received,
-                    len(body),
-                    "127.0.0.1",
-                    "app.bench",
-                    "trusted:127.0.0.1",
-                    0,
-                    body,
+
+    def batches() -> Iterator[tuple[list[tuple], list[tuple]]]:
+        for start in range(0, n, batch):
+            msgs, rcpts = [], []
+            for i in range(start, min(n, start + batch)):
+                qid = f"{base + (i >> 20):011X}{i & 0xFFFFF:05X}"
+                d = i % domains
+                body = (head.format(qid=qid, i=i, d=d) + text).encode()
+                msgs.append(
+                    (
+                        i + 1,
+                        qid,
+                        "a@x.test",
+                        received,
+                        len(body),
+                        "127.0.0.1",
+                        "app.bench",
+                        "trusted:127.0.0.1",
+                        0,
+                        body,
+                    )
                 )
-            )
-            rcpts.append(
-                (
-                    i + 1,
-                    i + 1,
-                    f"u{i}@d{d}.test",
-                    f"d{d}.test",
-                    1,
-                    now + 2 * 86400,
-                    1,
-                    451,
-                    "4.4.1 bench: deferred",
-                    "127.0.0.1:25",
-                    now - 60,
+                rcpts.append(
+                    (
+                        i + 1,
+                        i + 1,
+                        f"u{i}@d{d}.test",
+                        f"d{d}.test",
+                        1,
+                        now + 2 * 86400,
+                        1,
+                        451,
+                        "4.4.1 bench: deferred",
+                        "127.0.0.1:25",
+                        now - 60,
+                    )
                 )
-            )
-        c.execute("BEGIN")
-        c.executemany(
-            "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo, origin,"
-            " smtputf8, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            msgs,
-        )
-        c.executemany(
-            "INSERT INTO recipients (id, msg_id, rcpt, domain, state, next_attempt, attempts,"
-            " last_code, last_reply, last_mx, last_attempt) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            rcpts,
-        )
-        c.execute("COMMIT")
-    for _name, sql in indexes:
-        c.execute(sql)
-    c.execute("PRAGMA journal_mode=WAL")
-    c.close()
+            yield msgs, rcpts
+
+    admin.bulk_fill(path, batches())
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
@@ -1372,8 +1611,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,spool,restart,fault",
-        help="comma list of rates (rows 1-5, 9), spool (6, 8), restart (7), fault (10)",
+        default="rates,body,spool,restart,fault,memory",
+        help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
+        "fault (10), memory (11, 12)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1391,6 +1631,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--row8-n", type=int, help="row 8: messages per rep (default: --n)")
     p.add_argument("--fault-n", type=int, help="row 10: messages (full 20000, quick 2000)")
+    p.add_argument("--body-n", type=int, help="rows 4b/9b: 100 KB messages per rep (--n / 2)")
+    p.add_argument(
+        "--mem-n", type=int, help="row 11: deferred 5 MB messages (full 2000, quick 200)"
+    )
+    p.add_argument("--mem-sessions", type=int, default=10, help="row 11: smtp-source sessions")
     p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
@@ -1411,9 +1656,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.domains = a.domains or max(1, a.spool_n // 10)
     a.row8_n = a.row8_n or a.n
     a.fault_n = a.fault_n or a.n
+    a.body_n = a.body_n or a.n // 2
+    a.mem_n = a.mem_n or (200 if q else 2000)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    bad = set(a.phases) - {"rates", "spool", "restart", "fault"}
+    bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory"}
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
     return a
@@ -1422,6 +1669,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
     cmd = "benchmarks/suite.sh" + ("".join(" " + shlex.quote(x) for x in argv))
+    if os.environ.get("RELAYD_SRC"):
+        cmd = f"RELAYD_SRC={shlex.quote(str(SRC))} {cmd}"
     if os.geteuid() != 0:
         print("suite: must run as root (configures and starts Postfix)", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sqlite3
 import ssl
 from collections import deque
 
@@ -28,6 +29,8 @@ from relayd.model.status import Reply
 _MAX_LINE = 8192  # longest reply line accepted (RFC 5321 4.5.3.1.5 says 512)
 _MAX_LINES = 100  # lines of one multi-line reply
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+PIECE = 256 * 1024  # a text streamed from the spool is read and written this much at a time
+WRITE_BUFFER = 256 * 1024  # bytes queued in the transport before a stream waits to write more
 
 
 class ConnectFailure(Exception):
@@ -63,14 +66,39 @@ class _Client(asyncio.Protocol):
         self._socket: socket.socket | None = None
         self.pipelined = False  # replies to several commands are on their way
         self.error: SessionError | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while the transport is full
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(WRITE_BUFFER)  # type: ignore[attr-defined]
         if _QUICKACK is not None:
             self._socket = transport.get_extra_info("socket")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(SessionError(f"connection lost{f': {exc}' if exc else ''}"))
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            if not self._writable.done():
+                self._writable.set_result(None)
+            self._writable = None
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport takes more (a streamed text is not buffered whole)."""
+        while self._writable is not None:
+            if self.error is not None:
+                raise self.error
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+            except TimeoutError:
+                self._fail(SessionError(f"could not write for {timeout:g}s"))
+        if self.error is not None:
+            raise self.error
 
     def eof_received(self) -> bool:
         self._fail(SessionError("connection closed by the server"))
@@ -147,6 +175,13 @@ class _Client(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        """Several buffers in one call, none joined (a text is not copied to end it)."""
+        if self.error is not None:
+            raise self.error
+        assert self.transport is not None
+        self.transport.writelines(data)
+
 
 class Connection:
     """An open SMTP session to one MX host."""
@@ -200,8 +235,9 @@ class Connection:
                 return cls(client, extensions, mx, local, command_timeout)
         raise last
 
-    async def send(self, job: Job) -> list[tuple[int, Reply]]:
-        """One transaction for ``job``: (recipient row id, outcome) for each recipient."""
+    async def send(self, job: Job, text: bytes | sqlite3.Blob) -> list[tuple[int, Reply]]:
+        """One transaction for ``job`` with its ``text`` (in memory, or a spool handle to stream
+        it from in pieces): (recipient row id, outcome) for each recipient."""
         try:
             options = ""
             if job.smtputf8:
@@ -209,7 +245,7 @@ class Connection:
                     msg = "5.6.7 remote server does not support SMTPUTF8"
                     return [(r.id, Reply(553, msg)) for r in job.recipients]
                 options += " SMTPUTF8"
-            if "8bitmime" in self.extensions and not job.body.isascii():
+            if "8bitmime" in self.extensions and not _isascii(text):
                 options += " BODY=8BITMIME"
             encoding = "utf-8" if job.smtputf8 else "ascii"
             commands = [f"MAIL FROM:<{job.sender}>{options}\r\n".encode(encoding)]
@@ -225,21 +261,45 @@ class Connection:
             await self._abandon(data)
             return [(r.id, Reply(*mail)) for r in job.recipients]
         outcomes, accepted = [], []
-        for r, (code, text) in zip(job.recipients, replies[1:-1], strict=True):
+        for r, (code, reply) in zip(job.recipients, replies[1:-1], strict=True):
             if code in (250, 251):
                 accepted.append(r)
             else:
-                outcomes.append((r.id, Reply(code, text)))
+                outcomes.append((r.id, Reply(code, reply)))
         if not accepted:
             await self._abandon(data)
             return outcomes
         if data[0] == 354:
             try:
-                self.client.write(_data_text(job.body))
+                if isinstance(text, bytes):
+                    stuffed = _stuffed(text)
+                    self.client.writelines([stuffed, _end(stuffed)])
+                else:
+                    await self._stream(text)
                 data = await self.client.reply(self.timeout)
             except (SessionError, OSError) as exc:
                 data = self._lost("the message text", exc)
         return outcomes + [(r.id, Reply(*data)) for r in accepted]
+
+    async def _stream(self, blob: sqlite3.Blob) -> None:
+        """The text from the spool in pieces, each cut after a line end (so that dot-stuffing
+        never straddles two), waiting for the transport to drain between them."""
+        client = self.client
+        blob.seek(0)
+        carry, wrote = b"", False
+        while piece := blob.read(PIECE):
+            if carry:
+                piece = carry + piece
+            cut = piece.rfind(b"\n") + 1
+            if cut == 0:  # no line end in a whole piece: keep reading
+                carry = piece
+                continue
+            carry = piece[cut:]
+            client.write(_stuffed(piece[:cut] if carry else piece))
+            wrote = True
+            await client.drain(self.timeout)
+        last = _stuffed(carry) if carry else b""
+        client.writelines([last, _end(last) if carry or not wrote else b".\r\n"])
 
     def _lost(self, phase: str, exc: BaseException) -> tuple[int, str]:
         self.broken = True
@@ -293,18 +353,33 @@ class Connection:
                 client.transport.close()
 
 
-def _data_text(body: bytes) -> bytes:
-    """The message as DATA sends it: CRLF line ends, dot-stuffed (RFC 5321 4.5.2), ended by
-    CRLF.CRLF. Spooled text is already CRLF throughout, so the rewrite is rarely needed."""
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    body = body.replace(b"\r\n.", b"\r\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    return body + b".\r\n"
+def _end(stuffed: bytes) -> bytes:
+    """What ends the data after this (last) text: the dot line, after a CRLF if it lacks one."""
+    return b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n"
+
+
+def _stuffed(text: bytes) -> bytes:
+    """Text that starts at the beginning of a line, with CRLF line ends and dot-stuffed.
+    Spooled text is already CRLF throughout (ingress made it so), so the rewrite is rarely
+    needed, and a text without a line-initial dot is returned as it is (no copy)."""
+    crlf = text.count(b"\r\n")
+    if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+        text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if b"\r\n." in text:
+        text = text.replace(b"\r\n.", b"\r\n..")
+    if text.startswith(b"."):
+        text = b"." + text
+    return text
+
+
+def _isascii(text: bytes | sqlite3.Blob) -> bool:
+    if isinstance(text, bytes):
+        return text.isascii()
+    text.seek(0)
+    while piece := text.read(PIECE):
+        if not piece.isascii():
+            return False
+    return True
 
 
 class _TlsFailed(Exception):

@@ -352,15 +352,18 @@ class RelaySMTP(SMTP):
             await self.push("552 Error: Too much mail data")
         else:
             self.envelope.content = self.envelope.original_content = content
+            del content  # handle_DATA takes the text from the envelope (and lets go of it)
             status = await self._call_handler_hook("DATA")
             await self.push(status)
         self._set_post_data_state()
 
-    async def _read_data(self, reader: asyncio.StreamReader) -> bytes | None:
+    async def _read_data(self, reader: asyncio.StreamReader) -> bytes | bytearray | None:
         """The text up to CRLF.CRLF, dot-unstuffed (RFC 5321 4.5.2); None when it is larger than
-        the size limit (then the rest is read and dropped)."""
+        the size limit (then the rest is read and dropped). Each block is unstuffed as it comes;
+        a text of one block is returned as read, a longer one gathered in one buffer: the text
+        is held once, not as blocks and their join."""
         limit = self.data_size_limit or 0
-        parts: list[bytes] = []
+        content: bytes | bytearray = b""
         size = 0
         tail = b"\r\n"  # the text starts at the beginning of a line
         while True:
@@ -368,23 +371,33 @@ class RelaySMTP(SMTP):
                 block = await reader.readuntil(b".\r\n")
             except asyncio.LimitOverrunError as exc:  # no ".CRLF" in a whole block
                 block = await reader.read(exc.consumed)
-            if block.endswith(b".\r\n") and (tail + block)[-5:] == b"\r\n.\r\n":
-                block = block[:-3]
-                size += len(block)
-                if not limit or size <= limit:
-                    parts.append(block)
-                    break
-                return None
-            size += len(block)
-            tail = (tail + block)[-2:]
+            end = block[-5:] if len(block) >= 5 else (tail + block)[-5:]
+            last = end == b"\r\n.\r\n"
+            raw = block[:-3] if last else block
+            size += len(raw)
             if limit and size > limit:
-                parts.clear()  # keep reading to the dot, but not the text
+                if last:
+                    return None
+                content = b""  # keep reading to the dot, but not the text
+                tail = end[-2:]
+                continue
+            # a line may start at the block's start (or just after its first byte)
+            if tail == b"\r\n" and raw[:1] == b".":
+                raw = raw[1:]
+            elif tail[-1:] == b"\r" and raw[:2] == b"\n.":
+                raw = b"\n" + raw[2:]
+            if b"\r\n." in raw:
+                raw = raw.replace(b"\r\n.", b"\r\n")
+            if not content:
+                content = raw
+            elif isinstance(content, bytes):
+                content = bytearray(content)
+                content += raw
             else:
-                parts.append(block)
-        content = b"".join(parts)
-        if content.startswith(b"."):
-            content = content[1:]
-        return content.replace(b"\r\n.", b"\r\n")
+                content += raw
+            if last:
+                return content
+            tail = end[-2:]
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")  # HELP still lists it
     async def smtp_MAIL(self, arg: str) -> None:
@@ -631,11 +644,12 @@ class IngressHandler:
         client = server.client
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         content = envelope.original_content or b""
+        envelope.content = envelope.original_content = None  # held once, here, from now on
         if headers.has_bare_newlines(content):
             if self.config.bare_newlines == "reject":
                 return "554 5.6.0 Message contains bare CR or LF characters"
             content = headers.to_crlf(content)
-        if max(map(len, content.split(b"\r\n"))) > self.config.max_line_length:
+        if headers.longest_line_over(content, self.config.max_line_length):
             return f"500 5.5.2 Line too long (over {self.config.max_line_length} characters)"
         user = _user(session)
         if user is not None:
@@ -645,7 +659,7 @@ class IngressHandler:
                 return f"550 5.7.1 From header not allowed for login {user.name}"
         helo = _UNPRINTABLE.sub("?", session.host_name or "")  # client text, kept printable
         queue_id = new_queue_id()
-        body = headers.add_headers(
+        head = headers.trace_headers(
             content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
         if user is not None:
@@ -658,11 +672,12 @@ class IngressHandler:
                     queue_id,
                     sender,
                     list(envelope.rcpt_tos),
-                    body,
+                    content,
                     client,
                     helo,
                     origin,
                     envelope.smtp_utf8,
+                    head=head,
                 )
             )
         except asyncio.CancelledError:

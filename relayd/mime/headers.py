@@ -49,6 +49,19 @@ def has_bare_newlines(data: bytes) -> bool:
     return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
+def longest_line_over(data: bytes | bytearray, limit: int) -> bool:
+    """A line longer than ``limit`` in CRLF text (no bare CR or LF). Jumps from each line start
+    to the last LF within ``limit`` + 2 bytes: about len/limit finds, no list of lines (a
+    25 MB text split into lines is as many objects again)."""
+    pos, size = 0, len(data)
+    while size - pos > limit:
+        end = data.rfind(b"\n", pos, pos + limit + 2)
+        if end < 0:
+            return True
+        pos = end + 1
+    return False
+
+
 def to_crlf(data: bytes) -> bytes:
     """Every line end as CRLF (bare CR and bare LF each count as one)."""
     return _LINE_END.sub(b"\r\n", data) if has_bare_newlines(data) else data
@@ -70,6 +83,14 @@ def add_headers(
     content: bytes, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
 ) -> bytes:
     """Prepend Received; add Message-ID and Date when the client left them out."""
+    return trace_headers(content, hostname, client, helo, utf8, queue_id) + content
+
+
+def trace_headers(
+    content: bytes | bytearray, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
+) -> bytes:
+    """The fields a relay puts before the message: Received, and Message-ID and Date when the
+    client left them out. Returned apart, so that the text is not copied to prepend them."""
     end = content.find(b"\r\n\r\n")
     head = (b"\r\n" + (content if end < 0 else content[: end + 2])).lower()
     now = date_header()
@@ -81,4 +102,4 @@ def add_headers(
         extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")
     if b"\r\ndate:" not in head:
         extra.append(f"Date: {now}\r\n")
-    return "".join(extra).encode() + content
+    return "".join(extra).encode()

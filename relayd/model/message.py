@@ -36,8 +36,11 @@ class Job:
     domain: str
     received_at: float
     smtputf8: bool
-    body: bytes
+    # The text, for a fresh small message admitted straight from intake; None otherwise: a
+    # waiting job pins no text, the connection that takes it reads it from the spool.
+    body: bytes | None
     recipients: list[Recipient]
+    size: int = 0  # bytes of the spooled text
 
     @property
     def is_retry(self) -> bool:
@@ -63,7 +66,7 @@ class NewMessage:
     queue_id: str
     sender: str
     recipients: list[str]
-    body: bytes
+    body: bytes | bytearray
     client: str
     helo: str
     # who vouched for it: "auth:NAME", "trusted:IP", "postmaster:IP" (an untrusted client's mail
@@ -75,6 +78,9 @@ class NewMessage:
     active: bool = False  # the scheduler took it straight into memory
     ids: list[int] = field(default_factory=list)  # recipient row ids, set on insert
     msg_id: int = 0
+    # Text that goes before ``body`` (ingress's trace headers): carried apart so that adding
+    # them does not copy the whole message; the hand-off joins the two in the queue process.
+    head: bytes = b""
 
 
 @dataclass

@@ -8,7 +8,10 @@ process is the spool's only writer, as before.
 
 Frames: a 4-byte big-endian length, then a marshalled tuple whose first item names the kind.
 marshal is the fastest codec for tuples of str/bytes/int and both ends run the same relayd.
-Frames written in one turn of the event loop go out in one system call.
+Frames written in one turn of the event loop go out in one system call. A message's text is not
+marshalled: its frame ends with the text's length and the raw bytes follow the frame (the trace
+headers, then the text as read), so neither end copies the text to frame it, and the queue
+process gets the headers and text joined in the one copy it makes on receipt.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ _HEADER = 4
 _MARSHAL_VERSION = 4
 
 # ingress -> queue
-MESSAGE = "m"  # (MESSAGE, request id, *fields of NewMessage)
+MESSAGE = "m"  # (MESSAGE, request id, *fields of NewMessage, text length) + the raw text
 RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
 SERVING = "l"  # (SERVING,): the listeners are open
 # queue -> ingress
@@ -41,7 +44,8 @@ class Channel(asyncio.Protocol):
         self.on_frame, self.on_lost = on_frame, on_lost
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
-        self._outbox: list[bytes] = []
+        self._raw: tuple[tuple, bytearray, int] | None = None  # frame, its text, bytes in it
+        self._outbox: list[bytes | bytearray] = []
         self._flush_handle: asyncio.Handle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,10 +55,12 @@ class Channel(asyncio.Protocol):
         self.transport = None
         self.on_lost()
 
-    def send(self, frame: tuple) -> None:
+    def send(self, frame: tuple, raw: tuple[bytes | bytearray, ...] = ()) -> None:
+        """Queue a frame; ``raw``, whose total length the frame ends with, follows it as is."""
         data = marshal.dumps(frame, _MARSHAL_VERSION)
         self._outbox.append(len(data).to_bytes(_HEADER, "big"))
         self._outbox.append(data)
+        self._outbox.extend(raw)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
@@ -71,20 +77,49 @@ class Channel(asyncio.Protocol):
         self._outbox.clear()
 
     def data_received(self, data: bytes) -> None:
-        inbox = self._inbox
-        inbox += data
-        pos, size = 0, len(inbox)
-        frames = []
-        while size - pos >= _HEADER:
-            end = pos + _HEADER + int.from_bytes(inbox[pos : pos + _HEADER], "big")
-            if end > size:
-                break
-            frames.append(marshal.loads(inbox[pos + _HEADER : end]))
-            pos = end
-        if pos:
-            del inbox[:pos]
+        frames: list[tuple] = []
+        if self._raw is not None:
+            data = self._more_raw(data, frames)
+        if data:
+            inbox = self._inbox
+            inbox += data
+            pos, size = 0, len(inbox)
+            while size - pos >= _HEADER:
+                end = pos + _HEADER + int.from_bytes(inbox[pos : pos + _HEADER], "big")
+                if end > size:
+                    break
+                frame = marshal.loads(memoryview(inbox)[pos + _HEADER : end])
+                pos = end
+                need = frame[-1] if frame[0] == MESSAGE else -1
+                if need < 0:
+                    frames.append(frame)
+                elif size - pos >= need:
+                    frames.append((*frame[:-1], bytes(inbox[pos : pos + need])))
+                    pos += need
+                else:  # a large text: copied once, as it comes, into a buffer of its size
+                    text = bytearray(need)
+                    text[: size - pos] = memoryview(inbox)[pos:]
+                    self._raw = (frame, text, size - pos)
+                    pos = size
+                    break
+            if pos:
+                del inbox[:pos]
         for frame in frames:
             self.on_frame(frame)
+
+    def _more_raw(self, data: bytes, frames: list[tuple]) -> bytes:
+        """Add to the text being gathered; the frame is complete once it is all here. Returns
+        what follows the text."""
+        assert self._raw is not None
+        frame, text, filled = self._raw
+        take = min(len(data), len(text) - filled)
+        text[filled : filled + take] = memoryview(data)[:take]
+        if filled + take < len(text):
+            self._raw = (frame, text, filled + take)
+            return b""
+        self._raw = None
+        frames.append((*frame[:-1], text))
+        return data[take:]
 
     def close(self) -> None:
         if self.transport is not None:
@@ -93,23 +128,25 @@ class Channel(asyncio.Protocol):
 
 
 def message_frame(request: int, msg: NewMessage) -> tuple:
+    """The frame of a message without its text; it ends with the text's length."""
     return (
         MESSAGE,
         request,
         msg.queue_id,
         msg.sender,
         msg.recipients,
-        msg.body,
         msg.client,
         msg.helo,
         msg.origin,
         msg.smtputf8,
         msg.received_at,
+        len(msg.head) + len(msg.body),
     )
 
 
 def message_of(frame: tuple) -> tuple[int, NewMessage]:
-    _, request, queue_id, sender, rcpts, body, client, helo, origin, utf8, received = frame
+    """The message of a received frame (its text, joined to the frame, is the last item)."""
+    _, request, queue_id, sender, rcpts, client, helo, origin, utf8, received, body = frame
     msg = NewMessage(queue_id, sender, rcpts, body, client, helo, origin, utf8, received)
     return request, msg
 
@@ -131,7 +168,7 @@ class SpoolLink:
             return fut
         self._next += 1
         self.pending[self._next] = fut
-        self.channel.send(message_frame(self._next, msg))
+        self.channel.send(message_frame(self._next, msg), (msg.head, msg.body))
         return fut
 
     def _frame(self, frame: tuple) -> None:

@@ -66,9 +66,8 @@ class Intake:
 
     async def _sign_and_insert(self, msg: NewMessage) -> NewMessage:
         loop = asyncio.get_running_loop()  # RSA in OpenSSL releases the GIL: sign beside the loop
-        signed = await loop.run_in_executor(
-            self.signing, self.signer.sign, msg.body, msg.received_at
-        )
+        body = bytes(msg.body)  # a large text arrives as a bytearray; the signer wants bytes
+        signed = await loop.run_in_executor(self.signing, self.signer.sign, body, msg.received_at)
         msg.signed = len(signed) > len(msg.body)
         msg.body = signed
         return await self._insert(msg)

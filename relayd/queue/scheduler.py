@@ -6,6 +6,11 @@ bounded (``delivery.max_active``), so memory does not grow with the queue; never
 loaded before retries, and retries may fill at most half of memory, so a deferred backlog cannot
 starve new mail.
 
+A job waiting in memory holds no message text (the spool has it): the connection that takes a
+job reads the text then, whole when it is small, in pieces as it is sent when it is large, and
+the bytes of text in flight are bounded (``Budget``). Only a fresh small message admitted
+straight from intake keeps its text for its first attempt, within ``KEEP_TOTAL`` bytes.
+
 Jobs are routed to sites (the set of MX hosts a domain resolves to; domains sharing MX hosts
 share a site and its limits). A site opens connections up to its limits, each from a source
 address picked by weighted rotation, and each carries jobs until its message cap or idleness.
@@ -17,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import random
+import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,10 +38,14 @@ from relayd.model.message import Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
 from relayd.outcomes import commit, decide
 from relayd.shaping import Gcra, Rotation, Throttle, ThrottleFactory
-from relayd.spool import store
+from relayd.spool import schema, store
 from relayd.spool.writer import Writer
 
 POLL_INTERVAL = 1.0  # seconds between spool scans when nothing pokes the loader
+KEEP_BODY = 128 * 1024  # a fresh message this small keeps its text in memory for its first try
+KEEP_TOTAL = 16 << 20  # ... while the texts so kept add up to no more than this
+IN_FLIGHT = 32 << 20  # bytes of text that connections may hold at once (read, being written)
+STREAM = 256 * 1024  # a text larger than this is streamed from the spool, not read whole
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
 
 Connect = Callable[..., Awaitable[Connection]]
@@ -61,6 +71,44 @@ async def keep_running(
         except Exception as exc:
             await backoff(task, failures, exc)
             failures += 1
+
+
+class Budget:
+    """A semaphore over bytes, first come first served: bounds the text held in delivery."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.free = total
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, size: int) -> int:
+        """Wait for ``size`` bytes (at most the whole budget); returns what to release."""
+        size = min(size, self.total)
+        if not self._waiters and self.free >= size:
+            self.free -= size
+            return size
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(size)  # granted just as it was cancelled
+            else:
+                self._waiters.remove(entry)
+                self._grant()
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.free += size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            size, fut = self._waiters.popleft()
+            self.free -= size
+            fut.set_result(None)
 
 
 @dataclass
@@ -105,6 +153,9 @@ class Scheduler:
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.active = 0  # jobs in memory
         self.active_retries = 0
+        self.kept = 0  # bytes of text kept by fresh jobs (KEEP_TOTAL)
+        self.budget = Budget(IN_FLIGHT)
+        self._reader: sqlite3.Connection | None = None  # texts are read here, opened on need
         self.tasks: set[asyncio.Task] = set()
         self.stopping = False
         self._poke = asyncio.Event()
@@ -123,8 +174,11 @@ class Scheduler:
         self.active -= jobs
 
     def admit(self, msg: NewMessage) -> None:
-        """A fresh message, durable and marked ACTIVE: route its jobs."""
+        """A fresh message, durable and marked ACTIVE: route its jobs. A small text stays with
+        them (no read back from the spool for the common case), within KEEP_TOTAL."""
         by_domain: dict[str, Job] = {}
+        size = len(msg.body)
+        keep = isinstance(msg.body, bytes) and size <= KEEP_BODY
         for rid, rcpt in zip(msg.ids, msg.recipients, strict=True):
             domain = domain_of(rcpt)
             job = by_domain.get(domain)
@@ -136,9 +190,13 @@ class Scheduler:
                     domain,
                     msg.received_at,
                     msg.smtputf8,
-                    msg.body,
+                    None,
                     [],
+                    size,
                 )
+                if keep and self.kept + size <= KEEP_TOTAL:
+                    job.body = msg.body  # type: ignore[assignment]  # bytes: checked above
+                    self.kept += size
             job.recipients.append(Recipient(rid, rcpt, 0))
         for job in by_domain.values():
             self._route(job)
@@ -175,6 +233,9 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -313,7 +374,7 @@ class Scheduler:
                         break
                     site.open += 1
                 await self._throttle(site, shaping, source)
-                pairs = await conn.send(job)
+                pairs = await self._send(conn, job)
                 self._finish(job, pairs, conn.mx, conn.source_ip)
                 if conn.broken:
                     break
@@ -328,6 +389,35 @@ class Scheduler:
                 site.per_source[source.address] -= 1
             self._kick(site)
             self._forget_if_idle(site)
+
+    async def _send(self, conn: Connection, job: Job) -> list[tuple[int, Reply]]:
+        """Send ``job`` with its text, held only for the transaction: the job's own (a fresh
+        small message), read whole from the spool, or streamed from it in pieces. What the
+        text costs in memory (it and its dot-stuffed copy, or two pieces) is taken from the
+        budget first, so that many connections cannot hold many large texts at once."""
+        text, job.body = job.body, None
+        if text is not None:
+            self.kept -= len(text)
+        streamed = text is None and job.size > STREAM
+        charge = await self.budget.acquire(2 * (STREAM if streamed else job.size))
+        blob = None
+        try:
+            if text is None:
+                reader = self._reader
+                if reader is None:
+                    reader = self._reader = schema.reader(self.writer.path)
+                if streamed:
+                    text = blob = store.open_body(reader, job.msg_id)
+                else:
+                    text = store.text_of(reader, job.msg_id)
+            if text is None:  # the message left the spool (relayctl delete): nothing to send
+                gone = Reply(421, "4.3.0 message no longer in the spool")
+                return [(r.id, gone) for r in job.recipients]
+            return await conn.send(job, text)
+        finally:
+            if blob is not None:
+                blob.close()
+            self.budget.release(charge)
 
     def _forget_if_idle(self, site: Site) -> None:
         """Drop a site with no work and no rate debt, so memory follows the active sites only."""
@@ -386,6 +476,9 @@ class Scheduler:
 
     def _finish(self, job: Job, replies: list[tuple[int, Reply]], mx: str, source_ip: str) -> None:
         """The job leaves memory; its outcomes go to the spool in one transaction."""
+        if job.body is not None:  # never sent (connect or lookup failure): the text goes too
+            self.kept -= len(job.body)
+            job.body = None
         now = self.clock()
         results, events = decide.decide(
             job, replies, mx, source_ip, now, self.config.retry, self.rng
@@ -489,6 +582,8 @@ class Scheduler:
                 if not job.recipients:
                     self.active -= 1
                     self.active_retries -= retry
+                    if job.body is not None:
+                        self.kept -= len(job.body)
                     continue
                 kept.append(job)
             queue.clear()

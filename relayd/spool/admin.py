@@ -264,3 +264,77 @@ def _queue_ids(conn: sqlite3.Connection, msg_ids: list[int]) -> dict[int, str]:
             f"SELECT id, queue_id FROM messages WHERE id IN {IDS_IN}", (json.dumps(msg_ids),)
         ).fetchall()
     )
+
+
+# -- for benchmarks/suite.py: bulk spools, outside any running daemon ------------------------
+
+
+def schema_fingerprint(path: Path) -> tuple[int, list[str]]:
+    """The schema version and every CREATE statement of a spool: what a cached bench spool
+    must match to be reused."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        sql = sorted(r[0] or "" for r in conn.execute("SELECT sql FROM sqlite_master"))
+        return conn.execute("PRAGMA user_version").fetchone()[0], sql
+    finally:
+        conn.close()
+
+
+def state_counts(path: Path) -> dict[int, int]:
+    """Recipients per state, read-only."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT state, count(*) FROM recipients GROUP BY state"))
+    finally:
+        conn.close()
+
+
+def make_due(path: Path, n: int) -> int:
+    """Make the first ``n`` deferred recipients due now (a stopped daemon's spool)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(
+            "UPDATE recipients SET next_attempt = 0 WHERE id IN"
+            " (SELECT id FROM recipients WHERE state = 1 ORDER BY id LIMIT ?)",
+            (n,),
+        ).rowcount
+    finally:
+        conn.close()
+
+
+def bulk_fill(path: Path, batches: Iterator[tuple[list[tuple], list[tuple]]]) -> None:
+    """Fill a spool that relayd created (and no daemon has open) as fast as SQLite allows:
+    no fsync, recipient indexes dropped during the load and rebuilt from their own SQL. Each
+    batch is (messages rows: id, queue_id, sender, received_at, size, client, helo, origin,
+    smtputf8, body; recipient rows: id, msg_id, rcpt, domain, state, next_attempt, attempts,
+    last_code, last_reply, last_mx, last_attempt), one transaction each."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA cache_size=-262144")
+        indexes = conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index'"
+            " AND tbl_name = 'recipients' AND sql IS NOT NULL"
+        ).fetchall()
+        for name, _ in indexes:
+            conn.execute(f'DROP INDEX "{name}"')
+        for msgs, rcpts in batches:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+                " origin, smtputf8, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                msgs,
+            )
+            conn.executemany(
+                "INSERT INTO recipients (id, msg_id, rcpt, domain, state, next_attempt,"
+                " attempts, last_code, last_reply, last_mx, last_attempt)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rcpts,
+            )
+            conn.execute("COMMIT")
+        for _name, sql in indexes:
+            conn.execute(sql)
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()

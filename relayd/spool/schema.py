@@ -81,6 +81,15 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def reader(path: Path) -> sqlite3.Connection:
+    """A second connection, for reading message texts when delivery needs them (never writes:
+    the writer thread's connection stays the only one that does)."""
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only=1")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
 def protect(path: Path) -> None:
     """Queued mail is private: the folder 0700, the files 0600 (also when made earlier by a
     relayd running under another umask)."""

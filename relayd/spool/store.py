@@ -18,6 +18,9 @@ T = TypeVar("T")
 
 REPORTED_FAILED = 1
 REPORTED_DELAYED = 2
+# Texts larger than this are written into a zeroblob in pieces: SQLite would otherwise build
+# the whole row (one more copy of the text) in memory before writing it.
+BLOB_PIECES = 1 << 20
 
 
 @dataclass
@@ -35,22 +38,28 @@ class Row:
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> NewMessage:
     """The message, its recipient rows, PENDING (or ACTIVE when the scheduler took it)."""
+    size = len(msg.body)
+    pieces = size > BLOB_PIECES
     cur = conn.execute(
         "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin,"
-        " smtputf8, body) VALUES (?,?,?,?,?,?,?,?,?)",
+        f" smtputf8, body) VALUES (?,?,?,?,?,?,?,?,{'zeroblob(?)' if pieces else '?'})",
         (
             msg.queue_id,
             msg.sender,
             msg.received_at,
-            len(msg.body),
+            size,
             msg.client,
             msg.helo,
             msg.origin,
             int(msg.smtputf8),
-            msg.body,
+            size if pieces else msg.body,
         ),
     )
     msg.msg_id = cur.lastrowid or 0
+    if pieces:
+        with conn.blobopen("messages", "body", msg.msg_id) as blob, memoryview(msg.body) as text:
+            for start in range(0, size, BLOB_PIECES):
+                blob.write(text[start : start + BLOB_PIECES])
     state = State.ACTIVE if msg.active else State.PENDING
     msg.ids = []
     for rcpt in msg.recipients:
@@ -111,7 +120,7 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
     for chunk in _chunks(msg_ids, 500):
         marks = ",".join("?" * len(chunk))
         for m in conn.execute(
-            f"SELECT id, queue_id, sender, received_at, smtputf8, body FROM messages "
+            f"SELECT id, queue_id, sender, received_at, smtputf8, size FROM messages "
             f"WHERE id IN ({marks})",
             chunk,
         ):
@@ -122,7 +131,7 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
         job = jobs.get((msg_id, domain))
         if job is None:
             job = jobs[(msg_id, domain)] = Job(
-                msg_id, m[1], m[2], domain, m[3], bool(m[4]), m[5], []
+                msg_id, m[1], m[2], domain, m[3], bool(m[4]), None, [], m[5]
             )
         job.recipients.append(Recipient(rid, rcpt, attempts))
     return list(jobs.values())
@@ -183,6 +192,21 @@ def original(conn: sqlite3.Connection, msg_id: int) -> tuple[str, str, float] | 
 
 def body_of(conn: sqlite3.Connection, msg_id: int) -> bytes:
     return conn.execute("SELECT body FROM messages WHERE id = ?", (msg_id,)).fetchone()[0]
+
+
+def text_of(conn: sqlite3.Connection, msg_id: int) -> bytes | None:
+    """A message's text, whole; None when the message is gone."""
+    row = conn.execute("SELECT body FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def open_body(conn: sqlite3.Connection, msg_id: int) -> sqlite3.Blob | None:
+    """A read-only handle on a message's text, for reading it in pieces (delivery streams
+    large texts from here instead of holding them); None when the message is gone."""
+    try:
+        return conn.blobopen("messages", "body", msg_id, readonly=True)
+    except sqlite3.OperationalError:  # no such row: an operator deleted it meanwhile
+        return None
 
 
 def mark_reported(conn: sqlite3.Connection, rcpt_ids: list[int], flag: int) -> None:
