@@ -14,7 +14,6 @@ import pytest
 from relayd.delivery import client as delivery
 from relayd.ingress.smtp import RelaySMTP
 from relayd.model.message import NewMessage
-from relayd.process import handoff
 from relayd.queue.scheduler import Budget
 from relayd.spool import schema, store
 
@@ -67,47 +66,6 @@ def test_data_over_the_size_limit_is_dropped_not_kept() -> None:
         return await session._read_data(reader)
 
     assert asyncio.run(read()) is None
-
-
-def test_handoff_carries_head_and_text_raw_in_any_pieces() -> None:
-    """The text follows its frame as raw bytes; the receiver joins head and text whatever the
-    pieces it is read in, and frames after it still arrive."""
-    sent: list[bytes] = []
-
-    class Transport:
-        def is_closing(self) -> bool:
-            return False
-
-        def writelines(self, parts: list) -> None:
-            sent.extend(bytes(p) for p in parts)
-
-    big = bytearray(b"z" * 300_000)
-    msgs = [
-        NewMessage(
-            "Q1", "a@x.test", ["b@y.test"], big, "127.0.0.1", "h", "o", False, head=b"H: 1\r\n"
-        ),
-        NewMessage("Q2", "", ["c@y.test"], b"", "127.0.0.1", "h", "o", True),
-    ]
-
-    async def send() -> None:
-        channel = handoff.Channel(lambda f: None, lambda: None)
-        channel.connection_made(Transport())  # type: ignore[arg-type]
-        for i, msg in enumerate(msgs):
-            channel.send(handoff.message_frame(i, msg), (msg.head, msg.body))
-        channel.send((handoff.STORED, [(1, "")]))
-        channel.flush()
-
-    asyncio.run(send())
-    wire = b"".join(sent)
-    for step in (1, 13, 4096, 65536, len(wire)):
-        frames: list[tuple] = []
-        channel = handoff.Channel(frames.append, lambda: None)
-        for start in range(0, len(wire), step):
-            channel.data_received(wire[start : start + step])
-        assert [f[0] for f in frames] == [handoff.MESSAGE, handoff.MESSAGE, handoff.STORED]
-        (_, first), (_, second) = handoff.message_of(frames[0]), handoff.message_of(frames[1])
-        assert bytes(first.body) == b"H: 1\r\n" + bytes(big) and first.queue_id == "Q1"
-        assert second.body == b"" and second.smtputf8 and second.sender == ""
 
 
 def _spool(tmp_path: Path) -> sqlite3.Connection:

@@ -10,7 +10,7 @@ import sqlite3
 
 from relayd.events.records import Event, Type
 from relayd.model.message import NewMessage, State
-from relayd.process.handoff import Channel, message_frame, message_of
+from relayd.process import handoff
 from relayd.spool import store
 
 NOW = 1_800_000_000.0
@@ -41,7 +41,7 @@ def test_due_mail_is_loaded_as_one_job_per_message_and_domain_and_marked_active(
         ("M1", "x.test", ["a@x.test", "b@x.test"]),
         ("M1", "y.test", ["c@y.test"]),
     ]
-    assert all(j.body == b"Subject: M1\r\n\r\n" for j in jobs)
+    assert all(j.body is None and j.size == len(b"Subject: M1\r\n\r\n") for j in jobs)
     assert (
         states(spool_conn)["a@x.test"] == State.ACTIVE
         and states(spool_conn)["d@x.test"] == State.DEFERRED
@@ -87,38 +87,40 @@ def test_start_up_gives_what_was_in_memory_back_to_waiting(spool_conn):
 # -- hand-off framing ------------------------------------------------------------------------
 
 
-def sample() -> NewMessage:
+def sample(n: int) -> NewMessage:
+    """A message with a head added by ingress and a text large enough to arrive in pieces."""
     return NewMessage(
-        "0191A2B3C4D5E6F7",
+        f"0191A2B3C4D5E6F{n}",
         "app@sender.test",
         ["a@x.test", "ü@y.test"],
-        b"Subject: hi\r\n\r\n" + bytes(range(256)) * 100,
+        b"Subject: hi\r\n\r\n" + bytes(range(256)) * 1200,
         "127.0.0.1",
         "client.test",
         "auth:app",
         True,
         NOW,
+        head=b"Received: by relay.test\r\n",
     )
 
 
-def test_a_message_survives_its_frame_unchanged():
-    request, msg = message_of(message_frame(42, sample()))
-    assert request == 42 and msg == sample()
-
-
 def test_frames_split_at_any_byte_are_reassembled_in_order():
-    sent = [message_frame(i, sample()) for i in range(3)] + [("s", [(0, ""), (1, "disk full")])]
-    size = sum(4 + len(marshal.dumps(f, 4)) for f in sent)
+    """Each message's text follows its frame raw; the receiver joins head and text whatever
+    the pieces it reads, and the frames after it still arrive."""
+    msgs = [sample(i) for i in range(3)]
+    stored = ("s", [(0, ""), (1, "disk full")])
+    size = sum(4 + len(marshal.dumps(handoff.message_frame(i, m), 4)) for i, m in enumerate(msgs))
+    size += sum(len(m.head) + len(m.body) for m in msgs) + 4 + len(marshal.dumps(stored, 4))
 
     async def over_a_socketpair() -> bytes:
         """The frames as one process writes them to the other, read at the far end."""
         loop = asyncio.get_running_loop()
         near, far = socket.socketpair()
         far.setblocking(False)
-        channel = Channel(lambda frame: None, lambda: None)
+        channel = handoff.Channel(lambda frame: None, lambda: None)
         await loop.create_unix_connection(lambda: channel, sock=near)
-        for frame in sent:
-            channel.send(frame)
+        for i, m in enumerate(msgs):
+            channel.send(handoff.message_frame(i, m), (m.head, m.body))
+        channel.send(stored)
         stream = b""
         while len(stream) < size:
             stream += await loop.sock_recv(far, 65536)
@@ -127,14 +129,18 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
         return stream
 
     stream = asyncio.run(over_a_socketpair())
-    for step in (1, 7, 4096, len(stream)):
+    for step in (13, 4096, 65536, len(stream)):
         frames: list[tuple] = []
-        receiver = Channel(frames.append, lambda: None)
+        receiver = handoff.Channel(frames.append, lambda: None)
         for pos in range(0, len(stream), step):
             receiver.data_received(stream[pos : pos + step])
-        assert [f[1] for f in frames[:3]] == [0, 1, 2]
-        assert message_of(frames[1])[1] == sample()
-        assert frames[3] == sent[3]
+        assert [f[0] for f in frames] == [handoff.MESSAGE] * 3 + ["s"]
+        for i, m in enumerate(msgs):
+            request, got = handoff.message_of(frames[i])
+            assert request == i and got.queue_id == m.queue_id and got.recipients == m.recipients
+            assert bytes(got.body) == m.head + m.body
+            assert (got.sender, got.smtputf8, got.origin) == (m.sender, True, "auth:app")
+        assert frames[3] == stored
 
 
 def test_events_older_than_the_retention_are_pruned_in_bounded_batches(spool_conn):
