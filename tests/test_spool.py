@@ -77,3 +77,21 @@ def test_a_version_1_spool_is_upgraded_in_place_keeping_its_mail(tmp_path: Path)
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         assert db.execute("SELECT rcpt, state FROM recipients").fetchall() == [("r@y.test", 1)]
     assert "events" in tables and "control" not in tables
+
+
+def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp_path: Path):
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("CREATE TABLE filler (x BLOB)")
+        db.executemany("INSERT INTO filler VALUES (randomblob(3000))", [()] * 200)
+    assert schema.verify(path) == ""
+    with path.open("r+b") as f:  # a torn page in the middle of the file
+        f.seek(60 * 4096)
+        f.write(b"\xff" * 4096)
+    schema.prepare(path, full_check_max=0)  # starts: only what opening needs is checked
+    assert schema.needs_background_check(path, full_check_max=0)
+    assert f"spool {path} is damaged" in schema.verify(path)  # found by the whole check
+    with pytest.raises(schema.SpoolDamaged, match="is damaged"):
+        schema.prepare(path)  # small enough to check whole: refused

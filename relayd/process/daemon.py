@@ -159,8 +159,22 @@ class QueueProcess:
         self.scheduler.start(self.intake.dsn)
         self.control = Control(self.writer, self.scheduler, config.events_retention, self.clock)
         self.control_task = loop.create_task(self.control.run())
+        if schema.needs_background_check(config.spool_path):
+            self.check_task = loop.create_task(self._check_spool())
         self.link = IngressLink(self.store, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+
+    async def _check_spool(self) -> None:
+        """The whole check of a spool too large to check before serving, beside the work."""
+        loop = asyncio.get_running_loop()
+        path = self.config.spool_path
+        started = time.monotonic()
+        problem = await loop.run_in_executor(None, schema.verify, path)
+        took = round(time.monotonic() - started, 1)
+        if problem:
+            log.error("spool_damaged", error=problem, check_s=took)
+        else:
+            log.info("spool_checked", spool=str(path), check_s=took)
 
     def _serving(self) -> None:
         log.info(
