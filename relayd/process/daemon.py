@@ -30,6 +30,7 @@ import socket
 import sqlite3
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -169,7 +170,15 @@ class QueueProcess:
         loop = asyncio.get_running_loop()
         path = self.config.spool_path
         started = time.monotonic()
-        problem = await loop.run_in_executor(None, schema.verify, path)
+        done: asyncio.Future[str] = loop.create_future()
+
+        def check() -> None:  # a daemon thread: a stop need not wait for the check to end
+            problem = schema.verify(path)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: relayd has stopped
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(problem))
+
+        threading.Thread(target=check, name="spool-check", daemon=True).start()
+        problem = await done
         took = round(time.monotonic() - started, 1)
         if problem:
             log.error("spool_damaged", error=problem, check_s=took)
