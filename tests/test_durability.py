@@ -112,6 +112,7 @@ def test_loops_survive_a_spool_locked_longer_than_the_busy_timeout(relay, dns_se
 
     hold = json.loads(r.ctl("--json", "hold", held).stdout)
     assert hold["recipients"] == 1
+    r.wait_event("operator", action="hold")  # the daemon has dropped it from memory
     mx.rcpt_reply = "250 2.1.5 ok"
     mx.rcpt_replies["clock@example.test"] = DEFER
     after = send(r.port, ["after@example.test"]).rsplit(" ", 1)[1]

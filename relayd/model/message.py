@@ -16,6 +16,10 @@ class State(IntEnum):
 
 
 FINAL = (State.DELIVERED, State.BOUNCED)
+
+# Flags of a recipient's ``reported``: the DSNs already queued for it.
+REPORTED_FAILED = 1
+REPORTED_DELAYED = 2
 UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
 
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relayd.events.records import Event, Type
-from relayd.model.message import Report, Result, State
-from relayd.outcomes.decide import REPORTED_DELAYED, REPORTED_FAILED, owed
+from relayd.model.message import REPORTED_DELAYED, REPORTED_FAILED, Report, Result, State
+from relayd.outcomes.decide import owed
 from relayd.spool import store
 
 # Intake's door for a DSN inside a transaction: stores the report's message, returns its

@@ -8,11 +8,8 @@ from collections.abc import Sequence
 
 from relayd.config import Retry
 from relayd.events.records import Event, Type
-from relayd.model.message import Job, Result, State
+from relayd.model.message import REPORTED_DELAYED, REPORTED_FAILED, Job, Result, State
 from relayd.model.status import Reply
-
-REPORTED_FAILED = 1
-REPORTED_DELAYED = 2
 
 _EVENT = {
     State.DELIVERED: Type.DELIVERY,

@@ -15,7 +15,7 @@ from typing import Any
 
 from relayd.events.records import Event, Type
 from relayd.model.message import UNFINISHED, State
-from relayd.spool.schema import SCHEMA_VERSION
+from relayd.spool.schema import OWED, SCHEMA_VERSION
 from relayd.spool.store import append_events
 
 IDS_IN = "(SELECT value FROM json_each(?))"  # one parameter for any number of ids
@@ -33,8 +33,6 @@ def _in(*states: State) -> str:
 
 
 IN_UNFINISHED = _in(*UNFINISHED)
-# A bounce whose DSN is not yet queued: its message must stay until the daemon settles it.
-OWED = f"state = {int(State.BOUNCED)} AND reported & 1 = 0"
 
 
 def open_spool(path: Path, write: bool) -> sqlite3.Connection:
@@ -216,7 +214,7 @@ def delete(conn: sqlite3.Connection, sel: Selection, now: float) -> Changed:
     candidates = sorted({r[0] for r in touched} | set(sel.msg_ids))
     removed = conn.execute(
         f"DELETE FROM messages WHERE id IN {IDS_IN} AND NOT EXISTS (SELECT 1 FROM recipients r"
-        f" WHERE r.msg_id = messages.id AND (r.state IN {IN_UNFINISHED} OR r.{OWED}))"
+        f" WHERE r.msg_id = messages.id AND (r.state IN {IN_UNFINISHED} OR ({OWED})))"
         f" RETURNING id, queue_id",
         (json.dumps(candidates),),
     ).fetchall()

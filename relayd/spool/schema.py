@@ -9,6 +9,10 @@ from pathlib import Path
 
 SCHEMA_VERSION = 2
 
+# A bounce whose DSN is not yet queued (BOUNCED, without REPORTED_FAILED): written as the
+# partial index recipients_owed says it, so that SQLite uses the index for it.
+OWED = "state = 3 AND reported & 1 = 0"
+
 # Every table and index, as the newest relayd creates them.
 _TABLES = """
 CREATE TABLE messages (
@@ -46,7 +50,7 @@ CREATE INDEX recipients_active ON recipients(msg_id) WHERE state = 5;
 
 # Version 2: the event outbox (which also carries relayctl's actions to the daemon, replacing
 # the control table), and an index on the bounces whose DSN is still owed.
-_V2 = """
+_V2 = f"""
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
@@ -56,7 +60,7 @@ CREATE TABLE events (
     data TEXT NOT NULL
 );
 CREATE INDEX events_operator ON events(id) WHERE type = 'operator';
-CREATE INDEX recipients_owed ON recipients(msg_id) WHERE state = 3 AND reported & 1 = 0;
+CREATE INDEX recipients_owed ON recipients(msg_id) WHERE {OWED};
 """
 _V1_TO_V2 = "DROP TABLE IF EXISTS control;" + _V2
 

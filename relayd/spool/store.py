@@ -13,11 +13,10 @@ from typing import TypeVar
 from relayd.events.records import Event
 from relayd.model.address import domain_of
 from relayd.model.message import Job, NewMessage, Recipient, Result, State
+from relayd.spool.schema import OWED
 
 T = TypeVar("T")
 
-REPORTED_FAILED = 1
-REPORTED_DELAYED = 2
 # Texts larger than this are written into a zeroblob in pieces: SQLite would otherwise build
 # the whole row (one more copy of the text) in memory before writing it.
 BLOB_PIECES = 1 << 20
@@ -223,12 +222,7 @@ def delete_message(conn: sqlite3.Connection, msg_id: int) -> None:
 def owing(conn: sqlite3.Connection) -> list[int]:
     """Messages with a bounce whose DSN is still owed (relayctl deleted the rest meanwhile, or
     a relayd stopped before settling them)."""
-    return [
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT msg_id FROM recipients WHERE state = 3 AND reported & 1 = 0"
-        )
-    ]
+    return [r[0] for r in conn.execute(f"SELECT DISTINCT msg_id FROM recipients WHERE {OWED}")]
 
 
 def release_jobs(conn: sqlite3.Connection, jobs: list[Job]) -> None:
