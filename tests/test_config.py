@@ -89,9 +89,9 @@ def test_the_limits_themselves_are_accepted(tmp_path):
             '[auth]\nfailure_delay = "0s"\n',
         )
     )
-    assert config.delivery_port == 65535 and config.connect_timeout == 365 * 86400
+    assert config.delivery.port == 65535 and config.delivery.connect_timeout == 365 * 86400
     assert config.retry.multiplier == 10.0 and config.retry.max_age == 365 * 86400
-    assert config.max_message_size == 512 * 1024**2 and config.auth.failure_delay == 0
+    assert config.ingress.max_message_size == 512 * 1024**2 and config.auth.failure_delay == 0
 
 
 def test_check_exits_78_naming_file_key_and_problem(tmp_path):

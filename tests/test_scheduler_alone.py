@@ -18,7 +18,7 @@ from relayd.mime.dkim import Signer
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import Scheduler
+from relayd.queue.scheduler import Scheduler, Settings
 from relayd.spool import schema
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
@@ -54,18 +54,22 @@ def run_queue(
         "[retry]\nfirst = '1h'\nmax_interval = '1h'\njitter = 0.0\nmax_age = '5d'\n"
     )
     config = configuration.load(path)
-    schema.prepare(config.spool_path)
+    spool = config.server.spool_path
+    schema.prepare(spool)
     clock = Clock()
+    settings = Settings(
+        "relay.test", config.delivery, config.routes, config.shaping, config.retry, {}
+    )
 
     async def main() -> None:
-        writer = Writer(config.spool_path, asyncio.get_running_loop())
-        resolver = Resolver(config.nameservers, config.dns_timeout)
-        scheduler = Scheduler(config, writer, resolver, clock)
-        space = FreeSpace(config.spool_path, 0)
+        writer = Writer(spool, asyncio.get_running_loop())
+        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
+        scheduler = Scheduler(settings, writer, resolver, clock)
+        space = FreeSpace(spool, 0)
         intake = Intake(writer, scheduler, Signer(config.dkim, path), "relay.test", space, clock)
         scheduler.start(intake.dsn)
         try:
-            await body(intake, clock, config.spool_path)
+            await body(intake, clock, spool)
         finally:
             await scheduler.stop(5)
             intake.close()

@@ -155,14 +155,16 @@ class Retry:
 
 
 @dataclass(frozen=True)
-class Config:
-    path: Path
+class Server:
     hostname: str
     spool_path: Path
     min_free_space: int
     log_level: str
     shutdown_timeout: float
-    listeners: tuple[Listener, ...]
+
+
+@dataclass(frozen=True)
+class Ingress:
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     max_message_size: int
     max_recipients: int
@@ -173,29 +175,6 @@ class Config:
     max_connections_per_ip: int
     max_line_length: int
     bare_newlines: str
-    tls: Tls
-    auth: Auth
-    dkim: Dkim
-    nameservers: tuple[HostPort, ...]
-    dns_timeout: float
-    delivery_port: int
-    connect_timeout: float
-    command_timeout: float
-    idle_connection_time: float
-    starttls: str
-    max_active: int
-    routes: dict[str, HostPort]
-    shaping_default: Shaping
-    shaping_domains: dict[str, Shaping]
-    retry: Retry
-    pools: dict[str, tuple[Source, ...]]
-    events_retention: float
-
-    def shaping_for(self, domain: str) -> Shaping:
-        return self.shaping_domains.get(domain, self.shaping_default)
-
-    def route_for(self, domain: str) -> HostPort | None:
-        return self.routes.get(domain) or self.routes.get("*")
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -205,6 +184,72 @@ class Config:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.trusted_networks)
+
+
+@dataclass(frozen=True)
+class Dns:
+    nameservers: tuple[HostPort, ...]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    port: int
+    connect_timeout: float
+    command_timeout: float
+    idle_connection_time: float
+    starttls: str
+    max_active: int
+
+
+@dataclass(frozen=True)
+class Routes:
+    """[routes]: a domain (or "*") to the host that takes its mail instead of its MX."""
+
+    hosts: dict[str, HostPort]
+
+    def for_domain(self, domain: str) -> HostPort | None:
+        return self.hosts.get(domain) or self.hosts.get("*")
+
+
+@dataclass(frozen=True)
+class ShapingRules:
+    """[shaping]: the default limits, and the domains with limits of their own."""
+
+    default: Shaping
+    domains: dict[str, Shaping]
+
+    def for_lane(self, lane: str) -> Shaping:
+        """The limits of a lane: a domain of [shaping.domains], or "" for the default."""
+        return self.domains.get(lane, self.default) if lane else self.default
+
+
+@dataclass(frozen=True)
+class Events:
+    retention: float
+
+
+Pools = dict[str, tuple[Source, ...]]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file, a dataclass per TOML table; each component is given its own tables."""
+
+    path: Path
+    server: Server
+    listeners: tuple[Listener, ...]
+    tls: Tls
+    auth: Auth
+    dkim: Dkim
+    ingress: Ingress
+    dns: Dns
+    delivery: Delivery
+    routes: Routes
+    shaping: ShapingRules
+    retry: Retry
+    pools: Pools
+    events: Events
 
 
 class _Section:
@@ -541,7 +586,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     dns.finish()
 
     pools_sec = top.table("pools")
-    pools: dict[str, tuple[Source, ...]] = {}
+    pools: Pools = {}
     for name in pools_sec.data:
         pool = pools_sec.table(name)
         sources = []
@@ -611,37 +656,35 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
 
     return Config(
         path=path,
-        hostname=hostname,
-        spool_path=spool_path,
-        min_free_space=min_free_space,
-        log_level=log_level,
-        shutdown_timeout=shutdown_timeout,
+        server=Server(hostname, spool_path, min_free_space, log_level, shutdown_timeout),
         listeners=tuple(listeners),
-        trusted_networks=tuple(nets),
-        max_message_size=max_message_size,
-        max_recipients=max_recipients,
-        max_errors=max_errors,
-        session_timeout=session_timeout,
-        max_session_time=max_session_time,
-        max_connections=max_connections,
-        max_connections_per_ip=max_connections_per_ip,
-        max_line_length=max_line_length,
-        bare_newlines=bare_newlines,
         tls=tls,
         auth=auth,
         dkim=dkim,
-        nameservers=nameservers,
-        dns_timeout=dns_timeout,
-        delivery_port=delivery_port,
-        connect_timeout=connect_timeout,
-        command_timeout=command_timeout,
-        idle_connection_time=idle_connection_time,
-        starttls=starttls,
-        max_active=max_active,
-        routes=routes,
-        shaping_default=default,
-        shaping_domains=domains,
+        ingress=Ingress(
+            trusted_networks=tuple(nets),
+            max_message_size=max_message_size,
+            max_recipients=max_recipients,
+            max_errors=max_errors,
+            session_timeout=session_timeout,
+            max_session_time=max_session_time,
+            max_connections=max_connections,
+            max_connections_per_ip=max_connections_per_ip,
+            max_line_length=max_line_length,
+            bare_newlines=bare_newlines,
+        ),
+        dns=Dns(nameservers, dns_timeout),
+        delivery=Delivery(
+            port=delivery_port,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            idle_connection_time=idle_connection_time,
+            starttls=starttls,
+            max_active=max_active,
+        ),
+        routes=Routes(routes),
+        shaping=ShapingRules(default, domains),
         retry=retry,
         pools=pools,
-        events_retention=events_retention,
+        events=Events(events_retention),
     )

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         elif needs == "config":
             result = args.run(cfg, args)
         else:
-            conn = admin.open_spool(cfg.spool_path, args.write)
+            conn = admin.open_spool(cfg.server.spool_path, args.write)
             with contextlib.closing(conn), admin.transaction(conn, args.write):
                 result = args.run(conn, args)
     except (CtlError, admin.Refused) as exc:

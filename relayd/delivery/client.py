@@ -359,12 +359,10 @@ def _end(stuffed: bytes) -> bytes:
 
 
 def _stuffed(text: bytes) -> bytes:
-    """Text that starts at the beginning of a line, with CRLF line ends and dot-stuffed.
-    Spooled text is already CRLF throughout (ingress made it so), so the rewrite is rarely
-    needed, and a text without a line-initial dot is returned as it is (no copy)."""
-    crlf = text.count(b"\r\n")
-    if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
-        text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    """Text that starts at the beginning of a line, dot-stuffed. Spooled text is CRLF throughout
+    (``NewMessage.body``), so it is not checked again here (three passes over the bytes, a
+    tenth of the CPU a 100 KB message costs); a text without a line-initial dot is returned as
+    it is (no copy)."""
     if b"\r\n." in text:
         text = text.replace(b"\r\n.", b"\r\n..")
     if text.startswith(b"."):

@@ -36,7 +36,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from relayd.config import Config, Listener
+from relayd.config import Auth, Ingress, Listener
 from relayd.delivery.dns import address_literal
 from relayd.events.log import log
 from relayd.ingress.users import Directory, LoginGuard, User
@@ -153,7 +153,7 @@ class RelaySMTP(SMTP):
             handler,
             data_size_limit=config.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=config.hostname,
+            hostname=handler.hostname,
             ident="ESMTP relayd",
             timeout=config.session_timeout,
             tls_context=None if implicit else tls,
@@ -465,7 +465,7 @@ class RelaySMTP(SMTP):
             log.info("auth_ok", client=self.client, user=name)
             return AuthResult(success=True, auth_data=user)
         log.warning("auth_failed", client=self.client, user=name, failures=failures)
-        await asyncio.sleep(self.handler.config.auth.failure_delay)
+        await asyncio.sleep(self.handler.auth.failure_delay)
         if self.handler.guard.locked(self.client):
             log.warning("auth_lockout", client=self.client, user=name)
         return AuthResult(success=False, handled=False)
@@ -522,24 +522,24 @@ class IngressHandler:
         """Nothing for aiosmtpd's per-connection introspection (see RelaySMTP.__dir__)."""
         return []
 
-    def __init__(self, config: Config, accept: Accept) -> None:
-        self.config = config
+    def __init__(
+        self, config: Ingress, auth: Auth, hostname: str, space: FreeSpace, accept: Accept
+    ) -> None:
+        self.config, self.auth, self.hostname, self.space = config, auth, hostname, space
         self.accept = accept
         self.loop = asyncio.get_running_loop()
         self.hooks = {n[7:]: getattr(self, n) for n in dir(type(self)) if n.startswith("handle_")}
         self._trusted: dict[str, bool] = {}
         self.sessions: set[RelaySMTP] = set()
         self.per_ip: Counter[str] = Counter()
-        self.users = Directory(config.auth.users_file)
-        self.guard = LoginGuard(config.auth.max_failures, config.auth.lockout, time.monotonic)
-        self.space = FreeSpace(config.spool_path, config.min_free_space)
+        self.users = Directory(auth.users_file)
+        self.guard = LoginGuard(auth.max_failures, auth.lockout, time.monotonic)
 
-    def reload(self, config: Config) -> None:
-        self.config = config
+    def reload(self, config: Ingress, auth: Auth, hostname: str, space: FreeSpace) -> None:
+        self.config, self.auth, self.hostname, self.space = config, auth, hostname, space
         self._trusted.clear()
-        self.space = FreeSpace(config.spool_path, config.min_free_space)
-        self.users = Directory(config.auth.users_file)
-        self.guard.max_failures, self.guard.lockout = config.auth.max_failures, config.auth.lockout
+        self.users = Directory(auth.users_file)
+        self.guard.max_failures, self.guard.lockout = auth.max_failures, auth.lockout
 
     # -- connections ------------------------------------------------------------------------
 
@@ -625,7 +625,7 @@ class IngressHandler:
         # mail to it relays nothing for others. postmaster@ a domain is a recipient like any.
         postmaster = address.lower() == "postmaster"
         if postmaster:
-            address = f"postmaster@{self.config.hostname}"
+            address = f"postmaster@{self.hostname}"
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
         user = _user(session)
@@ -660,7 +660,7 @@ class IngressHandler:
         helo = _UNPRINTABLE.sub("?", session.host_name or "")  # client text, kept printable
         queue_id = new_queue_id()
         head = headers.trace_headers(
-            content, self.config.hostname, client, helo, envelope.smtp_utf8, queue_id
+            content, self.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
         if user is not None:
             origin = f"auth:{user.name}"
@@ -695,14 +695,12 @@ def _user(session: Session) -> User | None:
 
 
 async def start_listeners(
-    config: Config,
-    accept: Accept,
+    handler: IngressHandler,
     tls: ssl.SSLContext | None,
     bound: list[tuple[Listener, list[socket.socket]]],
-) -> tuple[list[asyncio.Server], IngressHandler]:
+) -> list[asyncio.Server]:
     """Serve SMTP on sockets bound beforehand (by the queue process, before the fork)."""
     loop = asyncio.get_running_loop()
-    handler = IngressHandler(config, accept)
     servers = []
     for listener, socks in bound:
         for sock in socks:
@@ -714,4 +712,4 @@ async def start_listeners(
                     backlog=1024,
                 )
             )
-    return servers, handler
+    return servers

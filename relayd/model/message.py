@@ -70,6 +70,8 @@ class NewMessage:
     queue_id: str
     sender: str
     recipients: list[str]
+    # CRLF line ends throughout, no bare CR or LF: every door makes it so (ingress normalises or
+    # refuses, the DSN builder writes CRLF), and delivery sends the spooled text as it is.
     body: bytes | bytearray
     client: str
     helo: str

@@ -48,7 +48,7 @@ from relayd.model.message import NewMessage
 from relayd.process.handoff import IngressLink, SpoolLink
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import Scheduler
+from relayd.queue.scheduler import Scheduler, Settings
 from relayd.spool import schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
@@ -125,6 +125,21 @@ def _bind(config: configuration.Config) -> Bound:
 # -- the queue process ---------------------------------------------------------------------
 
 
+def _queue_settings(config: configuration.Config) -> Settings:
+    return Settings(
+        config.server.hostname,
+        config.delivery,
+        config.routes,
+        config.shaping,
+        config.retry,
+        config.pools,
+    )
+
+
+def _space(server: configuration.Server) -> FreeSpace:
+    return FreeSpace(server.spool_path, server.min_free_space)
+
+
 class QueueProcess:
     """Spool writer, scheduler and delivery; stores what the ingress process hands over."""
 
@@ -148,19 +163,18 @@ class QueueProcess:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        config = self.config
-        self.writer = Writer(config.spool_path, loop)
+        config, server = self.config, self.config.server
+        self.writer = Writer(server.spool_path, loop)
         self.requeued = await self.writer.submit(store.reset_active)
-        resolver = Resolver(config.nameservers, config.dns_timeout)
-        self.scheduler = Scheduler(config, self.writer, resolver, self.clock)
-        space = FreeSpace(config.spool_path, config.min_free_space)
+        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
+        self.scheduler = Scheduler(_queue_settings(config), self.writer, resolver, self.clock)
         self.intake = Intake(
-            self.writer, self.scheduler, self.signer, config.hostname, space, self.clock
+            self.writer, self.scheduler, self.signer, server.hostname, _space(server), self.clock
         )
         self.scheduler.start(self.intake.dsn)
-        self.control = Control(self.writer, self.scheduler, config.events_retention, self.clock)
+        self.control = Control(self.writer, self.scheduler, config.events.retention, self.clock)
         self.control_task = loop.create_task(self.control.run())
-        if schema.needs_background_check(config.spool_path):
+        if schema.needs_background_check(server.spool_path):
             self.check_task = loop.create_task(self._check_spool())
         self.link = IngressLink(self.store, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
@@ -168,7 +182,7 @@ class QueueProcess:
     async def _check_spool(self) -> None:
         """The whole check of a spool too large to check before serving, beside the work."""
         loop = asyncio.get_running_loop()
-        path = self.config.spool_path
+        path = self.config.server.spool_path
         started = time.monotonic()
         done: asyncio.Future[str] = loop.create_future()
 
@@ -189,7 +203,7 @@ class QueueProcess:
         log.info(
             "started",
             listeners=[str(listener.address) for listener in self.config.listeners],
-            spool=str(self.config.spool_path),
+            spool=str(self.config.server.spool_path),
             requeued=self.requeued,
             pid=os.getpid(),
             ingress_pid=self.ingress_pid,
@@ -212,13 +226,14 @@ class QueueProcess:
             log.error("reload_refused", error=str(exc))
             sd_notify("READY=1")
             return
-        if new.listeners != self.config.listeners or new.spool_path != self.config.spool_path:
+        old = self.config
+        if new.listeners != old.listeners or new.server.spool_path != old.server.spool_path:
             log.warning("reload_partial", reason="listeners and spool_path need a restart")
-        events.configure(new.log_level)
+        events.configure(new.server.log_level)
         self.config, self.signer = new, signer
-        self.intake.reload(signer, new.hostname, FreeSpace(new.spool_path, new.min_free_space))
-        self.control.retention = new.events_retention
-        self.scheduler.reload(new)
+        self.intake.reload(signer, new.server.hostname, _space(new.server))
+        self.control.retention = new.events.retention
+        self.scheduler.reload(_queue_settings(new))
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -240,7 +255,7 @@ class QueueProcess:
             return
         self.stopping = True
         sd_notify("STOPPING=1")
-        timeout = self.config.shutdown_timeout
+        timeout = self.config.server.shutdown_timeout
         log.info("stopping", timeout_s=timeout)
         deadline = time.monotonic() + timeout
         with contextlib.suppress(ProcessLookupError):
@@ -323,9 +338,11 @@ class IngressProcess:
     async def _open(self) -> None:
         if self.stopping:
             return
-        self.servers, self.handler = await start_listeners(
-            self.config, self.accept, self.tls, self.bound
+        cfg = self.config
+        self.handler = IngressHandler(
+            cfg.ingress, cfg.auth, cfg.server.hostname, _space(cfg.server), self.accept
         )
+        self.servers = await start_listeners(self.handler, self.tls, self.bound)
         self.link.serving()
 
     async def accept(self, msg: NewMessage) -> None:
@@ -342,10 +359,10 @@ class IngressProcess:
                 tls.load(self.tls, new.tls, str(new.path))
         except configuration.ConfigError as exc:
             return str(exc)
-        events.configure(new.log_level)
+        events.configure(new.server.log_level)
         self.config = new
         if self.handler is not None:
-            self.handler.reload(new)
+            self.handler.reload(new.ingress, new.auth, new.server.hostname, _space(new.server))
         return ""
 
     async def _watch_queue(self) -> None:
@@ -361,7 +378,7 @@ class IngressProcess:
         self.stopping = True
         for server in self.servers:
             server.close()
-        deadline = time.monotonic() + (self.config.shutdown_timeout if grace else 0)
+        deadline = time.monotonic() + (self.config.server.shutdown_timeout if grace else 0)
         sessions = self.handler.sessions if self.handler else set()
         while any(s.in_transaction for s in sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -400,7 +417,7 @@ def _become_ingress(parent: int) -> None:
 
 
 def run(config: configuration.Config, context: ssl.SSLContext | None, signer: Signer) -> int:
-    schema.prepare(config.spool_path)
+    schema.prepare(config.server.spool_path)
     bound = bind(config)
     queue_end, ingress_end = socket.socketpair()
     events.flush()
@@ -445,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"relayd: {args.config}: ok")
         return 0
-    events.configure(config.log_level)
+    events.configure(config.server.log_level)
     try:
         return run(config, context, signer)
     except schema.SpoolDamaged as exc:

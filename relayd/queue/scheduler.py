@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd.config import Config, Shaping, Source
+from relayd.config import Delivery, Pools, Retry, Routes, Shaping, ShapingRules, Source
 from relayd.delivery.client import ConnectFailure, Connection
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
@@ -49,6 +49,19 @@ STREAM = 256 * 1024  # a text larger than this is streamed from the spool, not r
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
 
 Connect = Callable[..., Awaitable[Connection]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config tables the scheduler works from; ``hostname`` (server.hostname) is the EHLO
+    name where no source of a pool names its own."""
+
+    hostname: str
+    delivery: Delivery
+    routes: Routes
+    shaping: ShapingRules
+    retry: Retry
+    pools: Pools
 
 
 async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) -> None:
@@ -130,7 +143,7 @@ class Site:
 class Scheduler:
     def __init__(
         self,
-        config: Config,
+        config: Settings,
         writer: Writer,
         resolver: Resolver,
         clock: Callable[[], float] = time.time,
@@ -165,7 +178,7 @@ class Scheduler:
 
     def reserve(self, jobs: int) -> bool:
         """Room in memory for a fresh message's jobs? Then ingress hands it over directly."""
-        if self.stopping or self.active + jobs > self.config.max_active:
+        if self.stopping or self.active + jobs > self.config.delivery.max_active:
             return False
         self.active += jobs
         return True
@@ -237,7 +250,7 @@ class Scheduler:
             self._reader.close()
             self._reader = None
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Settings) -> None:
         self.config = config
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         for site in self.sites.values():
@@ -247,8 +260,8 @@ class Scheduler:
     # -- routing ------------------------------------------------------------------------
 
     def _route(self, job: Job) -> None:
-        cfg = self.config
-        route = self.resolver.cached_route(job.domain, cfg.delivery_port, cfg.route_for(job.domain))
+        port, routes = self.config.delivery.port, self.config.routes
+        route = self.resolver.cached_route(job.domain, port, routes.for_domain(job.domain))
         if route is not None:
             self._enqueue(self._site(route, job.domain), job)
             return
@@ -260,9 +273,9 @@ class Scheduler:
         self._spawn(self._resolve(job.domain))
 
     async def _resolve(self, domain: str) -> None:
-        cfg = self.config
+        port, routes = self.config.delivery.port, self.config.routes
         try:
-            route = await self.resolver.route(domain, cfg.delivery_port, cfg.route_for(domain))
+            route = await self.resolver.route(domain, port, routes.for_domain(domain))
         except LookupFailure as exc:
             for job in self.routing.pop(domain, []):
                 replies = [(r.id, Reply(exc.code, exc.reply)) for r in job.recipients]
@@ -277,7 +290,7 @@ class Scheduler:
         MX hosts share the default limits there; a domain with a table of its own under
         [shaping.domains] has its own lane, so its limits hold whatever else goes to the
         same hosts and whichever domain got there first."""
-        lane = domain if domain in self.config.shaping_domains else ""
+        lane = domain if domain in self.config.shaping.domains else ""
         key = f"{route.site}|{lane}"
         site = self.sites.get(key)
         if site is None:
@@ -287,14 +300,9 @@ class Scheduler:
         return site
 
     def _configure(self, site: Site) -> None:
-        shaping = self._shaping(site)
+        shaping = self.config.shaping.for_lane(site.lane)
         if shaping.max_rate:
             site.limiter = self.throttle(shaping.max_rate, self.monotonic)
-
-    def _shaping(self, site: Site) -> Shaping:
-        if site.lane:
-            return self.config.shaping_for(site.lane)
-        return self.config.shaping_default
 
     def _enqueue(self, site: Site, job: Job) -> None:
         while site.waiters:
@@ -307,7 +315,7 @@ class Scheduler:
 
     def _kick(self, site: Site) -> None:
         """Open connections for queued jobs, within the site's and its sources' limits."""
-        shaping = self._shaping(site)
+        shaping = self.config.shaping.for_lane(site.lane)
         limit = shaping.max_connections
         if site.open and self.monotonic() < site.cooldown_until:
             limit = min(limit, site.open)
@@ -341,13 +349,13 @@ class Scheduler:
         waiter: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         site.waiters.append(waiter)
         try:
-            return await asyncio.wait_for(waiter, self.config.idle_connection_time)
+            return await asyncio.wait_for(waiter, self.config.delivery.idle_connection_time)
         except TimeoutError:
             return None
 
     async def _connection(self, site: Site, source: Source | None) -> None:
-        shaping = self._shaping(site)
-        cfg = self.config
+        shaping = self.config.shaping.for_lane(site.lane)
+        hostname, cfg = self.config.hostname, self.config.delivery
         conn: Connection | None = None
         first = True
         try:
@@ -364,7 +372,7 @@ class Scheduler:
                             site.route.hosts(),
                             self.resolver,
                             source.address if source else None,
-                            source.ehlo if source else cfg.hostname,
+                            source.ehlo if source else hostname,
                             cfg.starttls == "may",
                             cfg.connect_timeout,
                             cfg.command_timeout,
@@ -551,8 +559,8 @@ class Scheduler:
 
     async def _load(self) -> None:
         while not self.stopping:
-            room = self.config.max_active - self.active
-            retry_room = min(room, self.config.max_active // 2 - self.active_retries)
+            room = self.config.delivery.max_active - self.active
+            retry_room = min(room, self.config.delivery.max_active // 2 - self.active_retries)
             if room <= 0:
                 break
             load = functools.partial(
