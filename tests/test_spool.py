@@ -79,6 +79,29 @@ def test_a_version_1_spool_is_upgraded_in_place_keeping_its_mail(tmp_path: Path)
     assert "events" in tables and "control" not in tables
 
 
+def test_a_version_2_spool_gains_the_receipt_columns_keeping_its_mail(tmp_path: Path):
+    """relayd before receipts: mail in flight keeps its state and gets the RFC 3461 defaults."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            schema._TABLES
+            + schema._V2
+            + "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
+            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+            + " VALUES (1, 'r@y.test', 'y.test', 1, 0);"
+            + "PRAGMA user_version = 2;"
+        )
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert db.execute("SELECT envid, ret, meta FROM messages").fetchall() == [(None, "", "")]
+        assert db.execute("SELECT rcpt, state, notify, orcpt FROM recipients").fetchall() == [
+            ("r@y.test", 1, 0, None)
+        ]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"idempotency", "webhooks"} <= tables
+
+
 def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
     schema.prepare(path)

@@ -87,6 +87,25 @@ class NewMessage:
     # Text that goes before ``body`` (ingress's trace headers): carried apart so that adding
     # them does not copy the whole message; the hand-off joins the two in the queue process.
     head: bytes = b""
+    # The DSN extension (RFC 3461): ENVID, RET ("FULL", "HDRS" or "" when not given), and per
+    # recipient (in the order of ``recipients``; empty when none was given) NOTIFY as Notify
+    # flags and ORCPT as given ("rfc822;addr").
+    envid: str | None = None
+    ret: str = ""
+    notify: list[int] = field(default_factory=list)
+    orcpt: list[str | None] = field(default_factory=list)
+    # The sender's metadata and tags (a JSON object, "" for none): into its events, not the mail.
+    meta: str = ""
+    send_at: float = 0.0  # nothing is delivered before this time (0: at once)
+
+
+class Notify:
+    """NOTIFY flags of a recipient (RFC 3461 4.1); 0 = not given: failures and delays."""
+
+    SUCCESS = 1
+    FAILURE = 2
+    DELAY = 4
+    NEVER = 8
 
 
 @dataclass

@@ -140,14 +140,37 @@ def message_frame(request: int, msg: NewMessage) -> tuple:
         msg.origin,
         msg.smtputf8,
         msg.received_at,
+        msg.envid,
+        msg.ret,
+        msg.notify,
+        msg.orcpt,
+        msg.meta,
+        msg.send_at,
         len(msg.head) + len(msg.body),
     )
 
 
 def message_of(frame: tuple) -> tuple[int, NewMessage]:
     """The message of a received frame (its text, joined to the frame, is the last item)."""
-    _, request, queue_id, sender, rcpts, client, helo, origin, utf8, received, body = frame
-    msg = NewMessage(queue_id, sender, rcpts, body, client, helo, origin, utf8, received)
+    (_, request, queue_id, sender, rcpts, client, helo, origin, utf8, received) = frame[:10]
+    envid, ret, notify, orcpt, meta, send_at, body = frame[10:]
+    msg = NewMessage(
+        queue_id,
+        sender,
+        rcpts,
+        body,
+        client,
+        helo,
+        origin,
+        utf8,
+        received,
+        envid=envid,
+        ret=ret,
+        notify=notify,
+        orcpt=orcpt,
+        meta=meta,
+        send_at=send_at,
+    )
     return request, msg
 
 

@@ -75,7 +75,8 @@ class Intake:
     def _insert(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
         """Into the spool's next group commit; into memory at once when there is room."""
         jobs = len({domain_of(r) for r in msg.recipients})
-        msg.active = self.admission.reserve(jobs)
+        # mail for later (send_at) waits in the spool, where the loader finds it when due
+        msg.active = msg.send_at <= self.clock() and self.admission.reserve(jobs)
         received: list[Event] = []
 
         def op(conn: sqlite3.Connection) -> NewMessage:

@@ -7,7 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # A bounce whose DSN is not yet queued (BOUNCED, without REPORTED_FAILED): written as the
 # partial index recipients_owed says it, so that SQLite uses the index for it.
@@ -63,6 +63,45 @@ CREATE INDEX events_operator ON events(id) WHERE type = 'operator';
 CREATE INDEX recipients_owed ON recipients(msg_id) WHERE {OWED};
 """
 _V1_TO_V2 = "DROP TABLE IF EXISTS control;" + _V2
+
+# Version 3: delivery receipts. The DSN extension's parameters (RFC 3461: ENVID and RET per
+# message, NOTIFY and ORCPT per recipient), a message's metadata and its earliest delivery
+# (the API's send_at: a PENDING recipient's next_attempt), the API's idempotency records, and
+# the webhook endpoints with their place in the event log.
+_V3 = """
+ALTER TABLE messages ADD COLUMN envid TEXT;
+ALTER TABLE messages ADD COLUMN ret TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN meta TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN notify INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN orcpt TEXT;
+CREATE INDEX events_queue ON events(queue_id);
+CREATE TABLE idempotency (
+    credential TEXT NOT NULL,
+    key TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    response TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (credential, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_at ON idempotency(at);
+CREATE TABLE webhooks (
+    id INTEGER PRIMARY KEY,
+    url TEXT NOT NULL UNIQUE,
+    events TEXT NOT NULL,
+    secrets TEXT NOT NULL,
+    batch INTEGER NOT NULL DEFAULT 1,
+    concurrency INTEGER NOT NULL DEFAULT 1,
+    timeout REAL NOT NULL DEFAULT 10,
+    created REAL NOT NULL,
+    cursor INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_status TEXT NOT NULL DEFAULT '',
+    last_success REAL,
+    disabled TEXT NOT NULL DEFAULT '',
+    dropped INTEGER NOT NULL DEFAULT 0
+);
+"""
 
 
 class SpoolDamaged(Exception):
@@ -166,9 +205,11 @@ def migrate(conn: sqlite3.Connection) -> None:
             f" version {SCHEMA_VERSION}: run the newer relayd, or restore a backup"
         )
     if version == 0:
-        script = _TABLES + _V2
+        script = _TABLES + _V2 + _V3
     elif version == 1:
-        script = _V1_TO_V2
+        script = _V1_TO_V2 + _V3
+    elif version == 2:
+        script = _V3
     else:
         return
     conn.executescript(f"BEGIN; {script} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")

@@ -41,7 +41,8 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
     pieces = size > BLOB_PIECES
     cur = conn.execute(
         "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin,"
-        f" smtputf8, body) VALUES (?,?,?,?,?,?,?,?,{'zeroblob(?)' if pieces else '?'})",
+        " smtputf8, envid, ret, meta, body)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,?,?,{'zeroblob(?)' if pieces else '?'})",
         (
             msg.queue_id,
             msg.sender,
@@ -51,6 +52,9 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
             msg.helo,
             msg.origin,
             int(msg.smtputf8),
+            msg.envid,
+            msg.ret,
+            msg.meta,
             size if pieces else msg.body,
         ),
     )
@@ -60,11 +64,15 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
             for start in range(0, size, BLOB_PIECES):
                 blob.write(text[start : start + BLOB_PIECES])
     state = State.ACTIVE if msg.active else State.PENDING
+    due = max(now, msg.send_at)
+    notify = msg.notify or [0] * len(msg.recipients)
+    orcpt = msg.orcpt or [None] * len(msg.recipients)
     msg.ids = []
-    for rcpt in msg.recipients:
+    for rcpt, flags, original in zip(msg.recipients, notify, orcpt, strict=True):
         cur = conn.execute(
-            "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt) VALUES (?,?,?,?,?)",
-            (msg.msg_id, rcpt, domain_of(rcpt), int(state), now),
+            "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt, notify, orcpt)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (msg.msg_id, rcpt, domain_of(rcpt), int(state), due, flags, original),
         )
         msg.ids.append(cur.lastrowid or 0)
     return msg
