@@ -426,6 +426,7 @@ def test_passwd_replaces_the_password_without_restart(submission):
             "senders": ["example.test", "ceo@corp.test"],
             "rate": "3/hour",
             "max_recipients": 2,
+            "networks": [],
         }
     ]
     assert "scrypt$" in (r.workdir / "users.json").read_text()

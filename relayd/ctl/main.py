@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import ipaddress
 import json
 import os
 import sqlite3
@@ -25,8 +26,15 @@ from typing import Any
 
 from relayd import config as configuration
 from relayd.config import parse_rate
+from relayd.ingress.credentials import (
+    SCOPES,
+    Credential,
+    hash_password,
+    load_credentials,
+    new_key,
+    save_credentials,
+)
 from relayd.ingress.smtp import valid_address
-from relayd.ingress.users import User, hash_password, load_users, save_users
 from relayd.mime import dkim
 from relayd.model.message import UNFINISHED, State
 from relayd.spool import admin
@@ -242,7 +250,8 @@ def read_password(prompt: str) -> str:
     return password
 
 
-def _user_fields(args: argparse.Namespace, old: User | None) -> dict[str, Any]:
+def _policy(args: argparse.Namespace, old: Credential | None) -> dict[str, Any]:
+    """What a login or key may do, from the options given (the rest kept from ``old``)."""
     senders = [s.lower() for s in args.sender] if args.sender else list(old.senders if old else [])
     for s in senders:
         if not valid_address(s if "@" in s else f"x@{s}", True):
@@ -258,52 +267,101 @@ def _user_fields(args: argparse.Namespace, old: User | None) -> dict[str, Any]:
         if args.max_recipients is not None
         else (old.max_recipients if old else 0)
     )
-    return {"senders": tuple(senders), "rate": rate, "max_recipients": limit}
-
-
-def user_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
-    path = cfg.auth.users_file
-    users = load_users(path)
-    name = getattr(args, "name", "")
-    if args.action == "list":
-        return {"users": [_user_row(u) for u in users.values()]}
-    if args.action == "add" and name in users:
-        raise CtlError(f"user {name!r} exists (use: relayctl user passwd or user set)")
-    if args.action != "add" and name not in users:
-        raise CtlError(f"no user {name!r} in {path}")
-    old = users.get(name)
-    if args.action == "del":
-        del users[name]
-    elif args.action == "set":
-        users[name] = replace(old, **_user_fields(args, old))
-    elif args.action == "passwd":
-        users[name] = replace(old, password=hash_password(read_password(f"password for {name}")))
-    else:
-        fields = _user_fields(args, None)
-        if not fields["senders"]:
-            raise CtlError("a user needs at least one --sender (a domain or an address)")
-        users[name] = User(name, hash_password(read_password(f"password for {name}")), **fields)
-    save_users(path, users)
-    return {"action": args.action, "user": name, "file": str(path)}
-
-
-def _user_row(user: User) -> Row:
-    return {
-        "name": user.name,
-        "senders": list(user.senders),
-        "rate": user.rate,
-        "max_recipients": user.max_recipients,
+    networks = list(old.networks if old else [])
+    if args.networks:
+        networks = []
+        for net in args.networks:
+            try:
+                networks.append(str(ipaddress.ip_network(net, strict=False)))
+            except ValueError:
+                raise CtlError(f"--networks {net!r}: not a CIDR") from None
+    policy: dict[str, Any] = {
+        "senders": tuple(senders),
+        "rate": rate,
+        "max_recipients": limit,
+        "networks": tuple(networks),
     }
+    if getattr(args, "scope", None):
+        scopes = [s.strip() for arg in args.scope for s in arg.split(",") if s.strip()]
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown:
+            raise CtlError(f"--scope {unknown[0]!r}: not one of {', '.join(SCOPES)}")
+        policy["scopes"] = tuple(dict.fromkeys(scopes))
+    return policy
 
 
-def render_users(result: Row) -> str:
-    if "users" not in result:
-        return f"{result['action']}: {result['user']} ({result['file']})"
-    rows = [
-        [u["name"], ",".join(u["senders"]), u["rate"] or "-", u["max_recipients"] or "-"]
-        for u in result["users"]
-    ]
-    return table(rows, ["USER", "MAY SEND AS", "RATE", "MAX RCPT"])
+def credential_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
+    """``user`` (SMTP logins) and ``key`` (API keys): one file, one policy model."""
+    path, kind = cfg.auth.users_file, args.kind
+    found = load_credentials(path)
+    name = getattr(args, "name", "")
+    ref, old = f"{kind}:{name}", found.get(f"{kind}:{name}")
+    noun = "user" if kind == "login" else "key"
+    if args.action == "list":
+        return {f"{noun}s": [_credential_row(c) for c in found.values() if c.kind == kind]}
+    if args.action == "add" and old is not None:
+        again = "user passwd or user set" if kind == "login" else "key rotate"
+        raise CtlError(f"{noun} {name!r} exists (use: relayctl {again})")
+    if args.action != "add" and old is None:
+        raise CtlError(f"no {noun} {name!r} in {path}")
+    result: Row = {"action": args.action, noun: name, "file": str(path)}
+    if args.action in ("del", "revoke"):
+        del found[ref]
+    elif args.action == "set":
+        found[ref] = replace(old, **_policy(args, old))  # type: ignore[arg-type]
+    elif args.action == "passwd":
+        secret = hash_password(read_password(f"password for {name}"))
+        found[ref] = replace(old, secret=secret)  # type: ignore[arg-type]
+    elif args.action == "rotate":
+        found[ref], result["secret"] = new_key(old)  # type: ignore[arg-type]
+    else:
+        policy = _policy(args, None)
+        if not policy["senders"]:
+            raise CtlError(f"a {noun} needs at least one --sender (a domain or an address)")
+        if kind == "login":
+            secret = hash_password(read_password(f"password for {name}"))
+            found[ref] = Credential(name, secret, **policy)
+        else:
+            policy.setdefault("scopes", ("send",))
+            found[ref], result["secret"] = new_key(Credential(name, "", **policy))
+    save_credentials(path, found)
+    return result
+
+
+def _credential_row(cred: Credential) -> Row:
+    row: Row = {
+        "name": cred.name,
+        "senders": list(cred.senders),
+        "rate": cred.rate,
+        "max_recipients": cred.max_recipients,
+        "networks": list(cred.networks),
+    }
+    if cred.kind == "key":
+        row["scopes"] = list(cred.scopes)
+        row["id"] = cred.key_id
+        row["created"] = _iso(cred.created)
+    return row
+
+
+def render_credentials(result: Row) -> str:
+    for noun in ("user", "key"):
+        if f"{noun}s" in result:
+            break
+    else:
+        noun = "user" if "user" in result else "key"
+        line = f"{result['action']}: {result[noun]} ({result['file']})"
+        if "secret" in result:  # shown once: only its digest is kept
+            line += f"\n{result['secret']}\n(the key is shown only now; store it safely)"
+        return line
+    rows = []
+    for c in result[f"{noun}s"]:
+        row = [c["name"], ",".join(c["senders"]), c["rate"] or "-", c["max_recipients"] or "-"]
+        row.append(",".join(c["networks"]) or "any")
+        if noun == "key":
+            row += [",".join(c["scopes"]), c["id"]]
+        rows.append(row)
+    head = [noun.upper(), "MAY SEND AS", "RATE", "MAX RCPT", "FROM"]
+    return table(rows, head + (["SCOPES", "ID"] if noun == "key" else []))
 
 
 def tls_self_signed(args: argparse.Namespace) -> Row:
@@ -411,28 +469,59 @@ def parser() -> argparse.ArgumentParser:
         target.add_argument("--all", action="store_true", help="every queued recipient")
         p.set_defaults(run=change, render=render_change, write=True)
 
-    p = sub.add_parser("user", parents=[common], help="submission logins (auth.users_file)")
-    users = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (
-        ("add", "add a login; password from a prompt or stdin"),
-        ("passwd", "set a new password"),
-        ("set", "change what a login may do"),
-        ("del", "remove a login"),
-        ("list", "show the logins"),
+    for noun, kind, text, actions in (
+        (
+            "user",
+            "login",
+            "SMTP logins (auth.users_file)",
+            (
+                ("add", "add a login; password from a prompt or stdin"),
+                ("passwd", "set a new password"),
+                ("set", "change what a login may do"),
+                ("del", "remove a login"),
+                ("list", "show the logins"),
+            ),
+        ),
+        (
+            "key",
+            "key",
+            "API keys (auth.users_file); the secret is printed once",
+            (
+                ("add", "add a key and print its secret"),
+                ("set", "change what a key may do"),
+                ("rotate", "a new secret for a key (the old one stops working)"),
+                ("revoke", "remove a key"),
+                ("list", "show the keys"),
+            ),
+        ),
     ):
-        u = users.add_parser(action, parents=[common], help=text)
-        if action != "list":
-            u.add_argument("name", metavar="NAME")
-        if action in ("add", "set"):
-            u.add_argument(
-                "--sender",
-                action="append",
-                metavar="DOMAIN_OR_ADDRESS",
-                help="may send as this domain or address (repeatable)",
-            )
-            u.add_argument("--rate", help="messages per period, e.g. 1000/hour")
-            u.add_argument("--max-recipients", type=_count, metavar="N")
-        u.set_defaults(run=user_command, render=render_users, needs="config")
+        p = sub.add_parser(noun, parents=[common], help=text)
+        acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, help_text in actions:
+            u = acts.add_parser(action, parents=[common], help=help_text)
+            if action != "list":
+                u.add_argument("name", metavar="NAME")
+            if action in ("add", "set"):
+                u.add_argument(
+                    "--sender",
+                    action="append",
+                    metavar="DOMAIN_OR_ADDRESS",
+                    help="may send as this domain or address (repeatable)",
+                )
+                u.add_argument("--rate", help="messages per period, e.g. 1000/hour")
+                u.add_argument("--max-recipients", type=_count, metavar="N")
+                u.add_argument(
+                    "--networks", nargs="+", metavar="CIDR", help="usable only from these"
+                )
+                if kind == "key":
+                    u.add_argument(
+                        "--scope",
+                        action="append",
+                        metavar="SCOPES",
+                        help=f"comma list of {','.join(SCOPES)} (default: send)",
+                    )
+            u.set_defaults(run=credential_command, render=render_credentials, needs="config")
+            u.set_defaults(kind=kind)
 
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -39,7 +39,7 @@ from aiosmtpd.smtp import (
 from relayd.config import Auth, Ingress, Listener
 from relayd.delivery.dns import address_literal
 from relayd.events.log import log
-from relayd.ingress.users import Directory, LoginGuard, User
+from relayd.ingress.credentials import Credential, Directory, LoginGuard
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
@@ -461,6 +461,10 @@ class RelaySMTP(SMTP):
             failures = 0 if user else guard.failed(self.client)  # before end(): no dip
         finally:
             guard.end(self.client)
+        if user is not None and not user.may_use_from(self.client):
+            log.warning("auth_network_refused", client=self.client, user=name)
+            msg = f"535 5.7.8 Login {name} may not be used from {self.client}"
+            return AuthResult(success=False, handled=False, message=msg)
         if user is not None:
             log.info("auth_ok", client=self.client, user=name)
             return AuthResult(success=True, auth_data=user)
@@ -572,7 +576,7 @@ class IngressHandler:
             if not self.per_ip[session.client]:
                 del self.per_ip[session.client]
 
-    async def verify(self, name: str, password: bytes) -> User | None:
+    async def verify(self, name: str, password: bytes) -> Credential | None:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self.users.verify, name, password)
 
@@ -663,7 +667,7 @@ class IngressHandler:
             content, self.hostname, client, helo, envelope.smtp_utf8, queue_id
         )
         if user is not None:
-            origin = f"auth:{user.name}"
+            origin = user.account
         else:  # an untrusted client's only recipients are the postmaster (handle_RCPT)
             origin = f"{'trusted' if server.trusted else 'postmaster'}:{client}"
         try:
@@ -690,7 +694,7 @@ class IngressHandler:
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
-def _user(session: Session) -> User | None:
+def _user(session: Session) -> Credential | None:
     return session.auth_data if session.authenticated else None
 
 

@@ -60,14 +60,29 @@ class TokenBucket:
         self.rate, self._clock = rate, clock
         self._tokens, self._at = rate.count, clock()
 
-    def take(self) -> bool:
+    def take(self, count: int = 1) -> bool:
+        """Take ``count`` tokens, all or none (an API call for 1,000 recipients is 1,000)."""
+        self._refill()
+        if self._tokens < count:
+            return False
+        self._tokens -= count
+        return True
+
+    def remaining(self) -> int:
+        self._refill()
+        return int(self._tokens)
+
+    def wait(self, count: int = 1) -> float:
+        """Seconds until ``count`` tokens are there (0 when they are; inf when never)."""
+        self._refill()
+        if count > self.rate.count:
+            return float("inf")
+        return max(count - self._tokens, 0) * self.rate.interval
+
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(self.rate.count, self._tokens + (now - self._at) / self.rate.interval)
         self._at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class Rotation:
