@@ -95,7 +95,7 @@ def test_a_deferred_recipient_is_retried_when_the_given_clock_says_so(tmp_path):
     try:
 
         async def body(intake: Intake, clock: Clock, spool: Path) -> None:
-            await intake.submit(message("x@example.test", clock.now))
+            await intake.submit([message("x@example.test", clock.now)])
             await until(lambda: recipient(spool)[1] == 1, "the first attempt")
             assert recipient(spool) == (1, 1, START + 3600)  # deferred for retry.first
             mx.rcpt_reply = "250 2.1.5 ok"
@@ -113,7 +113,7 @@ def test_a_message_expires_by_the_given_clock_and_its_dsn_goes_out(tmp_path):
     try:
 
         async def body(intake: Intake, clock: Clock, spool: Path) -> None:
-            await intake.submit(message("x@example.test", clock.now))
+            await intake.submit([message("x@example.test", clock.now)])
             await until(lambda: recipient(spool)[1] == 1, "the first attempt")
             clock.now += 5 * 86400  # retry.max_age later
             await until(lambda: len(mx.messages) == 1, "the DSN for the expired recipient")

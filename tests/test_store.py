@@ -11,7 +11,7 @@ import sqlite3
 from relayd.events.records import Event, Type
 from relayd.model.message import NewMessage, State
 from relayd.process import handoff
-from relayd.spool import store
+from relayd.spool import api, store
 
 NOW = 1_800_000_000.0
 
@@ -107,8 +107,9 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
     """Each message's text follows its frame raw; the receiver joins head and text whatever
     the pieces it reads, and the frames after it still arrive."""
     msgs = [sample(i) for i in range(3)]
-    stored = ("s", [(0, ""), (1, "disk full")])
-    size = sum(4 + len(marshal.dumps(handoff.message_frame(i, m), 4)) for i, m in enumerate(msgs))
+    stored = ("s", [(0, "", None), (1, "disk full", None)])
+    batches = [(0, [msgs[0]], None), (1, msgs[1:], ("key:app", "k1", "d", "{}"))]
+    size = sum(4 + len(marshal.dumps(handoff.messages_frame(*b), 4)) for b in batches)
     size += sum(len(m.head) + len(m.body) for m in msgs) + 4 + len(marshal.dumps(stored, 4))
 
     async def over_a_socketpair() -> bytes:
@@ -118,8 +119,10 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
         far.setblocking(False)
         channel = handoff.Channel(lambda frame: None, lambda: None)
         await loop.create_unix_connection(lambda: channel, sock=near)
-        for i, m in enumerate(msgs):
-            channel.send(handoff.message_frame(i, m), (m.head, m.body))
+        for b in batches:
+            channel.send(
+                handoff.messages_frame(*b), tuple(t for m in b[1] for t in (m.head, m.body))
+            )
         channel.send(stored)
         stream = b""
         while len(stream) < size:
@@ -134,13 +137,17 @@ def test_frames_split_at_any_byte_are_reassembled_in_order():
         receiver = handoff.Channel(frames.append, lambda: None)
         for pos in range(0, len(stream), step):
             receiver.data_received(stream[pos : pos + step])
-        assert [f[0] for f in frames] == [handoff.MESSAGE] * 3 + ["s"]
-        for i, m in enumerate(msgs):
-            request, got = handoff.message_of(frames[i])
-            assert request == i and got.queue_id == m.queue_id and got.recipients == m.recipients
+        assert [f[0] for f in frames] == [handoff.MESSAGES] * 2 + ["s"]
+        received = []
+        for i, (_, batch, guard) in enumerate(batches):
+            request, got, got_guard = handoff.messages_of(frames[i])
+            assert request == i and got_guard == guard and len(got) == len(batch)
+            received += got
+        for m, got in zip(msgs, received, strict=True):
+            assert got.queue_id == m.queue_id and got.recipients == m.recipients
             assert bytes(got.body) == m.head + m.body
             assert (got.sender, got.smtputf8, got.origin) == (m.sender, True, "auth:app")
-        assert frames[3] == stored
+        assert frames[2] == stored
 
 
 def test_events_older_than_the_retention_are_pruned_in_bounded_batches(spool_conn):
@@ -153,3 +160,15 @@ def test_events_older_than_the_retention_are_pruned_in_bounded_batches(spool_con
     assert left == ["Q5", "Q6", "Q7", "Q8", "Q9"]
     rcpt = spool_conn.execute("SELECT rcpt FROM events LIMIT 1").fetchone()[0]
     assert rcpt == "a@x.test"  # the indexed column receipts look recipients up by
+
+
+def test_an_idempotency_key_answers_again_for_a_day_and_refuses_another_request(spool_conn):
+    guard = ("key:app", "k1", "digest-1", '{"first": true}')
+    assert api.idempotent(spool_conn, guard, NOW) is None  # new: recorded
+    assert api.idempotent(spool_conn, guard, NOW + 60) == ("replay", '{"first": true}')
+    other = ("key:app", "k1", "digest-2", "{}")
+    assert api.idempotent(spool_conn, other, NOW + 60) == ("conflict", "")
+    assert api.idempotent(spool_conn, ("key:other", "k1", "digest-2", "{}"), NOW + 3600) is None
+    later = NOW + api.IDEMPOTENCY_TIME + 1
+    assert api.prune_idempotency(spool_conn, later) == 1  # the first; the other key's stays
+    assert api.idempotent(spool_conn, other, later) is None  # a day on, the key is free again

@@ -118,3 +118,11 @@ class Report:
     received_at: float
     body: bytes
     recipients: list[tuple[str, int, str, str]]  # rcpt, code, reply, mx
+
+
+# An idempotent request's record, stored in the transaction of its messages (credential,
+# key, digest of the request, the answer to give again): see spool.api.idempotent.
+Guard = tuple[str, str, str, str]
+# What the guard found instead of storing: ("replay", the earlier answer) for the same request,
+# ("conflict", "") for the same key with another request.
+Answer = tuple[str, str]

@@ -176,7 +176,10 @@ class QueueProcess:
         self.control_task = loop.create_task(self.control.run())
         if schema.needs_background_check(server.spool_path):
             self.check_task = loop.create_task(self._check_spool())
-        self.link = IngressLink(self.store, self._serving, self._reloaded, self._ingress_lost)
+        # what the ingress process accepts goes through the one door into the spool; it
+        # answers 250 or 202 when the batch is durable
+        submit = self.intake.submit
+        self.link = IngressLink(submit, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
 
     async def _check_spool(self) -> None:
@@ -209,11 +212,6 @@ class QueueProcess:
             ingress_pid=self.ingress_pid,
         )
         sd_notify("READY=1")
-
-    def store(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
-        """A message the ingress process accepted, through the one door into the spool; the
-        ingress process answers 250 when this resolves."""
-        return self.intake.submit(msg)
 
     def reload(self) -> None:
         """Check the new file here, then let the ingress process apply it (it answers)."""
@@ -349,7 +347,7 @@ class IngressProcess:
         """Store a message durably (the queue process signs it); the caller answers 250 only
         after this returns."""
         msg.received_at = time.time()
-        await self.link.store(msg)
+        await self.link.store([msg])
 
     def reload(self) -> str:
         """Apply the config file (the queue process has checked it); "" or why not."""

@@ -8,10 +8,12 @@ process is the spool's only writer, as before.
 
 Frames: a 4-byte big-endian length, then a marshalled tuple whose first item names the kind.
 marshal is the fastest codec for tuples of str/bytes/int and both ends run the same relayd.
-Frames written in one turn of the event loop go out in one system call. A message's text is not
-marshalled: its frame ends with the text's length and the raw bytes follow the frame (the trace
-headers, then the text as read), so neither end copies the text to frame it, and the queue
-process gets the headers and text joined in the one copy it makes on receipt.
+Frames written in one turn of the event loop go out in one system call. Messages travel in
+batches that are stored in one transaction (an SMTP message is a batch of one; an API call for
+1,000 recipients one batch, with its idempotency record). Texts are not marshalled: the frame
+ends with their total length and the raw bytes follow it (each message's trace headers, then
+its text as read), so neither end copies a text to frame it, and the queue process gets each
+message's headers and text joined in the one copy it makes on receipt.
 """
 
 from __future__ import annotations
@@ -20,20 +22,21 @@ import asyncio
 import functools
 import marshal
 from collections.abc import Callable
+from typing import Any
 
-from relayd.model.message import NewMessage
+from relayd.model.message import Guard, NewMessage
 from relayd.spool.space import FULL_MARK, SpoolFull, is_full
 
 _HEADER = 4
 _MARSHAL_VERSION = 4
 
 # ingress -> queue
-MESSAGE = "m"  # (MESSAGE, request id, *fields of NewMessage, text length) + the raw text
+MESSAGES = "m"  # (MESSAGES, request id, [fields of each NewMessage], guard, texts' length) + texts
 RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
 SERVING = "l"  # (SERVING,): the listeners are open
 # queue -> ingress
 SERVE = "L"  # (SERVE,): the queue process is ready, open the listeners
-STORED = "s"  # (STORED, [(request id, error or ""), ...])
+STORED = "s"  # (STORED, [(request id, error or "", what the guard answered instead), ...])
 RELOAD = "R"  # (RELOAD,): reload the config file
 
 
@@ -90,7 +93,7 @@ class Channel(asyncio.Protocol):
                     break
                 frame = marshal.loads(memoryview(inbox)[pos + _HEADER : end])
                 pos = end
-                need = frame[-1] if frame[0] == MESSAGE else -1
+                need = frame[-1] if frame[0] == MESSAGES else -1
                 if need < 0:
                     frames.append(frame)
                 elif size - pos >= need:
@@ -127,76 +130,89 @@ class Channel(asyncio.Protocol):
             self.transport.close()
 
 
-def message_frame(request: int, msg: NewMessage) -> tuple:
-    """The frame of a message without its text; it ends with the text's length."""
-    return (
-        MESSAGE,
-        request,
-        msg.queue_id,
-        msg.sender,
-        msg.recipients,
-        msg.client,
-        msg.helo,
-        msg.origin,
-        msg.smtputf8,
-        msg.received_at,
-        msg.envid,
-        msg.ret,
-        msg.notify,
-        msg.orcpt,
-        msg.meta,
-        msg.send_at,
-        len(msg.head) + len(msg.body),
-    )
+def messages_frame(request: int, msgs: list[NewMessage], guard: Guard | None) -> tuple:
+    """The frame of a batch without its texts; it ends with their total length, each message's
+    fields with its own."""
+    fields = [
+        (
+            m.queue_id,
+            m.sender,
+            m.recipients,
+            m.client,
+            m.helo,
+            m.origin,
+            m.smtputf8,
+            m.received_at,
+            m.envid,
+            m.ret,
+            m.notify,
+            m.orcpt,
+            m.meta,
+            m.send_at,
+            len(m.head) + len(m.body),
+        )
+        for m in msgs
+    ]
+    return (MESSAGES, request, fields, guard, sum(f[-1] for f in fields))
 
 
-def message_of(frame: tuple) -> tuple[int, NewMessage]:
-    """The message of a received frame (its text, joined to the frame, is the last item)."""
-    (_, request, queue_id, sender, rcpts, client, helo, origin, utf8, received) = frame[:10]
-    envid, ret, notify, orcpt, meta, send_at, body = frame[10:]
-    msg = NewMessage(
-        queue_id,
-        sender,
-        rcpts,
-        body,
-        client,
-        helo,
-        origin,
-        utf8,
-        received,
-        envid=envid,
-        ret=ret,
-        notify=notify,
-        orcpt=orcpt,
-        meta=meta,
-        send_at=send_at,
-    )
-    return request, msg
+def messages_of(frame: tuple) -> tuple[int, list[NewMessage], Guard | None]:
+    """The batch of a received frame (the texts, joined to the frame, are its last item)."""
+    _, request, fields, guard, texts = frame
+    msgs, pos = [], 0
+    for queue_id, sender, rcpts, client, helo, origin, utf8, received, *rest in fields:
+        envid, ret, notify, orcpt, meta, send_at, size = rest
+        # one message: its text as received; more: each its own slice (copied once)
+        body = texts if len(fields) == 1 else bytes(memoryview(texts)[pos : pos + size])
+        pos += size
+        msgs.append(
+            NewMessage(
+                queue_id,
+                sender,
+                rcpts,
+                body,
+                client,
+                helo,
+                origin,
+                utf8,
+                received,
+                envid=envid,
+                ret=ret,
+                notify=notify,
+                orcpt=orcpt,
+                meta=meta,
+                send_at=send_at,
+            )
+        )
+    return request, msgs, guard
 
 
 class SpoolLink:
-    """The ingress end: ``store(msg)`` resolves once the queue process has it on disk."""
+    """The ingress end: ``store(msgs)`` resolves once the queue process has them on disk."""
 
     def __init__(self, on_serve: Callable[[], None], on_reload: Callable[[], str]) -> None:
         self.on_serve, self.on_reload = on_serve, on_reload
         self.channel = Channel(self._frame, self._lost)
-        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.pending: dict[int, asyncio.Future[Any]] = {}
         self.lost = asyncio.Event()
         self._next = 0
 
-    def store(self, msg: NewMessage) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def store(self, msgs: list[NewMessage], guard: Guard | None = None) -> asyncio.Future[Any]:
+        """Resolves to None once the batch is durable, or to what ``guard`` found instead (an
+        earlier answer to the same idempotent request: nothing stored)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.lost.is_set():
             fut.set_exception(ConnectionError("the queue process is gone"))
             return fut
         self._next += 1
         self.pending[self._next] = fut
-        self.channel.send(message_frame(self._next, msg), (msg.head, msg.body))
+        texts = [part for m in msgs for part in (m.head, m.body)]
+        self.channel.send(messages_frame(self._next, msgs, guard), tuple(texts))
         return fut
 
     def _frame(self, frame: tuple) -> None:
         if frame[0] == STORED:
-            for request, error in frame[1]:
+            for request, error, answer in frame[1]:
                 fut = self.pending.pop(request, None)
                 if fut is None or fut.done():
                     continue
@@ -205,7 +221,7 @@ class SpoolLink:
                 elif error:
                     fut.set_exception(OSError(error))
                 else:
-                    fut.set_result(None)
+                    fut.set_result(answer)
         elif frame[0] == RELOAD:
             self.channel.send((RELOADED, self.on_reload()))
         elif frame[0] == SERVE:
@@ -227,14 +243,14 @@ class IngressLink:
 
     def __init__(
         self,
-        store: Callable[[NewMessage], asyncio.Future[NewMessage]],
+        store: Callable[[list[NewMessage], Guard | None], asyncio.Future[Any]],
         on_serving: Callable[[], None],
         on_reloaded: Callable[[str], None],
         on_lost: Callable[[], None],
     ) -> None:
         self.store, self.on_serving, self.on_reloaded = store, on_serving, on_reloaded
         self.channel = Channel(self._frame, on_lost)
-        self._done: list[tuple[int, str]] = []
+        self._done: list[tuple[int, str, Any]] = []
 
     def serve(self) -> None:
         self.channel.send((SERVE,))
@@ -243,23 +259,25 @@ class IngressLink:
         self.channel.send((RELOAD,))
 
     def _frame(self, frame: tuple) -> None:
-        if frame[0] == MESSAGE:
-            request, msg = message_of(frame)
-            self.store(msg).add_done_callback(functools.partial(self._stored, request))
+        if frame[0] == MESSAGES:
+            request, msgs, guard = messages_of(frame)
+            self.store(msgs, guard).add_done_callback(functools.partial(self._stored, request))
         elif frame[0] == RELOADED:
             self.on_reloaded(frame[1])
         elif frame[0] == SERVING:
             self.on_serving()
 
-    def _stored(self, request: int, fut: asyncio.Future[NewMessage]) -> None:
+    def _stored(self, request: int, fut: asyncio.Future[Any]) -> None:
+        answer = None
         if fut.cancelled():
             error = "cancelled"
         else:
             exc = fut.exception()
             error = "" if exc is None else f"{FULL_MARK if is_full(exc) else ''}{exc!r}"
+            answer = fut.result() if exc is None else None
         if not self._done:
             asyncio.get_running_loop().call_soon(self._report)
-        self._done.append((request, error))
+        self._done.append((request, error, answer))
 
     def _report(self) -> None:
         """Every commit settled in the last turn, in one frame sent at once: each turn of delay

@@ -17,8 +17,8 @@ from relayd.mime import dsn
 from relayd.mime.dkim import Signer
 from relayd.model.address import domain_of
 from relayd.model.ids import new_queue_id
-from relayd.model.message import NewMessage, Report
-from relayd.spool import store
+from relayd.model.message import Answer, Guard, NewMessage, Report
+from relayd.spool import api, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
@@ -52,55 +52,76 @@ class Intake:
     def close(self) -> None:
         self.signing.shutdown()
 
-    def submit(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
-        """Store a message; resolves once it is durable (the caller answers 250 or 202 then).
+    def submit(
+        self, msgs: list[NewMessage], guard: Guard | None = None
+    ) -> asyncio.Future[Answer | None]:
+        """Store a batch in one transaction (an SMTP message, an API call's messages); resolves
+        once it is durable, to None (the caller answers 250 or 202 then), or to the earlier
+        answer ``guard`` found instead (the same idempotent request again: nothing stored).
         Signing here, once, means every attempt delivers the same signed bytes. Refused while
         the disk is short of room (DSNs, owed, are not: they come through ``dsn``)."""
         if self.space.low():
-            fut: asyncio.Future[NewMessage] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
             fut.set_exception(self.space.refusal())
             return fut
         if self.signer.enabled:
-            return asyncio.ensure_future(self._sign_and_insert(msg))
-        return self._insert(msg)
+            return asyncio.ensure_future(self._sign_and_insert(msgs, guard))
+        return self._insert(msgs, guard)
 
-    async def _sign_and_insert(self, msg: NewMessage) -> NewMessage:
+    async def _sign_and_insert(self, msgs: list[NewMessage], guard: Guard | None) -> Answer | None:
         loop = asyncio.get_running_loop()  # RSA in OpenSSL releases the GIL: sign beside the loop
-        body = bytes(msg.body)  # a large text arrives as a bytearray; the signer wants bytes
-        signed = await loop.run_in_executor(self.signing, self.signer.sign, body, msg.received_at)
-        msg.signed = len(signed) > len(msg.body)
-        msg.body = signed
-        return await self._insert(msg)
+        signed = await asyncio.gather(
+            *(
+                # a large text arrives as a bytearray; the signer wants bytes
+                loop.run_in_executor(self.signing, self.signer.sign, bytes(m.body), m.received_at)
+                for m in msgs
+            )
+        )
+        for msg, text in zip(msgs, signed, strict=True):
+            msg.signed = len(text) > len(msg.body)
+            msg.body = text
+        return await self._insert(msgs, guard)
 
-    def _insert(self, msg: NewMessage) -> asyncio.Future[NewMessage]:
-        """Into the spool's next group commit; into memory at once when there is room."""
-        jobs = len({domain_of(r) for r in msg.recipients})
-        # mail for later (send_at) waits in the spool, where the loader finds it when due
-        msg.active = msg.send_at <= self.clock() and self.admission.reserve(jobs)
+    def _insert(self, msgs: list[NewMessage], guard: Guard | None) -> asyncio.Future[Answer | None]:
+        """Into the spool's next group commit; into memory at once when there is room (and
+        the mail is not for later: send_at waits in the spool, where the loader finds it)."""
+        now = self.clock()
+        jobs = [len({domain_of(r) for r in m.recipients}) for m in msgs]
+        for msg, n in zip(msgs, jobs, strict=True):
+            msg.active = msg.send_at <= now and self.admission.reserve(n)
         received: list[Event] = []
 
-        def op(conn: sqlite3.Connection) -> NewMessage:
-            received[:] = store_message(conn, msg)
-            return msg
+        def op(conn: sqlite3.Connection) -> Answer | None:
+            if guard is not None and (answer := api.idempotent(conn, guard, now)) is not None:
+                return answer
+            for msg in msgs:
+                received.extend(store_message(conn, msg))
+            return None
 
         fut = self.writer.submit(op)
-        fut.add_done_callback(functools.partial(self._stored, msg, jobs, received))
+        fut.add_done_callback(functools.partial(self._stored, msgs, jobs, received))
         return fut
 
     def _stored(
-        self, msg: NewMessage, jobs: int, received: list[Event], fut: asyncio.Future
+        self, msgs: list[NewMessage], jobs: list[int], received: list[Event], fut: asyncio.Future
     ) -> None:
         """Logged here, at the commit, so that a message's lines come from one process in
         order (accepted before its attempts)."""
-        if fut.cancelled() or fut.exception() is not None:
-            if msg.active:
-                self.admission.unreserve(jobs)
-            log.error("store_failed", queue_id=msg.queue_id, error=repr(fut.exception()))
+        failed = fut.cancelled() or fut.exception() is not None
+        if failed or fut.result() is not None:  # not stored: failed, or answered before
+            for msg, n in zip(msgs, jobs, strict=True):
+                if msg.active:
+                    self.admission.unreserve(n)
+            if failed:
+                error = "cancelled" if fut.cancelled() else repr(fut.exception())
+                for msg in msgs:
+                    log.error("store_failed", queue_id=msg.queue_id, error=error)
             return
         emit(received)
-        if msg.active:
-            self.admission.admit(msg)
-        else:
+        for msg in msgs:
+            if msg.active:
+                self.admission.admit(msg)
+        if not all(msg.active for msg in msgs):
             self.admission.poke()
 
     def dsn(self, conn: sqlite3.Connection, report: Report, now: float) -> list[Event]:
