@@ -124,7 +124,8 @@ DKIM_HEADERS = (
     "Sender",
     "Feedback-ID",
 )
-LISTENER_KINDS = ("relay", "submission", "smtps")
+LISTENER_KINDS = ("relay", "submission", "smtps", "http", "https")
+HTTP_KINDS = ("http", "https")  # the sending API; the others speak SMTP
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,12 @@ class Events:
     retention: float
 
 
+@dataclass(frozen=True)
+class Api:
+    max_recipients: int
+    max_body_size: int
+
+
 Pools = dict[str, tuple[Source, ...]]
 
 
@@ -250,6 +257,7 @@ class Config:
     retry: Retry
     pools: Pools
     events: Events
+    api: Api
 
 
 class _Section:
@@ -510,7 +518,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         raise ConfigError(path, "tls.min_version", "must be '1.2' or '1.3'")
     tls_sec.finish()
     for i, listener in enumerate(listeners):
-        if listener.kind != "relay" and tls.cert_file is None:
+        if listener.kind not in ("relay", "http") and tls.cert_file is None:
             raise ConfigError(
                 path, f"listeners[{i}].kind", f"a {listener.kind} listener needs tls.cert_file"
             )
@@ -652,6 +660,13 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     events_sec = top.table("events")
     events_retention = events_sec.duration("retention", "7d")
     events_sec.finish()
+
+    api_sec = top.table("api")
+    api = Api(
+        max_recipients=api_sec.positive_int("max_recipients", 1000, maximum=10_000),
+        max_body_size=api_sec.size("max_body_size", "50MB", maximum=2 * MAX_SIZE),
+    )
+    api_sec.finish()
     top.finish()
 
     return Config(
@@ -687,4 +702,5 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         retry=retry,
         pools=pools,
         events=Events(events_retention),
+        api=api,
     )

@@ -87,7 +87,13 @@ def add_headers(
 
 
 def trace_headers(
-    content: bytes | bytearray, hostname: str, client: str, helo: str, utf8: bool, queue_id: str
+    content: bytes | bytearray,
+    hostname: str,
+    client: str,
+    helo: str,
+    utf8: bool,
+    queue_id: str,
+    protocol: str = "",
 ) -> bytes:
     """The fields a relay puts before the message: Received, and Message-ID and Date when the
     client left them out. Returned apart, so that the text is not copied to prepend them."""
@@ -96,7 +102,7 @@ def trace_headers(
     now = date_header()
     extra = [
         f"Received: from {helo or 'unknown'} ([{client}])\r\n\tby {hostname} (relayd) with "
-        f"{'UTF8SMTP' if utf8 else 'ESMTP'} id {queue_id};\r\n\t{now}\r\n"
+        f"{protocol or ('UTF8SMTP' if utf8 else 'ESMTP')} id {queue_id};\r\n\t{now}\r\n"
     ]
     if b"\r\nmessage-id:" not in head:
         extra.append(f"Message-ID: {make_msgid(domain=hostname)}\r\n")

@@ -37,10 +37,14 @@ from collections.abc import Callable
 import uvloop
 
 from relayd import config as configuration
+from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
 from relayd.events import log as events
 from relayd.events.log import log
 from relayd.ingress import tls
+from relayd.ingress.api.server import HttpServer
+from relayd.ingress.api.service import Api
+from relayd.ingress.api.service import Settings as ApiSettings
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.mime.dkim import Signer
 from relayd.model import ids
@@ -133,6 +137,15 @@ def _queue_settings(config: configuration.Config) -> Settings:
         config.shaping,
         config.retry,
         config.pools,
+    )
+
+
+def _api_settings(config: configuration.Config) -> ApiSettings:
+    return ApiSettings(
+        config.server.hostname,
+        config.api.max_recipients,
+        config.ingress.max_message_size,
+        config.api.max_body_size,
     )
 
 
@@ -321,6 +334,8 @@ class IngressProcess:
         self.link_socket = link
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
+        self.api: Api | None = None
+        self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
 
@@ -340,7 +355,25 @@ class IngressProcess:
         self.handler = IngressHandler(
             cfg.ingress, cfg.auth, cfg.server.hostname, _space(cfg.server), self.accept
         )
-        self.servers = await start_listeners(self.handler, self.tls, self.bound)
+        smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in HTTP_KINDS]
+        self.servers = await start_listeners(self.handler, self.tls, smtp)
+        http = [
+            (sock, self.tls if lsn.kind == "https" else None)
+            for lsn, socks in self.bound
+            if lsn.kind in HTTP_KINDS
+            for sock in socks
+        ]
+        if http:
+            # the API shares the SMTP handler's credentials (and so its rate buckets)
+            self.api = Api(
+                _api_settings(cfg),
+                self.handler.users,
+                self.link.store,
+                _space(cfg.server),
+                cfg.server.spool_path,
+            )
+            self.http = HttpServer(self.api, cfg.api.max_body_size, cfg.server.shutdown_timeout)
+            await self.http.start(http)
         self.link.serving()
 
     async def accept(self, msg: NewMessage) -> None:
@@ -361,6 +394,8 @@ class IngressProcess:
         self.config = new
         if self.handler is not None:
             self.handler.reload(new.ingress, new.auth, new.server.hostname, _space(new.server))
+            if self.api is not None:
+                self.api.reload(_api_settings(new), self.handler.users, _space(new.server))
         return ""
 
     async def _watch_queue(self) -> None:
@@ -382,6 +417,10 @@ class IngressProcess:
             await asyncio.sleep(0.05)
         for session in list(sessions):
             session.close()
+        if self.http is not None:  # requests in flight finish (with their commits) first
+            await self.http.close()
+        if self.api is not None:
+            self.api.close()
         while self.link.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.link.channel.close()

@@ -1,0 +1,165 @@
+"""The API's OpenAPI 3.1 document, built from the same msgspec types that decode the requests
+(so that the document cannot drift from what the server accepts). ``python -m
+relayd.ingress.api.openapi`` writes it; docs/openapi.json is that output, kept in the repo and
+checked against it by the tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import msgspec
+
+from relayd.ingress.api.schema import KumoInject, Send
+
+_PROBLEM = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `field` names the request field at fault.",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "field": {"type": "string"},
+    },
+    "required": ["title", "status", "detail"],
+}
+_RESULT = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string"},
+        "message_id": {"type": ["string", "null"], "description": "the queue id"},
+        "status": {"enum": ["queued", "rejected", "suppressed"]},
+        "error": {"type": ["string", "null"]},
+    },
+}
+
+
+def _problems(*codes: int) -> dict[str, Any]:
+    ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    texts = {
+        400: "malformed request",
+        401: "missing or unknown API key",
+        403: "the key lacks the scope, sender or network",
+        404: "no such resource",
+        413: "body too large",
+        415: "not JSON",
+        422: "a field is invalid (named in `field`)",
+        429: "the key's rate is spent (see Retry-After)",
+        503: "the spool is short of room (see Retry-After)",
+    }
+    return {str(c): {"description": texts[c], "content": ref} for c in codes}
+
+
+def document() -> dict[str, Any]:
+    (send, kumo), components = msgspec.json.schema_components(
+        [Send, KumoInject], ref_template="#/components/schemas/{name}"
+    )
+    components.update(Problem=_PROBLEM, Result=_RESULT)
+    bearer = [{"apiKey": []}]
+    json_body = lambda schema: {  # noqa: E731
+        "required": True,
+        "content": {"application/json": {"schema": schema}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "relayd sending API",
+            "version": "1",
+            "description": "Send mail through relayd and learn what became of each recipient."
+            " Every answer that is not 2xx is an RFC 9457 problem document.",
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": bearer,
+        "paths": {
+            "/v1/messages": {
+                "post": {
+                    "summary": "Queue one message, or one template per recipient",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "maxLength": 255},
+                            "description": "the same key and body within 24 h returns the"
+                            " first answer again and queues nothing",
+                        }
+                    ],
+                    "requestBody": json_body(send),
+                    "responses": {
+                        "202": {
+                            "description": "committed to the spool; one result per recipient",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "results": {
+                                                "type": "array",
+                                                "items": {"$ref": "#/components/schemas/Result"},
+                                            },
+                                            "queued": {"type": "integer"},
+                                            "rejected": {"type": "integer"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        **_problems(400, 401, 403, 413, 415, 422, 429, 503),
+                    },
+                }
+            },
+            "/api/inject/v1": {
+                "post": {
+                    "summary": "KumoMTA's inject/v1, accepted as it is",
+                    "requestBody": json_body(kumo),
+                    "responses": {
+                        "200": {"description": "success_count, fail_count, failed_recipients"},
+                        **_problems(400, 401, 403, 413, 415, 422, 429, 503),
+                    },
+                }
+            },
+            "/v1/messages/{id}": {
+                "get": {
+                    "summary": "A message: envelope, recipients' states, attempts, events",
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": {"description": "the message's status"},
+                        **_problems(401, 403, 404),
+                    },
+                }
+            },
+            "/v1/events": {
+                "get": {
+                    "summary": "The event log, paged by a stable cursor",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": s}
+                        for n, s in (
+                            ("after", {"type": "integer", "minimum": 0}),
+                            ("type", {"type": "string", "description": "comma list"}),
+                            ("recipient", {"type": "string"}),
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "events, and `next`: the cursor to ask after"},
+                        **_problems(401, 403, 422),
+                    },
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
+            },
+        },
+    }
+
+
+if __name__ == "__main__":
+    json.dump(document(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")

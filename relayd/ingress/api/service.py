@@ -1,0 +1,455 @@
+"""The sending API's behaviour, apart from the HTTP stack that carries it: authentication by
+API key (scopes, senders, networks), the shared rate policy, idempotency, back pressure, and
+RFC 9457 problem answers naming the field at fault. A message is acknowledged (202) only after
+the queue process has committed it, as with SMTP's 250."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from relayd.events.log import log
+from relayd.events.records import Type
+from relayd.ingress.api import openapi
+from relayd.ingress.api.compose import Invalid, Limits, Outcome, compose
+from relayd.ingress.api.schema import KumoInject, Send, from_kumo
+from relayd.ingress.credentials import Credential, Directory
+from relayd.model.message import Answer, Guard, NewMessage
+from relayd.spool import api as queries
+from relayd.spool import schema
+from relayd.spool.space import FreeSpace, is_full
+
+Store = Callable[[list[NewMessage], Guard | None], Awaitable[Answer | None]]
+PROBLEM = "application/problem+json"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_MESSAGE = re.compile(r"^/v1/messages/([0-9A-Fa-f]{1,32})$")
+_EVENT_TYPES = {t.value for t in Type}
+MAX_PAGE = 1000
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+    client: str
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Refused(Exception):
+    """A request answered with a problem document (RFC 9457)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.field = status, title, detail, field
+        self.headers, self.extra = headers or {}, extra
+
+    def reply(self, path: str) -> Reply:
+        doc: dict[str, Any] = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "instance": path,
+        }
+        if self.field is not None:
+            doc["field"] = self.field
+        doc.update(self.extra)
+        return Reply(self.status, json.dumps(doc).encode(), PROBLEM, self.headers)
+
+
+@dataclass(frozen=True)
+class Settings:
+    hostname: str
+    max_recipients: int
+    max_message_size: int
+    max_body_size: int
+
+
+class Api:
+    """Routes and answers requests; the HTTP server hands each one to ``handle``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        directory: Directory,
+        store: Store,
+        space: FreeSpace,
+        spool: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.directory, self.store, self.space = settings, directory, store, space
+        self.clock = clock
+        self.reader = _Reader(spool)
+        self.compose_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-compose")
+        self.document = json.dumps(openapi.document()).encode()
+
+    def reload(self, settings: Settings, directory: Directory, space: FreeSpace) -> None:
+        self.settings, self.directory, self.space = settings, directory, space
+
+    def close(self) -> None:
+        self.compose_pool.shutdown()
+        self.reader.close()
+
+    async def handle(self, req: Request) -> Reply:
+        try:
+            return await self._route(req)
+        except Refused as exc:
+            return exc.reply(req.path)
+        except Exception as exc:  # a bug: logged, answered, never a hung client
+            log.error("api_error", path=req.path, error=repr(exc))
+            return Refused(500, "Internal error", "the request could not be handled").reply(
+                req.path
+            )
+
+    async def _route(self, req: Request) -> Reply:
+        path, method = req.path, req.method
+        if path == "/v1/openapi.json":
+            _allow(method, "GET")
+            return Reply(200, self.document)
+        if path in ("/v1/messages", "/api/inject/v1"):
+            _allow(method, "POST")
+            return await self._send(req, self._key(req, "send"), kumo=path == "/api/inject/v1")
+        if m := _MESSAGE.match(path):
+            _allow(method, "GET")
+            self._key(req, "read")
+            return await self._status(m.group(1).upper())
+        if path == "/v1/events":
+            _allow(method, "GET")
+            self._key(req, "read")
+            return await self._events(req)
+        raise Refused(404, "Not found", f"no resource {path}")
+
+    # -- authentication -------------------------------------------------------------------
+
+    def _key(self, req: Request, scope: str) -> Credential:
+        """The key the request's bearer token proves, allowed ``scope`` from its address."""
+        auth = req.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="relayd"'}
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(
+                401,
+                "Unauthorized",
+                "an API key is needed: Authorization: Bearer KEY",
+                "authorization",
+                challenge,
+            )
+        cred = self.directory.key(token.strip())
+        if cred is None:
+            raise Refused(
+                401, "Unauthorized", "unknown or revoked API key", "authorization", challenge
+            )
+        if scope not in cred.scopes and "admin" not in cred.scopes:
+            raise Refused(403, "Forbidden", f"key {cred.name} lacks the {scope} scope", "scope")
+        if not cred.may_use_from(req.client):
+            raise Refused(403, "Forbidden", f"key {cred.name} may not be used from {req.client}")
+        return cred
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _send(self, req: Request, cred: Credential, kumo: bool) -> Reply:
+        if self.space.low():
+            raise Refused(
+                503,
+                "Service unavailable",
+                "the spool is short of free space; retry",
+                headers={"Retry-After": "60"},
+            )
+        if len(req.body) > self.settings.max_body_size:
+            raise Refused(
+                413,
+                "Content too large",
+                f"the body is over {self.settings.max_body_size} bytes",
+                "body",
+            )
+        ctype = req.headers.get("content-type", "application/json").split(";")[0].strip()
+        if ctype != "application/json":
+            raise Refused(415, "Unsupported media type", "send application/json", "content-type")
+        send = _decode(req.body, KumoInject if kumo else Send)
+        if kumo:
+            send = from_kumo(send)  # type: ignore[arg-type]
+        key = req.headers.get("idempotency-key")
+        digest = ""
+        if key is not None:
+            if not _IDEMPOTENCY_KEY.match(key):
+                raise Refused(
+                    400, "Bad request", "1 to 255 printable characters", "idempotency-key"
+                )
+            digest = hashlib.sha256(req.path.encode() + b"\0" + req.body).hexdigest()
+            earlier = await self.reader.run(
+                queries.earlier, cred.account, key, digest, self.clock()
+            )
+            if earlier is not None:
+                return _again(earlier, key)
+        now = self.clock()
+        settings = self.settings
+        limits = Limits(settings.max_recipients, settings.max_message_size, settings.hostname)
+        loop = asyncio.get_running_loop()
+        try:
+            msgs, outcomes = await loop.run_in_executor(
+                self.compose_pool, compose, send, cred, req.client, limits, now
+            )
+        except Invalid as exc:
+            title = "Forbidden" if exc.status == 403 else "Invalid request"
+            raise Refused(exc.status, title, exc.problem, exc.field) from None
+        headers = self._rate(cred, len(msgs))
+        answer = _answer(outcomes, kumo)
+        if not msgs:
+            raise Refused(
+                422,
+                "Invalid request",
+                "no recipient could be queued",
+                "recipients",
+                headers,
+                results=[o.as_json() for o in outcomes],
+            )
+        for msg in msgs:
+            msg.received_at = now
+        body = json.dumps(answer).encode()
+        guard = (cred.account, key, digest, body.decode()) if key is not None else None
+        try:
+            found = await self.store(msgs, guard)
+        except Exception as exc:
+            log.error("api_store_failed", error=repr(exc), key=cred.name)
+            reason = "the spool is short of free space" if is_full(exc) else "a local error"
+            raise Refused(
+                503,
+                "Service unavailable",
+                f"not queued: {reason}; retry",
+                headers={"Retry-After": "30" if is_full(exc) else "5"},
+            ) from None
+        if found is not None:
+            return _again(found, key or "")
+        log.info(
+            "api_accepted",
+            key=cred.name,
+            client=req.client,
+            messages=len(msgs),
+            recipients=sum(o.status == "queued" for o in outcomes),
+        )
+        return Reply(200 if kumo else 202, body, headers=headers)
+
+    def _rate(self, cred: Credential, count: int) -> dict[str, str]:
+        """RateLimit-* headers of the key's allowance (the one its SMTP login would spend);
+        429 when the request's messages do not fit in it now."""
+        bucket = self.directory.bucket(cred)
+        if bucket is None:
+            return {}
+        limit = bucket.rate
+        if not bucket.take(count):
+            wait = bucket.wait(count)
+            retry = "3600" if math.isinf(wait) else str(max(1, math.ceil(wait)))
+            headers = _rate_headers(limit.count, bucket.remaining(), retry)
+            headers["Retry-After"] = retry
+            raise Refused(
+                429,
+                "Too many requests",
+                f"key {cred.name} may send {cred.rate}; this request has {count}",
+                headers=headers,
+            )
+        reset = str(math.ceil(bucket.wait(int(limit.count)))) if limit.count < math.inf else "0"
+        return _rate_headers(limit.count, bucket.remaining(), reset)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _status(self, queue_id: str) -> Reply:
+        found = await self.reader.run(queries.message_status, queue_id)
+        if found is None:
+            raise Refused(404, "Not found", f"no message {queue_id} (or its events expired)")
+        return Reply(200, json.dumps(_status_document(found)).encode())
+
+    async def _events(self, req: Request) -> Reply:
+        q = req.query
+        after = _int_param(q, "after", 0, 0, 2**62)
+        limit = _int_param(q, "limit", 100, 1, MAX_PAGE)
+        types = [t for t in q.get("type", "").split(",") if t]
+        unknown = sorted(set(types) - _EVENT_TYPES)
+        if unknown:
+            raise Refused(422, "Invalid request", f"unknown event type {unknown[0]!r}", "type")
+        rcpt = q.get("recipient")
+        events = await self.reader.run(queries.events_after, after, types, rcpt, limit)
+        for e in events:
+            e["at"] = _iso(e["at"])
+        cursor = str(events[-1]["id"]) if events else str(after)
+        return Reply(200, json.dumps({"events": events, "next": cursor}).encode())
+
+
+class _Reader:
+    """Spool reads on a thread of their own with a read-only connection, opened on first use:
+    the event loop never waits for SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-read")
+        self.conn: Any = None
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., Any], args: tuple) -> Any:
+        if self.conn is None:
+            self.conn = schema.reader(self.path)
+        return fn(self.conn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise Refused(405, "Method not allowed", f"use {allowed}", headers={"Allow": allowed})
+
+
+def _decode(body: bytes, kind: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        where = text.rpartition(" - at `$")[2].rstrip("`") if " - at `$" in text else ""
+        problem = text.partition(" - at `")[0]
+        if not where and "unknown field" in text:
+            where = text.partition("`")[2].partition("`")[0]
+        raise Refused(422, "Invalid request", problem, where.lstrip(".") or "body") from None
+    except msgspec.DecodeError as exc:
+        raise Refused(400, "Bad request", f"not JSON: {exc}", "body") from None
+
+
+def _answer(outcomes: list[Outcome], kumo: bool) -> dict[str, Any]:
+    if kumo:  # KumoMTA's inject/v1 answer, as its clients read it
+        failed = [o for o in outcomes if o.status != "queued"]
+        return {
+            "success_count": len(outcomes) - len(failed),
+            "fail_count": len(failed),
+            "failed_recipients": [o.email for o in failed],
+            "errors": [f"{o.email}: {o.error}" for o in failed],
+        }
+    return {
+        "results": [o.as_json() for o in outcomes],
+        "queued": sum(o.status == "queued" for o in outcomes),
+        "rejected": sum(o.status == "rejected" for o in outcomes),
+    }
+
+
+def _again(found: Answer, key: str) -> Reply:
+    """An idempotency key seen before: the first answer again, or 422 for another request."""
+    kind, body = found
+    if kind == "replay":
+        return Reply(202, body.encode(), headers={"Idempotent-Replayed": "true"})
+    raise Refused(
+        422,
+        "Idempotency key reused",
+        f"key {key!r} was used within 24 h for another request",
+        "idempotency-key",
+    )
+
+
+def _rate_headers(limit: float, remaining: int, reset: str) -> dict[str, str]:
+    return {
+        "RateLimit-Limit": str(int(limit)),
+        "RateLimit-Remaining": str(max(remaining, 0)),
+        "RateLimit-Reset": reset,
+    }
+
+
+def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Refused(422, "Invalid request", f"not a number: {raw!r}", name) from None
+    if not low <= value <= high:
+        raise Refused(422, "Invalid request", f"must be from {low} to {high}", name)
+    return value
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+_FINAL = {"delivered": "delivered", "bounced": "bounced", "expired": "bounced"}
+_ATTEMPTS = ("delivered", "deferred", "bounced", "expired")
+
+
+def _status_document(found: dict[str, Any]) -> dict[str, Any]:
+    """A message's envelope, each recipient's state, every attempt, and its events."""
+    events, msg, spooled = found["events"], found["message"], found["spooled"]
+    reception = next((e for e in events if e["type"] == "accepted"), None)
+    doc: dict[str, Any] = {"id": found["queue_id"]}
+    if reception is not None:
+        doc.update(
+            sender=reception.get("sender"),
+            received_at=_iso(reception["at"]),
+            size=reception.get("size"),
+            origin=reception.get("origin"),
+        )
+        rcpts = list(reception.get("rcpt") or [])
+    else:
+        rcpts = []
+    if msg is not None:
+        _, sender, received_at, size, origin, meta = msg
+        doc.update(sender=sender, received_at=_iso(received_at), size=size, origin=origin)
+        if meta:
+            doc["meta"] = json.loads(meta)
+    for rcpt in spooled:
+        if rcpt not in rcpts:
+            rcpts.append(rcpt)
+    attempts = [
+        {
+            "at": _iso(e["at"]),
+            "rcpt": e.get("rcpt"),
+            "result": e["type"],
+            "mx": e.get("mx"),
+            "source_ip": e.get("source_ip"),
+            "code": e.get("code"),
+            "response": e.get("response"),
+        }
+        for e in events
+        if e["type"] in _ATTEMPTS
+    ]
+    recipients = []
+    for rcpt in rcpts:
+        state = spooled.get(rcpt)
+        if state is None:
+            final = [e["type"] for e in events if e.get("rcpt") == rcpt and e["type"] in _FINAL]
+            state = {"state": _FINAL[final[-1]] if final else "unknown"}
+        tried = [a for a in attempts if a["rcpt"] == rcpt]
+        recipients.append({"email": rcpt, "attempts": len(tried), **state})
+    doc["recipients"] = recipients
+    doc["attempts"] = attempts
+    for e in events:
+        e["at"] = _iso(e["at"])
+    doc["events"] = events
+    return doc
