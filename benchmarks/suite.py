@@ -15,6 +15,9 @@
                                                                      >= 0.8 x row 2 (relayd)
   9  CPU ms per relayed message (relay process tree)                 below Postfix's
  10  SIGKILL relayd mid-run, restart, finish: acknowledged messages lost = 0 (duplicates shown)
+ 13a end-to-end msgs/s, 100,000 personalised messages through the HTTP API in calls of 1,000
+                                                                     >= 5 x Postfix (SMTP, -d)
+ 13b API latency, single-message calls at 200/s: p50 <= 10 ms, p99 <= 50 ms
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -99,6 +102,26 @@ def listening(port: int) -> bool:
             if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
                 return True
     return False
+
+
+def wait_until_listening(port: int, deadline: float) -> None:
+    while not listening(port):
+        if time.time() > deadline:
+            raise SuiteError(f"nothing listens on port {port} in time")
+        time.sleep(0.05)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants so far."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tck
 
 
 def gone(pid: int) -> bool:
@@ -384,8 +407,11 @@ class Suite:
             for f in bad:
                 f.unlink()
 
-    def load_rep(self, label: str, kind: str, port: int, n: int, size: int, pid: int = 0) -> dict:
-        """One run_load.sh rep (REPS=1) against a relay on `port`; returns its figures."""
+    def load_rep(
+        self, label: str, kind: str, port: int, n: int, size: int, pid: int = 0, flags: str = ""
+    ) -> dict:
+        """One run_load.sh rep (REPS=1) against a relay on `port`; returns its figures.
+        ``flags`` go to smtp-source ("-d": one connection per session, reused)."""
         a = self.args
         d = self.tmp / "loads"
         d.mkdir(exist_ok=True)
@@ -394,6 +420,7 @@ class Suite:
             env = self.env(MANAGE_PEER=1, RELAY_KIND="postfix", TARGET_PORT=port)
         else:
             env = self.env(MANAGE_PEER=0, RELAY_KIND="other", RELAY_PID=pid, TARGET_PORT=port)
+        env["SOURCE_FLAGS"] = flags
         la = load1()
         out, err = d / f"{label}.out", d / f"{label}.err"
         argv = [str(LOAD), str(n), str(a.sessions), str(size), "1"]
@@ -438,9 +465,15 @@ class Suite:
         )
 
     def relayd(
-        self, name: str, port: int, route_port: int, spool: Path, dkim_key: Path | None = None
+        self,
+        name: str,
+        port: int,
+        route_port: int,
+        spool: Path,
+        dkim_key: Path | None = None,
+        api_port: int = 0,
     ) -> Relayd:
-        return Relayd(self, name, port, route_port, spool, dkim_key)
+        return Relayd(self, name, port, route_port, spool, dkim_key, api_port)
 
     # -- phase: rates (rows 1-5, 9) --------------------------------------------------------
 
@@ -652,9 +685,159 @@ class Suite:
         hwm = [f"{r['hwm_kb'] / MB:.1f}" for r in res["r"]]
         self.notes.append("relayd VmHWM (MB, both processes) in the 100 KB reps: " + ", ".join(hwm))
 
+    # -- phase: api (rows 13a, 13b) ----------------------------------------------------------
+
+    def api_relayd(self, label: str) -> tuple[Relayd, str]:
+        """A relayd with an API listener routed to smtp-sink, started, and a fresh API key."""
+        a = self.args
+        spool = self.tmp / f"relayd-{label}" / "spool" / "relayd.sqlite"
+        rd = self.relayd(f"relayd-{label}", a.relayd_port, a.sink_port, spool, None, a.api_port)
+        key = self.relayctl(rd.config, "key", "add", "bench", "--sender", "x.test")
+        rd.start()
+        wait_until_listening(a.api_port, time.time() + 30)
+        return rd, next(line for line in key.splitlines() if line.startswith("rk_"))
+
+    def api_load(self, *args: str) -> dict:
+        r = subprocess.run(
+            [str(VPY), str(REPO / "benchmarks" / "api_load.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=2 * self.args.max_seconds + 60,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        if r.returncode != 0:
+            raise SuiteError(f"api_load.py {args[0]} failed: {r.stderr.strip()[-400:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def api_batch_rep(self, label: str, n: int) -> dict:
+        """Row 13a, relayd: n personalised messages in API calls of 1,000 recipients each
+        (4 in flight), from the first call until the last message is at the sink."""
+        a = self.args
+        self.peer("sink-up")
+        rd, key = self.api_relayd(label)
+        try:
+            c0, la = int(self.peer("sink-count") or 0), float(load1())
+            cpu0, t0 = tree_cpu(rd.pid), time.time()
+            out = self.api_load(
+                "batch",
+                f"http://127.0.0.1:{a.api_port}",
+                key,
+                "--messages",
+                str(n),
+                "--batch",
+                "1000",
+                "--concurrency",
+                "4",
+                "--max-seconds",
+                str(a.max_seconds),
+            )
+            deadline = time.time() + a.max_seconds
+            while int(self.peer("sink-count") or 0) - c0 < n:
+                if time.time() > deadline:
+                    raise SuiteError(f"{label}: not all {n} messages reached the sink in time")
+                time.sleep(0.05)
+            e2e_s, cpu = time.time() - t0, tree_cpu(rd.pid) - cpu0
+        finally:
+            rc, _ = rd.stop()
+            self.peer("sink-down", check=False)
+        ev = rd.events()
+        if out["failures"] or ev["accepted"] != n or ev["delivered"] != n or ev["errors"] or rc:
+            self.anomalies.append(
+                f"relayd {label}: failures {out['failures']} {out['first_failures']}, accepted "
+                f"{ev['accepted']}, delivered {ev['delivered']}, errors {ev['errors']}, exit {rc}"
+            )
+        r = {"e2e": n / e2e_s, "ingress": n / out["seconds"], "relay_cpu_s": cpu, "load1": la}
+        log(
+            f"{label}: API ingress {r['ingress']:.0f}/s, end-to-end {r['e2e']:.0f}/s, "
+            f"relay CPU {1000 * cpu / n:.2f} ms/msg, load {la}"
+        )
+        self.details.append(
+            f"relayd {label:<15} load1={la:.2f} api_ingress={r['ingress']:.0f}/s "
+            f"e2e={r['e2e']:.0f}/s e2e_s={e2e_s:.2f} relay_cpu_s={cpu:.2f} "
+            f"request_p50_s={out['request_p50_s']} accepted={ev['accepted']} "
+            f"delivered={ev['delivered']}"
+        )
+        shutil.rmtree(rd.dir / "spool", ignore_errors=True)
+        return r
+
+    def phase_api(self) -> None:
+        """Rows 13a and 13b: the HTTP API. 13a against Postfix fed the same number of
+        messages over SMTP with connection reuse (smtp-source -d, 1.5 KB: the size of the
+        API's personalised messages), interleaved rep by rep; 13b: single-message calls at a
+        fixed rate (an open loop), latency of each answer."""
+        a = self.args
+        n = a.api_n
+        res: dict[str, list[dict]] = {"r": [], "p": []}
+        for rep in range(1, a.reps + 1):
+            log(f"=== api: rep {rep}/{a.reps}")
+            for k in ["r", "p"] if rep % 2 else ["p", "r"]:
+                try:
+                    if k == "p":
+                        r = self.load_rep(
+                            f"postfix-reuse-{rep}", "postfix", a.postfix_port, n, 1536, flags="-d"
+                        )
+                        self.detail(f"postfix reuse rep {rep}", r)
+                    else:
+                        r = self.api_batch_rep(f"api-{rep}", n)
+                except SuiteError as exc:
+                    log(f"ERROR: {exc}")
+                    self.anomalies.append(f"rep api {k} {rep} failed: {exc}")
+                    self.cleanup()
+                    continue
+                res[k].append(r)
+        lr = lambda k: "/".join(f"{r['load1']:.1f}" for r in res[k])  # noqa: E731
+        rv, pv = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
+        q = ratio(med(rv), med(pv))
+        self.rows["13a"] = Row(
+            "13a",
+            f"end-to-end msgs/s, {n:,} personalised messages through the API in calls of 1,000"
+            " (Postfix: the same number over SMTP, connections reused, smtp-source -d)",
+            fmt_rate(rv),
+            fmt_rate(pv),
+            f"{q:.2f}" if q else "–",
+            "≥ 5 × Postfix",
+            q is not None and q >= 5,
+            f"{lr('r')} · {lr('p')}",
+        )
+        self.peer("sink-up")
+        rd, key = self.api_relayd("api-rate")
+        try:
+            la = float(load1())
+            out = self.api_load(
+                "rate",
+                f"http://127.0.0.1:{a.api_port}",
+                key,
+                "--rate",
+                str(a.api_rate),
+                "--seconds",
+                str(a.api_seconds),
+            )
+        finally:
+            rd.stop()
+            self.peer("sink-down", check=False)
+        if out["failures"]:
+            self.anomalies.append(f"api rate: {out['failures']} failed requests")
+        p50, p99 = 1000 * (out["p50_s"] or 0), 1000 * (out["p99_s"] or 0)
+        self.rows["13b"] = Row(
+            "13b",
+            f"API latency, single-message calls at {a.api_rate:.0f}/s for {a.api_seconds:.0f} s"
+            " (open loop): p50 / p99, ms",
+            f"{p50:.1f} / {p99:.1f}",
+            "–",
+            "–",
+            "p50 ≤ 10, p99 ≤ 50",
+            p50 <= 10 and p99 <= 50,
+            f"{la:.2f}",
+        )
+        self.notes.append(
+            f"row 13b: {out['requests']} requests in {out['seconds']} s, p90"
+            f" {1000 * (out['p90_s'] or 0):.1f} ms, max {1000 * (out['max_s'] or 0):.1f} ms"
+        )
+
     # -- phase: memory (rows 11, 12) ---------------------------------------------------------
 
-    def relayctl(self, config: Path, *args: str) -> None:
+    def relayctl(self, config: Path, *args: str) -> str:
         r = subprocess.run(
             [str(VPY), "-m", "relayd.ctl", "--config", str(config), *args],
             capture_output=True,
@@ -665,6 +848,7 @@ class Suite:
         )
         if r.returncode != 0:
             raise SuiteError(f"relayctl {' '.join(args)} failed: {r.stderr.strip()[-300:]}")
+        return r.stdout
 
     def wait_events(self, rd: Relayd, name: str, n: int, what: str) -> None:
         deadline = time.time() + self.args.max_seconds
@@ -1289,6 +1473,8 @@ class Suite:
             "10",
             "11",
             "12",
+            "13a",
+            "13b",
         ]
         for k in order:
             r = self.rows.get(k)
@@ -1336,6 +1522,15 @@ max_connections = 50
 max_messages_per_connection = 1000
 """
 
+API = """
+[[listeners]]
+address = "127.0.0.1:{port}"
+kind = "http"
+
+[auth]
+users_file = "{users}"
+"""
+
 DKIM = """
 [dkim]
 
@@ -1358,6 +1553,7 @@ class Relayd:
         route_port: int,
         spool: Path,
         dkim_key: Path | None,
+        api_port: int = 0,
     ) -> None:
         self.suite, self.name, self.port = suite, name, port
         self.dir = suite.tmp / name
@@ -1367,6 +1563,8 @@ class Relayd:
         text = CONFIG.format(spool=spool, port=port, route_port=route_port)
         if dkim_key is not None:
             text += DKIM.format(key=dkim_key)
+        if api_port:
+            text += API.format(port=api_port, users=self.dir / "users.json")
         self.config.write_text(text)
         self.proc: subprocess.Popen | None = None
         self.runs = 0
@@ -1611,9 +1809,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,body,spool,restart,fault,memory",
+        default="rates,body,spool,restart,fault,memory,api",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12)",
+        "fault (10), memory (11, 12), api (13a, 13b)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1636,6 +1834,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--mem-n", type=int, help="row 11: deferred 5 MB messages (full 2000, quick 200)"
     )
     p.add_argument("--mem-sessions", type=int, default=10, help="row 11: smtp-source sessions")
+    p.add_argument("--api-n", type=int, help="row 13a: messages per rep (full 100000, quick 10000)")
+    p.add_argument("--api-rate", type=float, default=200.0, help="row 13b: API calls per second")
+    p.add_argument("--api-seconds", type=float, help="row 13b: seconds (full 20, quick 5)")
+    p.add_argument("--api-port", type=int, default=2570, help="rows 13a, 13b: the API listener")
     p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
@@ -1658,9 +1860,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.fault_n = a.fault_n or a.n
     a.body_n = a.body_n or a.n // 2
     a.mem_n = a.mem_n or (200 if q else 2000)
+    a.api_n = a.api_n or (10_000 if q else 100_000)
+    a.api_seconds = a.api_seconds or (5.0 if q else 20.0)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory"}
+    bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory", "api"}
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
     return a
@@ -1711,6 +1915,7 @@ def main(argv: list[str]) -> int:
             (a.relayd_port, "--relayd-port"),
             (a.relayd2_port, "--relayd2-port"),
             (a.pysink_port, "--pysink-port"),
+            (a.api_port, "--api-port"),
         ):
             if listening(port):
                 raise SuiteError(f"port {port} is in use ({what})")
