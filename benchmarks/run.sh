@@ -276,9 +276,9 @@ RELAYD_PID=""; rm -f "$RELAYD_PIDFILE"
 "$PEER" sink-down
 
 # relayd's own account: events in its log, recipient states left in the spool
-count() { grep -c "\"event\": \"$1\"" "$TMP/relayd.log" || true; }
+count() { grep -cE "\"event\": ?\"$1\"" "$TMP/relayd.log" || true; }
 ACC=$(count accepted); DLV=$(count delivered); DEF=$(count deferred); BNC=$(count bounced)
-ERRS=$(grep -c '"level": "error"' "$TMP/relayd.log" || true)
+ERRS=$(grep -cE '"level": ?"error"' "$TMP/relayd.log" || true)
 STDERR_LINES=$(wc -l < "$TMP/relayd.err")
 SPOOL=$("$VPY" - "$TMP/spool/relayd.sqlite" <<'EOF' 2>&1 || true
 import sqlite3, sys

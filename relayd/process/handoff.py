@@ -97,7 +97,7 @@ class Channel(asyncio.Protocol):
                 if need < 0:
                     frames.append(frame)
                 elif size - pos >= need:
-                    frames.append((*frame[:-1], bytes(inbox[pos : pos + need])))
+                    frames.append((*frame[:-1], bytes(memoryview(inbox)[pos : pos + need])))
                     pos += need
                 else:  # a large text: copied once, as it comes, into a buffer of its size
                     text = bytearray(need)

@@ -10,10 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
+
 from relayd.events.records import Event
 from relayd.model.address import domain_of
 from relayd.model.message import Job, NewMessage, Recipient, Result, State
 from relayd.spool.schema import OWED
+
+_encode = msgspec.json.Encoder().encode  # the events' data, as JSON text
 
 T = TypeVar("T")
 
@@ -82,7 +86,7 @@ def append_events(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
     """Into the outbox, in the transaction of the change they report."""
     conn.executemany(
         "INSERT INTO events (at, type, queue_id, rcpt, data) VALUES (?,?,?,?,?)",
-        [(e.at, e.type, e.queue_id, e.rcpt, json.dumps(e.data)) for e in events],
+        [(e.at, e.type, e.queue_id, e.rcpt, _encode(e.data).decode()) for e in events],
     )
 
 
