@@ -5,7 +5,8 @@ an authenticated login, as whom a login may send and how fast, address syntax, l
 connections, time, lines and errors), the headers a relay owes (Received, and Message-ID and
 Date when missing), RFC 3463 enhanced codes on every reply, defences against SMTP smuggling,
 and the rule that 250 after DATA comes only once the spool has the message on disk. The DSN
-extension (RFC 3461: RET, ENVID, NOTIFY, ORCPT; checked in ``params``) is offered everywhere.
+extension (RFC 3461: RET, ENVID, NOTIFY, ORCPT; checked in ``params``) is offered everywhere,
+and metadata header fields (``metadata``) are taken out of the text into the message's events.
 
 Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
 ``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH).
@@ -40,6 +41,7 @@ from aiosmtpd.smtp import (
 from relayd.config import Auth, Ingress, Listener
 from relayd.delivery.dns import address_literal
 from relayd.events.log import log
+from relayd.ingress import metadata
 from relayd.ingress import params as dsnparams
 from relayd.ingress.credentials import Credential, Directory, LoginGuard
 from relayd.mime import headers
@@ -705,6 +707,13 @@ class IngressHandler:
             if not senders or not all(user.may_send_as(a) for a in senders):
                 log.warning("from_refused", user=user.name, sender=sender, header_from=senders)
                 return f"550 5.7.1 From header not allowed for login {user.name}"
+        try:
+            meta, content = metadata.extract(
+                content, self.config.metadata_headers, self.config.keep_metadata_headers
+            )
+        except metadata.MetadataError as exc:
+            log.info("metadata_refused", client=client, sender=sender, reply=exc.reply)
+            return exc.reply
         helo = _UNPRINTABLE.sub("?", session.host_name or "")  # client text, kept printable
         queue_id = new_queue_id()
         head = headers.trace_headers(
@@ -726,6 +735,7 @@ class IngressHandler:
                     origin,
                     envelope.smtp_utf8,
                     head=head,
+                    meta=meta,
                     **_dsn_fields(envelope),
                 )
             )
