@@ -141,3 +141,18 @@ def test_listeners_on_one_socket_are_refused(tmp_path, first, second):
 def test_listeners_on_distinct_sockets_are_accepted(tmp_path, addresses):
     config = load(_write(tmp_path, _listeners(*addresses)))
     assert len(config.listeners) == len(addresses)
+
+
+def test_metadata_headers_are_field_names_or_prefixes(tmp_path):
+    config = load(_write(tmp_path, '[ingress]\nmetadata_headers = ["X-Meta", "X-PM-Metadata-*"]\n'))
+    assert config.ingress.metadata_headers == ("X-Meta", "X-PM-Metadata-*")
+    assert not config.ingress.keep_metadata_headers
+    assert load(_write(tmp_path, "")).ingress.metadata_headers == ("X-Relayd-Meta",)
+    for bad in ('"X Meta"', '"X-Meta:"', '""', '"X-*-Meta"', "3"):
+        text = f"[ingress]\nmetadata_headers = [{bad}]\n"
+        problem = _refused(tmp_path, text, "ingress.metadata_headers[0]")
+        assert "not a header field name" in problem
+    problem = _refused(
+        tmp_path, "[ingress]\nkeep_metadata_headers = 1\n", "ingress.keep_metadata_headers"
+    )
+    assert "must be a bool" in problem

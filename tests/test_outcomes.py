@@ -12,7 +12,7 @@ import pytest
 
 from relayd.config import Retry
 from relayd.events.records import Event, Type
-from relayd.model.message import Job, NewMessage, Recipient, Report, State
+from relayd.model.message import Job, NewMessage, Notify, Recipient, Report, State
 from relayd.model.status import Reply, status_of
 from relayd.outcomes import commit, decide
 from relayd.queue.intake import store_message
@@ -102,32 +102,95 @@ def test_retry_delays_grow_and_never_exceed_max_interval_even_with_jitter():
     assert decide.retry_delay(10**6, RETRY, rng) == RETRY.max_interval  # no overflow
 
 
+def owed(states: list[tuple], received_at: float = NOW - 10, delay_warning: float = 0) -> tuple:
+    """decide.owed's answer as (failed, delayed, delivered, unwanted, finished); (state,
+    reported) pairs get NOTIFY 0 (not given)."""
+    full = [(*s, 0) if len(s) == 2 else s for s in states]
+    o = decide.owed(full, received_at, NOW, delay_warning)
+    return o.failed, o.delayed, o.delivered, o.unwanted, o.finished
+
+
 def test_nothing_is_owed_while_a_recipient_is_in_memory_or_never_tried():
     for waiting in (State.ACTIVE, State.PENDING):
-        assert decide.owed([(State.BOUNCED, 0), (waiting, 0)], NOW - 10, NOW, 0) == ([], [], False)
+        assert owed([(State.BOUNCED, 0), (waiting, 0)]) == ([], [], [], [], False)
 
 
 def test_one_failure_report_covers_every_unreported_bounce():
     states = [(State.BOUNCED, 0), (State.DELIVERED, 0), (State.BOUNCED, decide.REPORTED_FAILED)]
     states.append((State.BOUNCED, 0))
-    assert decide.owed(states, NOW - 10, NOW, 0) == ([0, 3], [], True)
+    assert owed(states) == ([0, 3], [], [], [], True)
 
 
 def test_a_delay_warning_is_owed_once_after_its_age():
     states = [(State.DEFERRED, 0), (State.DEFERRED, decide.REPORTED_DELAYED), (State.DELIVERED, 0)]
-    assert decide.owed(states, NOW - 100, NOW, 3600) == ([], [], False)
-    assert decide.owed(states, NOW - 4000, NOW, 3600) == ([], [0], False)
-    assert decide.owed(states, NOW - 4000, NOW, 0) == ([], [], False)  # 0: never
+    assert owed(states, NOW - 100, 3600) == ([], [], [], [], False)
+    assert owed(states, NOW - 4000, 3600) == ([], [0], [], [], False)
+    assert owed(states, NOW - 4000, 0) == ([], [], [], [], False)  # 0: never
+
+
+SUCCESS, FAILURE, DELAY, NEVER = Notify.SUCCESS, Notify.FAILURE, Notify.DELAY, Notify.NEVER
+
+
+def test_notify_decides_which_reports_are_owed():
+    """NOTIFY not given: failures and delays; NEVER: none (its bounce is unwanted, to be
+    recorded as suppressed); otherwise just what it lists, SUCCESS included."""
+    b, d, ok = State.BOUNCED, State.DEFERRED, State.DELIVERED
+    old = NOW - 4000
+    assert owed([(b, 0, 0), (d, 0, 0), (ok, 0, 0)], old, 3600) == ([0], [1], [], [], False)
+    never = [(b, 0, NEVER), (d, 0, NEVER), (ok, 0, NEVER)]
+    assert owed(never, old, 3600) == ([], [], [], [0], False)
+    only_success = [(b, 0, SUCCESS), (d, 0, SUCCESS), (ok, 0, SUCCESS)]
+    assert owed(only_success, old, 3600) == ([], [], [2], [0], False)
+    everything = [(b, 0, SUCCESS | FAILURE | DELAY), (d, 0, DELAY), (ok, 0, SUCCESS | FAILURE)]
+    assert owed(everything, old, 3600) == ([0], [1], [2], [], False)
+    delay_only = [(b, 0, DELAY), (d, 0, FAILURE)]
+    assert owed(delay_only, old, 3600) == ([], [], [], [0], False)
+
+
+def test_a_success_report_is_owed_once_and_waits_for_the_rest_of_the_message():
+    ok = State.DELIVERED
+    assert owed([(ok, 0, SUCCESS), (State.ACTIVE, 0, SUCCESS)]) == ([], [], [], [], False)
+    assert owed([(ok, 0, SUCCESS), (ok, 0, 0)]) == ([], [], [0], [], True)
+    reported = decide.REPORTED_DELIVERED
+    assert owed([(ok, reported, SUCCESS), (ok, 0, SUCCESS)]) == ([], [], [1], [], True)
+
+
+def test_wants_follows_rfc_3461_defaults():
+    assert decide.wants(0, FAILURE) and decide.wants(0, DELAY) and not decide.wants(0, SUCCESS)
+    assert not any(decide.wants(NEVER, f) for f in (SUCCESS, FAILURE, DELAY))
+    assert decide.wants(SUCCESS, SUCCESS) and not decide.wants(SUCCESS, FAILURE)
+
+
+def test_events_carry_envid_orcpt_and_metadata_only_when_given():
+    j = job(rcpts=2)
+    j.envid, j.meta = "QQ314159", '{"order": "123"}'
+    j.recipients[0].orcpt = "rfc822;Bob@Example.test"
+    replies = [(1, Reply(250, "2.0.0 ok")), (2, Reply(451, "4.3.0 later"))]
+    _, events = decide.decide(j, replies, "mx", "", NOW, RETRY, random.Random(1))
+    assert events[0].data["envid"] == "QQ314159" and events[1].data["envid"] == "QQ314159"
+    assert events[0].data["orcpt"] == "rfc822;Bob@Example.test" and "orcpt" not in events[1].data
+    assert events[0].data["meta"] == {"order": "123"}
+    _, plain = decide.decide(job(), [(1, Reply(250, "ok"))], "mx", "", NOW, RETRY, random.Random())
+    assert not {"envid", "orcpt", "meta"} & set(plain[0].data)
 
 
 # -- the one transaction -------------------------------------------------------------------
 
 
 def stored(
-    conn: sqlite3.Connection, rcpts: list[str], sender: str = "app@sender.test"
+    conn: sqlite3.Connection, rcpts: list[str], sender: str = "app@sender.test", **dsn
 ) -> NewMessage:
     msg = NewMessage(
-        "ORIG", sender, rcpts, b"Subject: x\r\n\r\nbody\r\n", "127.0.0.1", "h", "t", False, NOW - 60
+        "ORIG",
+        sender,
+        rcpts,
+        b"Subject: x\r\n\r\nbody\r\n",
+        "127.0.0.1",
+        "h",
+        "t",
+        False,
+        NOW - 60,
+        **dsn,
     )
     msg.active = True
     conn.execute("BEGIN")
@@ -154,7 +217,13 @@ def dsn_door(conn: sqlite3.Connection, report: Report, now: float) -> list[Event
 
 def run_attempt(conn: sqlite3.Connection, msg: NewMessage, replies: list[Reply], door=dsn_door):
     j = Job(msg.msg_id, msg.queue_id, msg.sender, "example.test", msg.received_at, False, b"", [])
-    j.recipients = [Recipient(i, r, 0) for i, r in zip(msg.ids, msg.recipients, strict=True)]
+    j.envid, j.meta = msg.envid, msg.meta
+    notify = msg.notify or [0] * len(msg.ids)
+    orcpt = msg.orcpt or [None] * len(msg.ids)
+    j.recipients = [
+        Recipient(i, r, 0, n, o)
+        for i, r, n, o in zip(msg.ids, msg.recipients, notify, orcpt, strict=True)
+    ]
     results, events = decide.decide(
         j, list(zip(msg.ids, replies, strict=True)), "mx", "", NOW, RETRY, random.Random()
     )
@@ -214,4 +283,62 @@ def test_a_deferral_keeps_the_message_and_owes_nothing(spool_conn):
     assert done.dsns == 0
     assert rows(spool_conn, "SELECT state, attempts, next_attempt FROM recipients") == [
         (State.DEFERRED, 1, NOW + 300)
+    ]
+
+
+def recording_door(reports: list[Report]):
+    def door(conn: sqlite3.Connection, report: Report, now: float) -> list[Event]:
+        reports.append(report)
+        return dsn_door(conn, report, now)
+
+    return door
+
+
+def test_notify_success_keeps_the_message_until_its_success_dsn_commits(spool_conn):
+    """A delivery that asked for a receipt does not take the one-DELETE path: the success DSN
+    is queued in the same transaction, with ENVID, RET and ORCPT, and reported once."""
+    msg = stored(
+        spool_conn,
+        ["ok@example.test", "quiet@example.test"],
+        envid="ENV-1",
+        ret="HDRS",
+        notify=[Notify.SUCCESS | Notify.FAILURE, 0],
+        orcpt=["rfc822;OK@example.test", None],
+        meta='{"order": 7}',
+    )
+    reports: list[Report] = []
+    done = run_attempt(
+        spool_conn, msg, [Reply(250, "2.0.0 ok"), Reply(250, "ok")], recording_door(reports)
+    )
+    assert [e.type for e in done.events] == ["delivered", "delivered", "accepted", "dsn_queued"]
+    (report,) = reports
+    assert (report.kind, report.envid, report.ret) == ("delivered", "ENV-1", "HDRS")
+    assert [r[0] for r in report.recipients] == ["ok@example.test"]
+    assert report.orcpt == ["rfc822;OK@example.test"]
+    queued = done.events[-1].data
+    assert queued["delivered"] == ["ok@example.test"] and queued["orcpt"] == [
+        "rfc822;OK@example.test"
+    ]
+    assert queued["envid"] == "ENV-1" and queued["meta"] == {"order": 7}
+    assert rows(spool_conn, "SELECT queue_id FROM messages") == [("DSN1",)]
+    accepted = json.loads(rows(spool_conn, "SELECT data FROM events ORDER BY id LIMIT 1")[0][0])
+    assert accepted["envid"] == "ENV-1" and accepted["orcpt"] == ["rfc822;OK@example.test", None]
+
+
+def test_notify_never_records_the_bounce_as_suppressed_and_owes_nothing(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test"], envid="E2", notify=[Notify.NEVER])
+    done = run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no")])
+    assert [e.type for e in done.events] == ["bounced", "dsn_suppressed"]
+    suppressed = done.events[1].data
+    assert suppressed["reason"] == "NOTIFY=NEVER" and suppressed["envid"] == "E2"
+    assert done.dsns == 0
+    assert rows(spool_conn, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_a_bounce_carries_ret_and_orcpt_into_its_report(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test"], ret="FULL", orcpt=["rfc822;g@x.test"])
+    reports: list[Report] = []
+    run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no")], recording_door(reports))
+    assert [(r.kind, r.ret, r.orcpt, r.envid) for r in reports] == [
+        ("failed", "FULL", ["rfc822;g@x.test"], None)
     ]

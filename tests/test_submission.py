@@ -294,6 +294,30 @@ def test_mail_auth_parameter_accepted_where_auth_is_offered(submission):
         assert (code, text[:5]) == (555, b"5.5.4"), text
 
 
+def test_every_listener_kind_offers_and_takes_the_dsn_extension(submission):
+    """RFC 3461 on relay, submission and smtps alike: DSN in EHLO, parameters accepted (and
+    their mistakes refused with 501 5.5.4) once the session may send."""
+    r = submission()
+    assert ctl(r.config_path, "user", "set", "app1", "--rate", "").returncode == 0
+    with smtplib.SMTP("127.0.0.1", r.ports["relay"], timeout=10) as client:
+        client.ehlo("app.test")
+        assert client.has_extn("dsn")
+    for kind in ("submission", "smtps"):
+        with login(r, kind) as client:
+            assert client.has_extn("dsn"), kind
+            code, text = client.docmd("MAIL FROM:<news@example.test> RET=HDRS ENVID=a+2Bb")
+            assert (code, text[:5]) == (250, b"2.1.0"), (kind, text)
+            code, text = client.docmd("RCPT TO:<x@dest.test> NOTIFY=NEVER,FAILURE")
+            assert (code, text[:5]) == (501, b"5.5.4"), (kind, text)
+            code, text = client.docmd(
+                "RCPT TO:<x@dest.test> NOTIFY=FAILURE ORCPT=rfc822;x@dest.test"
+            )
+            assert (code, text[:5]) == (250, b"2.1.5"), (kind, text)
+            assert client.data(message())[0] == 250
+    for event in r.wait_event("accepted", n=2):
+        assert event["envid"] == "a+b" and event["orcpt"] == ["rfc822;x@dest.test"]
+
+
 def test_user_added_while_running_can_log_in(submission):
     r = submission()
     added = ctl(

@@ -35,6 +35,8 @@ MAX_SIZE = 512 * 1024**2  # bytes: a message is one SQLite value and is held in 
 MAX_DISK = 1024**5  # bytes: a free-space minimum (a petabyte)
 MAX_RATE = 1_000_000.0  # messages per second
 MAX_MULTIPLIER = 10.0  # retry.multiplier
+# RFC 5322 ftext (printable US-ASCII but ":"), optionally ending in "*" (a prefix)
+_FIELD_NAME = re.compile(r"^[\x21-\x29\x2b-\x39\x3b-\x7e]+\*?$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
@@ -176,6 +178,9 @@ class Ingress:
     max_connections_per_ip: int
     max_line_length: int
     bare_newlines: str
+    # header fields that carry the sender's metadata (relayd.ingress.metadata); "X-Foo-*": a prefix
+    metadata_headers: tuple[str, ...] = ("X-Relayd-Meta",)
+    keep_metadata_headers: bool = False  # deliver them too
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -583,6 +588,16 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     bare_newlines = ingress.get("bare_newlines", "normalize", str)
     if bare_newlines not in ("normalize", "reject"):
         raise ConfigError(path, "ingress.bare_newlines", "must be 'normalize' or 'reject'")
+    metadata_headers = []
+    for i, name in enumerate(ingress.get("metadata_headers", ["X-Relayd-Meta"], list)):
+        if not isinstance(name, str) or not _FIELD_NAME.match(name):
+            raise ConfigError(
+                path,
+                f"ingress.metadata_headers[{i}]",
+                f"not a header field name (or a prefix ending in '*'): {name!r}",
+            )
+        metadata_headers.append(name)
+    keep_metadata_headers = ingress.get("keep_metadata_headers", False, bool)
     ingress.finish()
 
     dns = top.table("dns")
@@ -687,6 +702,8 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
             max_connections_per_ip=max_connections_per_ip,
             max_line_length=max_line_length,
             bare_newlines=bare_newlines,
+            metadata_headers=tuple(metadata_headers),
+            keep_metadata_headers=keep_metadata_headers,
         ),
         dns=Dns(nameservers, dns_timeout),
         delivery=Delivery(

@@ -4,6 +4,7 @@ log line is rendered from the same record once that transaction is durable."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -36,3 +37,14 @@ class Event:
         """The recipient it concerns, when it concerns one (an indexed column of the row)."""
         rcpt = self.data.get("rcpt")
         return rcpt if isinstance(rcpt, str) else None
+
+
+def receipt_keys(envid: str | None, meta: str) -> dict[str, Any]:
+    """What lets an application match an event to its message: ``envid`` (RFC 3461 ENVID)
+    and ``meta`` (its metadata, decoded), each only when the message has it."""
+    keys: dict[str, Any] = {}
+    if envid is not None:
+        keys["envid"] = envid
+    if meta:
+        keys["meta"] = json.loads(meta)
+    return keys

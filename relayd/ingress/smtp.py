@@ -4,7 +4,9 @@ aiosmtpd speaks the protocol; this module adds the policy (who may relay: truste
 an authenticated login, as whom a login may send and how fast, address syntax, limits on
 connections, time, lines and errors), the headers a relay owes (Received, and Message-ID and
 Date when missing), RFC 3463 enhanced codes on every reply, defences against SMTP smuggling,
-and the rule that 250 after DATA comes only once the spool has the message on disk.
+and the rule that 250 after DATA comes only once the spool has the message on disk. The DSN
+extension (RFC 3461: RET, ENVID, NOTIFY, ORCPT; checked in ``params``) is offered everywhere,
+and metadata header fields (``metadata``) are taken out of the text into the message's events.
 
 Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
 ``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH).
@@ -39,6 +41,8 @@ from aiosmtpd.smtp import (
 from relayd.config import Auth, Ingress, Listener
 from relayd.delivery.dns import address_literal
 from relayd.events.log import log
+from relayd.ingress import metadata
+from relayd.ingress import params as dsnparams
 from relayd.ingress.credentials import Credential, Directory, LoginGuard
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
@@ -136,6 +140,18 @@ def _reply(status: str | bytes, greeting: bool) -> tuple[str, bytes]:
     return code, status.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope with the DSN parameters (RFC 3461) of its MAIL and RCPTs: reset
+    with it by RSET and after DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ret = ""
+        self.envid: str | None = None
+        self.notify: list[int] = []  # per accepted recipient, in the order of rcpt_tos
+        self.orcpt: list[str | None] = []
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with our replies, limits and login handling."""
 
@@ -171,6 +187,8 @@ class RelaySMTP(SMTP):
         self.refusal = ""  # set when the connection must be refused at greeting
         self._greeting = False
         self._in_mail = False  # parsing MAIL's parameters (not RCPT's)
+        self._raw_params = ""  # the current MAIL or RCPT's parameters, as sent
+        self.dsn_params: dict[str, list[str]] = {}  # its DSN parameters, as sent, for the hook
         self._deadline: asyncio.TimerHandle | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._last_input = 0.0
@@ -194,13 +212,19 @@ class RelaySMTP(SMTP):
         parser (slow), and ``<"quoted local"@domain>`` kept as sent; anything else still goes
         through that parser, but not an address it quoted itself: it quotes what the client
         did not (``<john doe@x>``) and merges ``"a b".c`` into ``"a b.c"``, another mailbox."""
+        self.dsn_params = {}
         m = _PLAIN_PATH.match(arg) or _QUOTED_PATH.match(arg)
         if m:
-            return m.group(1), m.group(2) or ""
+            self._raw_params = m.group(2) or ""
+            return m.group(1), self._raw_params
         address, rest = super()._getaddr(arg)
         if address and address.startswith('"'):
             return None, None
+        self._raw_params = rest or ""
         return address, rest
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
 
     # -- connection life ----------------------------------------------------------------
 
@@ -409,13 +433,22 @@ class RelaySMTP(SMTP):
             self._in_mail = False
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """aiosmtpd's parameter parse, with MAIL's AUTH= (RFC 4954 section 5) taken out where
-        this session offers AUTH, as its EHLO does: accepted, and ignored (relayd's client
-        never passes an AUTH= on, which the RFC allows a relay that does not vouch for it).
-        None (a syntax error) when its value is not "<>" or xtext."""
+        """aiosmtpd's parameter parse, with the DSN parameters (MAIL's RET and ENVID, RCPT's
+        NOTIFY and ORCPT) taken out into ``dsn_params`` as sent, for the hooks to check and
+        answer precisely; and with MAIL's AUTH= (RFC 4954 section 5) taken out where this
+        session offers AUTH, as its EHLO does: accepted, and ignored (relayd's client never
+        passes an AUTH= on, which the RFC allows a relay that does not vouch for it). None (a
+        syntax error) when its value is not "<>" or xtext."""
         result = super()._getparams(params)
+        if result is None:
+            return None
+        names = dsnparams.MAIL_KEYS if self._in_mail else dsnparams.RCPT_KEYS
+        if any(n in result for n in names):
+            self.dsn_params = dsnparams.given(self._raw_params, names)
+            for name in names:
+                result.pop(name, None)
         offered = not self._auth_require_tls or self._tls_protocol is not None
-        if result is None or not self._in_mail or not offered or "AUTH" not in result:
+        if not self._in_mail or not offered or "AUTH" not in result:
             return result
         value = result.pop("AUTH")
         if not isinstance(value, str) or not _AUTH_PARAM.match(value):
@@ -599,13 +632,17 @@ class IngressHandler:
         responses: list,
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
+        return [*responses[:-1], "250-DSN", "250-PIPELINING", "250 ENHANCEDSTATUSCODES"]
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
         if address != "<>" and not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad sender address syntax"
+        try:
+            ret, envid = dsnparams.mail(server.dsn_params)
+        except dsnparams.ParamError as exc:
+            return exc.reply
         if self.space.low():  # before the client sends the message, not after
             log.warning("spool_low", client=server.client, sender=address)
             return space.REPLY
@@ -619,6 +656,8 @@ class IngressHandler:
                 return "450 4.7.1 Message rate limit exceeded for this login, try later"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        assert isinstance(envelope, RelayEnvelope)
+        envelope.ret, envelope.envid = ret, envid
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -632,6 +671,10 @@ class IngressHandler:
             address = f"postmaster@{self.hostname}"
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
+        try:
+            notify, orcpt = dsnparams.rcpt(server.dsn_params)
+        except dsnparams.ParamError as exc:
+            return exc.reply
         user = _user(session)
         if user is None and not server.trusted and not postmaster:
             log.info("relay_denied", client=server.client, rcpt=address, sender=envelope.mail_from)
@@ -642,6 +685,9 @@ class IngressHandler:
         if len(envelope.rcpt_tos) >= limit:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
+        assert isinstance(envelope, RelayEnvelope)
+        envelope.notify.append(notify)
+        envelope.orcpt.append(orcpt)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
@@ -661,6 +707,13 @@ class IngressHandler:
             if not senders or not all(user.may_send_as(a) for a in senders):
                 log.warning("from_refused", user=user.name, sender=sender, header_from=senders)
                 return f"550 5.7.1 From header not allowed for login {user.name}"
+        try:
+            meta, content = metadata.extract(
+                content, self.config.metadata_headers, self.config.keep_metadata_headers
+            )
+        except metadata.MetadataError as exc:
+            log.info("metadata_refused", client=client, sender=sender, reply=exc.reply)
+            return exc.reply
         helo = _UNPRINTABLE.sub("?", session.host_name or "")  # client text, kept printable
         queue_id = new_queue_id()
         head = headers.trace_headers(
@@ -682,6 +735,8 @@ class IngressHandler:
                     origin,
                     envelope.smtp_utf8,
                     head=head,
+                    meta=meta,
+                    **_dsn_fields(envelope),
                 )
             )
         except asyncio.CancelledError:
@@ -692,6 +747,18 @@ class IngressHandler:
                 return space.REPLY
             return "451 4.3.0 Local error in processing, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def _dsn_fields(envelope: Envelope) -> dict[str, Any]:
+    """NewMessage's DSN fields from a transaction: per-recipient lists only when a recipient
+    gave its parameter (the spool's defaults otherwise)."""
+    assert isinstance(envelope, RelayEnvelope)
+    return {
+        "envid": envelope.envid,
+        "ret": envelope.ret,
+        "notify": list(envelope.notify) if any(envelope.notify) else [],
+        "orcpt": list(envelope.orcpt) if any(o is not None for o in envelope.orcpt) else [],
+    }
 
 
 def _user(session: Session) -> Credential | None:

@@ -18,8 +18,9 @@ class State(IntEnum):
 FINAL = (State.DELIVERED, State.BOUNCED)
 
 # Flags of a recipient's ``reported``: the DSNs already queued for it.
-REPORTED_FAILED = 1
+REPORTED_FAILED = 1  # a failure DSN was queued, or suppressed (null sender, NOTIFY)
 REPORTED_DELAYED = 2
+REPORTED_DELIVERED = 4  # a success DSN was queued (NOTIFY=SUCCESS)
 UNFINISHED = (State.PENDING, State.DEFERRED, State.HELD, State.ACTIVE)
 
 
@@ -28,6 +29,8 @@ class Recipient:
     id: int
     rcpt: str
     attempts: int
+    notify: int = 0  # Notify flags (RFC 3461 NOTIFY), 0 = not given
+    orcpt: str | None = None  # RFC 3461 ORCPT, "rfc822;addr", when given
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Job:
     body: bytes | None
     recipients: list[Recipient]
     size: int = 0  # bytes of the spooled text
+    envid: str | None = None  # RFC 3461 ENVID, into every event it reports
+    meta: str = ""  # the sender's metadata (JSON object text), into every event it reports
 
     @property
     def is_retry(self) -> bool:
@@ -99,6 +104,10 @@ class NewMessage:
     send_at: float = 0.0  # nothing is delivered before this time (0: at once)
 
 
+# The largest metadata a message may carry (its JSON text, in bytes): it goes into every event.
+META_MAX = 4096
+
+
 class Notify:
     """NOTIFY flags of a recipient (RFC 3461 4.1); 0 = not given: failures and delays."""
 
@@ -110,14 +119,17 @@ class Notify:
 
 @dataclass
 class Report:
-    """A message that needs a DSN: the failed (or delayed) recipients and the original."""
+    """A message that needs a DSN: the failed (delayed, delivered) recipients and the original."""
 
-    kind: str  # "failed" or "delayed"
+    kind: str  # "failed", "delayed" or "delivered"
     queue_id: str
     sender: str
     received_at: float
     body: bytes
     recipients: list[tuple[str, int, str, str]]  # rcpt, code, reply, mx
+    envid: str | None = None  # the original's ENVID (RFC 3461), for Original-Envelope-Id
+    ret: str = ""  # the original's RET: "FULL", "HDRS" or "" (not given)
+    orcpt: list[str | None] = field(default_factory=list)  # per recipient, when any was given
 
 
 # An idempotent request's record, stored in the transaction of its messages (credential,

@@ -8,8 +8,16 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relayd.events.records import Event, Type
-from relayd.model.message import REPORTED_DELAYED, REPORTED_FAILED, Report, Result, State
+from relayd.events.records import Event, Type, receipt_keys
+from relayd.model.message import (
+    REPORTED_DELAYED,
+    REPORTED_DELIVERED,
+    REPORTED_FAILED,
+    Notify,
+    Report,
+    Result,
+    State,
+)
 from relayd.outcomes.decide import owed
 from relayd.spool import store
 
@@ -74,34 +82,70 @@ def settle(
     rows = store.recipients_of(conn, msg_id)
     if not rows:
         return
-    states = [(r.state, r.reported) for r in rows]
-    if all(s is State.DELIVERED for s, _ in states):
+    if all(r.state is State.DELIVERED and not r.notify & Notify.SUCCESS for r in rows):
         store.delete_message(conn, msg_id)
         return
     orig = store.original(conn, msg_id)
     if orig is None:
         return
-    queue_id, sender, received_at = orig
-    failed, delayed, finished = owed(states, received_at, now, delay_warning)
+    states = [(r.state, r.reported, r.notify) for r in rows]
+    due = owed(states, orig.received_at, now, delay_warning)
+    receipt = receipt_keys(orig.envid, orig.meta)
+    if due.unwanted:  # the sender's NOTIFY asked for no failure DSN for these
+        chosen = [rows[i] for i in due.unwanted]
+        data = _report_data("failed", orig.queue_id, chosen, receipt)
+        reason = "NOTIFY=NEVER" if all(r.notify & Notify.NEVER for r in chosen) else "NOTIFY"
+        suppressed = Event(Type.DSN_SUPPRESSED, orig.queue_id, now, {"reason": reason, **data})
+        store.append_events(conn, [suppressed])
+        done.events.append(suppressed)
+        store.mark_reported(conn, [r.id for r in chosen], REPORTED_FAILED)
     for kind, flag, picked in (
-        ("failed", REPORTED_FAILED, failed),
-        ("delayed", REPORTED_DELAYED, delayed),
+        ("failed", REPORTED_FAILED, due.failed),
+        ("delayed", REPORTED_DELAYED, due.delayed),
+        ("delivered", REPORTED_DELIVERED, due.delivered),
     ):
         if not picked:
             continue
         chosen = [rows[i] for i in picked]
-        data = {"kind": kind, "original_queue_id": queue_id, "failed": [r.rcpt for r in chosen]}
+        data = _report_data(kind, orig.queue_id, chosen, receipt)
         received: list[Event] = []
-        if not sender:  # a DSN is never sent for a DSN (or any null-sender mail)
-            stored = Event(Type.DSN_SUPPRESSED, queue_id, now, {"reason": "null sender", **data})
+        if not orig.sender:  # a DSN is never sent for a DSN (or any null-sender mail)
+            stored = Event(
+                Type.DSN_SUPPRESSED, orig.queue_id, now, {"reason": "null sender", **data}
+            )
         else:
             lines = [(r.rcpt, r.code or 0, r.reply or "", r.mx or "") for r in chosen]
-            body = store.body_of(conn, msg_id)
-            received = dsn(conn, Report(kind, queue_id, sender, received_at, body, lines), now)
-            stored = Event(Type.DSN_QUEUED, received[0].queue_id, now, {"rcpt": sender, **data})
+            report = Report(
+                kind,
+                orig.queue_id,
+                orig.sender,
+                orig.received_at,
+                store.body_of(conn, msg_id),
+                lines,
+                envid=orig.envid,
+                ret=orig.ret,
+                orcpt=[r.orcpt for r in chosen],
+            )
+            received = dsn(conn, report, now)
+            stored = Event(
+                Type.DSN_QUEUED, received[0].queue_id, now, {"rcpt": orig.sender, **data}
+            )
             done.dsns += 1
         store.append_events(conn, [stored])
         done.events += [*received, stored]
         store.mark_reported(conn, [r.id for r in chosen], flag)
-    if finished:
+    if due.finished:
         store.delete_message(conn, msg_id)
+
+
+def _report_data(
+    kind: str, queue_id: str, chosen: list[store.Row], receipt: dict
+) -> dict[str, object]:
+    """A DSN event's keys: the recipients it reports (``failed`` for failures and delays, as
+    always; ``delivered`` for success), their ORCPTs when any was given, ENVID and metadata."""
+    rcpts = [r.rcpt for r in chosen]
+    data: dict[str, object] = {"kind": kind, "original_queue_id": queue_id}
+    data["delivered" if kind == "delivered" else "failed"] = rcpts
+    if any(r.orcpt is not None for r in chosen):
+        data["orcpt"] = [r.orcpt for r in chosen]
+    return {**data, **receipt}

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from relayd.config import Retry
-from relayd.events.records import Event, Type
-from relayd.model.message import REPORTED_DELAYED, REPORTED_FAILED, Job, Result, State
+from relayd.events.records import Event, Type, receipt_keys
+from relayd.model.message import (
+    REPORTED_DELAYED,
+    REPORTED_DELIVERED,
+    REPORTED_FAILED,
+    Job,
+    Notify,
+    Result,
+    State,
+)
 from relayd.model.status import Reply
 
 _EVENT = {
@@ -42,6 +51,7 @@ def decide(
     bounce, 4.4.7) and the event that reports it."""
     by_id = {r.id: r for r in job.recipients}
     results, events = [], []
+    receipt = receipt_keys(job.envid, job.meta)
     expires = job.received_at + retry.max_age
     for rid, reply in replies:
         r = by_id[rid]
@@ -66,29 +76,56 @@ def decide(
         }
         if next_attempt:
             data["next_attempt_in_s"] = round(next_attempt - now, 1)
+        if r.orcpt is not None:
+            data["orcpt"] = r.orcpt
+        data.update(receipt)
         events.append(Event(kind, job.queue_id, now, data))
     return results, events
 
 
+def wants(notify: int, flag: int) -> bool:
+    """Whether a recipient's NOTIFY asks for the DSN ``flag`` names: not given (0) means
+    failures and delays (RFC 3461 4.1), as relayd always did; NEVER means none."""
+    if not notify:
+        return flag in (Notify.FAILURE, Notify.DELAY)
+    return bool(notify & flag) and not notify & Notify.NEVER
+
+
+@dataclass
+class Owed:
+    """The indexes of the recipients each kind of report must cover now."""
+
+    failed: list[int] = field(default_factory=list)  # a failure DSN
+    delayed: list[int] = field(default_factory=list)  # a delay warning
+    delivered: list[int] = field(default_factory=list)  # a success DSN (NOTIFY=SUCCESS)
+    unwanted: list[int] = field(default_factory=list)  # bounces NOTIFY asks no DSN for
+    finished: bool = False  # every recipient final: the message may leave the spool
+
+
 def owed(
-    states: Sequence[tuple[State, int]], received_at: float, now: float, delay_warning: float
-) -> tuple[list[int], list[int], bool]:
-    """Given each recipient's (state, reported flags): the indexes of those a failure DSN must
-    report, of those a delay warning must report, and whether the message is finished. Nothing
-    is reported while a recipient is still in memory or never tried: one DSN per event, with
-    every recipient it concerns."""
-    kinds = {s for s, _ in states}
-    finished = kinds <= {State.DELIVERED, State.BOUNCED}
+    states: Sequence[tuple[State, int, int]],
+    received_at: float,
+    now: float,
+    delay_warning: float,
+) -> Owed:
+    """Given each recipient's (state, reported flags, NOTIFY flags): what must be reported now,
+    and whether the message is finished. Nothing is reported while a recipient is still in
+    memory or never tried: one DSN per event, with every recipient it concerns. A bounce whose
+    NOTIFY asks for no failure DSN is ``unwanted``: recorded as suppressed, never owed again."""
+    kinds = {s for s, _, _ in states}
+    out = Owed(finished=kinds <= {State.DELIVERED, State.BOUNCED})
     if State.ACTIVE in kinds or State.PENDING in kinds:
-        return [], [], False
-    failed = [
-        i for i, (s, rep) in enumerate(states) if s is State.BOUNCED and not rep & REPORTED_FAILED
-    ]
-    delayed = []
-    if delay_warning and now - received_at >= delay_warning:
-        delayed = [
-            i
-            for i, (s, rep) in enumerate(states)
-            if s is State.DEFERRED and not rep & REPORTED_DELAYED
-        ]
-    return failed, delayed, finished
+        out.finished = False
+        return out
+    warn = bool(delay_warning) and now - received_at >= delay_warning
+    for i, (s, rep, notify) in enumerate(states):
+        if s is State.BOUNCED and not rep & REPORTED_FAILED:
+            (out.failed if wants(notify, Notify.FAILURE) else out.unwanted).append(i)
+        elif s is State.DEFERRED and warn and not rep & REPORTED_DELAYED:
+            if wants(notify, Notify.DELAY):
+                out.delayed.append(i)
+        elif (
+            s is State.DELIVERED and not rep & REPORTED_DELIVERED and wants(notify, Notify.SUCCESS)
+        ):
+            out.delivered.append(i)
+    return out

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from relayd.events.log import emit, log
-from relayd.events.records import Event, Type
+from relayd.events.records import Event, Type, receipt_keys
 from relayd.mime import dsn
 from relayd.mime.dkim import Signer
 from relayd.model.address import domain_of
@@ -148,21 +148,18 @@ class Intake:
 def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
     """The insert every message goes through, with the event that reports its reception."""
     store.insert_message(conn, msg, msg.received_at)
-    received = [
-        Event(
-            Type.RECEPTION,
-            msg.queue_id,
-            msg.received_at,
-            {
-                "sender": msg.sender,
-                "rcpt": msg.recipients,
-                "size": len(msg.body),
-                "dkim": msg.signed,
-                "client": msg.client,
-                "helo": msg.helo,
-                "origin": msg.origin,
-            },
-        )
-    ]
+    data = {
+        "sender": msg.sender,
+        "rcpt": msg.recipients,
+        "size": len(msg.body),
+        "dkim": msg.signed,
+        "client": msg.client,
+        "helo": msg.helo,
+        "origin": msg.origin,
+    }
+    if msg.orcpt:
+        data["orcpt"] = msg.orcpt  # in the order of "rcpt", null where none was given
+    data.update(receipt_keys(msg.envid, msg.meta))
+    received = [Event(Type.RECEPTION, msg.queue_id, msg.received_at, data)]
     store.append_events(conn, received)
     return received

@@ -192,7 +192,9 @@ class Scheduler:
         by_domain: dict[str, Job] = {}
         size = len(msg.body)
         keep = isinstance(msg.body, bytes) and size <= KEEP_BODY
-        for rid, rcpt in zip(msg.ids, msg.recipients, strict=True):
+        notify = msg.notify or [0] * len(msg.recipients)
+        orcpt = msg.orcpt or [None] * len(msg.recipients)
+        for rid, rcpt, flags, original in zip(msg.ids, msg.recipients, notify, orcpt, strict=True):
             domain = domain_of(rcpt)
             job = by_domain.get(domain)
             if job is None:
@@ -206,11 +208,13 @@ class Scheduler:
                     None,
                     [],
                     size,
+                    msg.envid,
+                    msg.meta,
                 )
                 if keep and self.kept + size <= KEEP_TOTAL:
                     job.body = msg.body  # type: ignore[assignment]  # bytes: checked above
                     self.kept += size
-            job.recipients.append(Recipient(rid, rcpt, 0))
+            job.recipients.append(Recipient(rid, rcpt, 0, flags, original))
         for job in by_domain.values():
             self._route(job)
 

@@ -8,7 +8,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 
@@ -37,6 +37,19 @@ class Row:
     reply: str | None
     mx: str | None
     reported: int
+    notify: int = 0
+    orcpt: str | None = None
+
+
+class Original(NamedTuple):
+    """What a DSN reports of the message it is about."""
+
+    queue_id: str
+    sender: str
+    received_at: float
+    envid: str | None
+    ret: str
+    meta: str
 
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> NewMessage:
@@ -112,7 +125,7 @@ def load_due(
             more = True
             continue
         found = conn.execute(
-            f"SELECT id, msg_id, rcpt, domain, attempts FROM recipients "
+            f"SELECT id, msg_id, rcpt, domain, attempts, notify, orcpt FROM recipients "
             f"WHERE state = {int(state)} AND next_attempt <= ? "
             f"ORDER BY next_attempt LIMIT ?",
             (now, cap),
@@ -131,20 +144,21 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
     for chunk in _chunks(msg_ids, 500):
         marks = ",".join("?" * len(chunk))
         for m in conn.execute(
-            f"SELECT id, queue_id, sender, received_at, smtputf8, size FROM messages "
+            f"SELECT id, queue_id, sender, received_at, smtputf8, size, envid, meta"
+            f" FROM messages "
             f"WHERE id IN ({marks})",
             chunk,
         ):
             messages[m[0]] = m
     jobs: dict[tuple[int, str], Job] = {}
-    for rid, msg_id, rcpt, domain, attempts in rows:
+    for rid, msg_id, rcpt, domain, attempts, notify, orcpt in rows:
         m = messages[msg_id]
         job = jobs.get((msg_id, domain))
         if job is None:
             job = jobs[(msg_id, domain)] = Job(
-                msg_id, m[1], m[2], domain, m[3], bool(m[4]), None, [], m[5]
+                msg_id, m[1], m[2], domain, m[3], bool(m[4]), None, [], m[5], m[6], m[7]
             )
-        job.recipients.append(Recipient(rid, rcpt, attempts))
+        job.recipients.append(Recipient(rid, rcpt, attempts, notify, orcpt))
     return list(jobs.values())
 
 
@@ -157,12 +171,13 @@ def apply_results(conn: sqlite3.Connection, msg_id: int, results: list[Result], 
     """Store an attempt's outcomes: "gone" when the message left the spool with them (every
     recipient delivered: one DELETE, the common case), "applied", or "stale" when none
     applied. A result only applies to a recipient still ACTIVE (or HELD, for final outcomes),
-    so an operator's delete or hold during the attempt wins over it."""
+    so an operator's delete or hold during the attempt wins over it. A recipient that asked
+    for a success DSN (NOTIFY=SUCCESS, flag 1) keeps the message for settling."""
     if all(r.state is State.DELIVERED for r in results):
         ids = [r.rcpt_id for r in results]
         gone = conn.execute(
             f"DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM recipients"
-            f" WHERE msg_id = ? AND id NOT IN ({','.join('?' * len(ids))}))",
+            f" WHERE msg_id = ? AND (id NOT IN ({','.join('?' * len(ids))}) OR notify & 1))",
             (msg_id, msg_id, *ids),
         )
         if gone.rowcount:
@@ -185,20 +200,22 @@ def apply_results(conn: sqlite3.Connection, msg_id: int, results: list[Result], 
 
 def recipients_of(conn: sqlite3.Connection, msg_id: int) -> list[Row]:
     return [
-        Row(r[0], r[1], State(r[2]), r[3], r[4], r[5], r[6])
+        Row(r[0], r[1], State(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
         for r in conn.execute(
-            "SELECT id, rcpt, state, last_code, last_reply, last_mx, reported FROM recipients"
-            " WHERE msg_id = ?",
+            "SELECT id, rcpt, state, last_code, last_reply, last_mx, reported, notify, orcpt"
+            " FROM recipients WHERE msg_id = ?",
             (msg_id,),
         )
     ]
 
 
-def original(conn: sqlite3.Connection, msg_id: int) -> tuple[str, str, float] | None:
-    """Queue id, sender and arrival of a message a DSN may report on."""
-    return conn.execute(
-        "SELECT queue_id, sender, received_at FROM messages WHERE id = ?", (msg_id,)
+def original(conn: sqlite3.Connection, msg_id: int) -> Original | None:
+    """What a DSN reports of a message: queue id, sender, arrival, ENVID, RET, metadata."""
+    row = conn.execute(
+        "SELECT queue_id, sender, received_at, envid, ret, meta FROM messages WHERE id = ?",
+        (msg_id,),
     ).fetchone()
+    return None if row is None else Original(*row)
 
 
 def body_of(conn: sqlite3.Connection, msg_id: int) -> bytes:
