@@ -191,6 +191,8 @@ def test_a_template_for_many_recipients_queues_each_personalised_in_request_orde
     assert bob.get_body(("plain",)).get_content() == "Your code: none\n"
     assert "&lt;script&gt;" in ann.get_body(("html",)).get_content()  # HTML autoescaped
     assert "spring" not in got["bob@dest.test"].data.decode()  # metadata is not delivered
+    (bob_delivered,) = c.relay.wait_event("delivered", rcpt="bob@dest.test")
+    assert bob_delivered["meta"] == {"campaign": "spring", "user": 7}  # into its events
 
 
 def test_the_same_idempotency_key_answers_again_and_queues_nothing_more(api, fake_mx):

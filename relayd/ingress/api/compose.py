@@ -23,10 +23,9 @@ from relayd.ingress.credentials import Credential
 from relayd.ingress.smtp import valid_address
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
-from relayd.model.message import NewMessage
+from relayd.model.message import META_MAX, NewMessage
 
 MAX_SEND_AHEAD = 30 * 86400.0  # send_at at most this far ahead
-MAX_META = 4096  # bytes of metadata and tags (as JSON) per recipient
 MAX_TAGS, MAX_TAG = 10, 100
 _FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, and a sane length
 # Set by relayd for every message: a request may not name them among its extra headers.
@@ -448,29 +447,31 @@ def _templates(req: Send) -> dict[str, jinja2.Template]:
 
 
 def _meta_base(req: Send) -> dict[str, Any]:
+    """The request's metadata, its tags under the key "tags": one flat object, as SMTP's
+    metadata headers give it, so that events and webhooks read both alike."""
     if len(req.tags) > MAX_TAGS:
         raise Invalid("tags", f"at most {MAX_TAGS} tags")
     for i, tag in enumerate(req.tags):
         if not tag or len(tag) > MAX_TAG:
             raise Invalid(f"tags[{i}]", f"a tag is 1 to {MAX_TAG} characters")
-    base: dict[str, Any] = {}
-    if req.metadata:
-        base["metadata"] = req.metadata
-    if req.tags:
-        base["tags"] = req.tags
+    for field, given in [("metadata", req.metadata)] + [
+        (f"recipients[{i}].metadata", r.metadata) for i, r in enumerate(req.recipients)
+    ]:
+        if "tags" in given:
+            raise Invalid(f"{field}.tags", "reserved for the request's tags")
+    base = {**req.metadata, **({"tags": req.tags} if req.tags else {})}
     _meta(base, {}, "metadata")
     return base
 
 
 def _meta(base: dict[str, Any], own: dict[str, Any], field: str) -> str:
     """The message's metadata as stored (into its events, never into the mail)."""
-    if own:
-        base = {**base, "metadata": {**base.get("metadata", {}), **own}}
-    if not base:
+    merged = {**base, **own}
+    if not merged:
         return ""
-    text = json.dumps(base, separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode()) > MAX_META:
-        raise Invalid(field, f"metadata and tags over {MAX_META} bytes as JSON")
+    text = json.dumps(merged, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > META_MAX:
+        raise Invalid(field, f"metadata and tags over {META_MAX} bytes as JSON")
     return text
 
 
