@@ -7,6 +7,7 @@ import email
 import email.policy
 import http.client
 import json
+import smtplib
 import socket
 import sqlite3
 import subprocess
@@ -295,11 +296,15 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(api):
     assert headers["ratelimit-remaining"] == "0" and "2/hour" in doc["detail"]
 
 
-def test_a_spool_short_of_room_answers_503_with_retry_after(api):
-    c = api({"server": {"min_free_space": "1000TB"}})
+@pytest.mark.parametrize("limit", [{"min_free_space": "1000TB"}, {"max_spool_size": "1"}])
+def test_a_spool_short_of_room_or_at_its_size_limit_answers_503_with_retry_after(api, limit):
+    c = api({"server": limit})
     code, headers, doc = c.send(GOOD)
     assert code == 503 and headers["retry-after"] and doc["status"] == 503
     assert _spooled(c) == 0
+    with smtplib.SMTP("127.0.0.1", c.relay.port, timeout=10) as smtp:  # the same over SMTP
+        smtp.ehlo("client.test")
+        assert smtp.mail("news@example.test")[0] == 452
 
 
 def test_kumomta_inject_v1_bodies_are_accepted_as_they_are(api, fake_mx):

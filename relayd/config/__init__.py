@@ -162,6 +162,7 @@ class Server:
     hostname: str
     spool_path: Path
     min_free_space: int
+    max_spool_size: int
     log_level: str
     shutdown_timeout: float
 
@@ -487,6 +488,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         raise ConfigError(path, "server.log_level", "must be debug, info, warning or error")
     shutdown_timeout = server.duration("shutdown_timeout", "30s")
     min_free_space = server.size("min_free_space", "100MB", MAX_DISK, allow_zero=True)
+    max_spool_size = server.size("max_spool_size", "0", MAX_DISK, allow_zero=True)
     server.finish()
 
     top.used.add("listeners")
@@ -686,7 +688,9 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
 
     return Config(
         path=path,
-        server=Server(hostname, spool_path, min_free_space, log_level, shutdown_timeout),
+        server=Server(
+            hostname, spool_path, min_free_space, max_spool_size, log_level, shutdown_timeout
+        ),
         listeners=tuple(listeners),
         tls=tls,
         auth=auth,

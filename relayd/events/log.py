@@ -32,6 +32,7 @@ _encode = msgspec.json.Encoder(enc_hook=repr).encode
 def _render(event: dict, **_: object) -> str:
     return _encode(event).decode()
 
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 _BUFFER_LIMIT = 64 * 1024

@@ -150,7 +150,7 @@ def _api_settings(config: configuration.Config) -> ApiSettings:
 
 
 def _space(server: configuration.Server) -> FreeSpace:
-    return FreeSpace(server.spool_path, server.min_free_space)
+    return FreeSpace(server.spool_path, server.min_free_space, server.max_spool_size)
 
 
 class QueueProcess:

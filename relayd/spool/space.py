@@ -5,6 +5,7 @@ the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -30,29 +31,49 @@ def is_full(error: BaseException | None) -> bool:
 
 
 class FreeSpace:
-    """Free bytes under the spool's folder, looked at most once a second."""
+    """Room for new mail: free bytes under the spool's folder (at least ``minimum``) and the
+    spool's own size with its WAL (at most ``maximum``, 0 = no limit), looked at most once a
+    second."""
 
     def __init__(
-        self, spool_path: Path, minimum: int, clock: Callable[[], float] = time.monotonic
+        self,
+        spool_path: Path,
+        minimum: int,
+        maximum: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.folder, self.minimum, self.clock = spool_path.parent, minimum, clock
+        self.spool, self.folder, self.clock = spool_path, spool_path.parent, clock
+        self.minimum, self.maximum = minimum, maximum
         self._checked = float("-inf")
-        self._low = False
+        self._why = ""
 
     def low(self) -> bool:
-        if not self.minimum:
+        if not self.minimum and not self.maximum:
             return False
         now = self.clock()
         if now - self._checked >= 1.0:
             self._checked = now
-            try:
-                st = os.statvfs(self.folder)
-            except OSError:
-                return self._low  # cannot look: the last answer stands
-            self._low = st.f_bavail * st.f_frsize < self.minimum
-        return self._low
+            with contextlib.suppress(OSError):  # cannot look: the last answer stands
+                self._why = self._look()
+        return bool(self._why)
+
+    def _look(self) -> str:
+        if self.minimum:
+            st = os.statvfs(self.folder)
+            if st.f_bavail * st.f_frsize < self.minimum:
+                return (
+                    f"less than {self.minimum} bytes free under {self.folder}"
+                    " (server.min_free_space)"
+                )
+        if self.maximum:
+            size = sum(
+                os.stat(f"{self.spool}{suffix}").st_size
+                for suffix in ("", "-wal")
+                if os.path.exists(f"{self.spool}{suffix}")
+            )
+            if size >= self.maximum:
+                return f"the spool {self.spool} holds {size} bytes (server.max_spool_size)"
+        return ""
 
     def refusal(self) -> SpoolFull:
-        return SpoolFull(
-            f"less than {self.minimum} bytes free under {self.folder} (server.min_free_space)"
-        )
+        return SpoolFull(self._why or "no room for new mail")
