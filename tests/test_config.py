@@ -66,11 +66,33 @@ _HUGE_DIGITS = "9" * 400  # float() of it is inf
         ("shaping.default", "max_connections", "9223372036854775807", "from 1 to 1000000"),
         ("shaping.default", "max_rate", f'"{_HUGE_DIGITS}/s"', "at most 1000000/s"),
         ("shaping.default", "max_rate_per_source", '"2000000/s"', "at most 1000000/s"),
+        ("webhooks", "poll_interval", '"1ms"', "from 10ms to 1m, got 1ms"),
+        ("webhooks", "timeout", '"10m"', "from 100ms to 5m, got 10m"),
+        ("webhooks", "retry_for", '"31d"', "from 10ms to 30d, got 31d"),
+        ("webhooks", "retry_jitter", "1", "[0, 1)"),
+        ("webhooks", "rotation_overlap", "-1", "0 or more"),
+        ("webhooks", "max_batch", "10001", "from 1 to 10000"),
+        ("webhooks", "max_concurrency", "0", "from 1 to 256"),
     ],
 )
 def test_numbers_out_of_range_are_refused(tmp_path, table, name, value, problem):
     text = f"[{table}]\n{name} = {value}\n"
     assert problem in _refused(tmp_path, text, f"{table}.{name}")
+
+
+def test_webhook_retries_cap_at_least_their_first_delay(tmp_path):
+    text = '[webhooks]\nretry_first = "2h"\nretry_max_interval = "1h"\n'
+    assert "at least retry_first" in _refused(tmp_path, text, "webhooks.retry_max_interval")
+
+
+def test_the_example_config_documents_every_webhooks_key():
+    config = load(ROOT / "conf" / "relayd.toml")
+    hooks = config.webhooks
+    assert (hooks.retry_for, hooks.rotation_overlap, hooks.timeout) == (3 * 86400, 86400, 10)
+    text = (ROOT / "conf" / "relayd.toml").read_text()
+    section = text.split("[webhooks]", 1)[1]
+    for name in hooks.__dataclass_fields__:
+        assert f"\n{name} = " in section, name
 
 
 def test_pool_source_weight_is_bounded(tmp_path):

@@ -242,6 +242,27 @@ class Api:
     max_body_size: int
 
 
+@dataclass(frozen=True)
+class Webhooks:
+    """[webhooks]: how events are posted to the endpoints added with ``relayctl webhook``.
+    The endpoints themselves live in the spool, so adding one needs no reload."""
+
+    poll_interval: float  # how often the dispatcher looks for new events
+    timeout: float  # an endpoint's timeout when it was added without one
+    max_batch: int  # the largest --batch an endpoint may ask for
+    max_concurrency: int  # the largest --concurrency
+    retry_first: float  # the delay after the first failure; doubling from there
+    retry_max_interval: float
+    retry_jitter: float  # a fraction: each delay is spread by plus or minus this much
+    retry_for: float  # an endpoint failing this long is disabled
+    rotation_overlap: float  # how long a rotated-out secret still signs
+
+
+WEBHOOK_TIMEOUT_MAX = 300.0  # seconds: an endpoint's timeout, from the config or relayctl
+WEBHOOK_BATCH_MAX = 10_000  # events in one POST (webhooks.max_batch)
+WEBHOOK_CONCURRENCY_MAX = 256  # POSTs in flight to one endpoint (webhooks.max_concurrency)
+
+
 Pools = dict[str, tuple[Source, ...]]
 
 
@@ -264,6 +285,7 @@ class Config:
     pools: Pools
     events: Events
     api: Api
+    webhooks: Webhooks
 
 
 class _Section:
@@ -684,6 +706,8 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         max_body_size=api_sec.size("max_body_size", "50MB", maximum=2 * MAX_SIZE),
     )
     api_sec.finish()
+
+    webhooks = _webhooks(top.table("webhooks"))
     top.finish()
 
     return Config(
@@ -724,4 +748,38 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         pools=pools,
         events=Events(events_retention),
         api=api,
+        webhooks=webhooks,
     )
+
+
+def _human(seconds: float) -> str:
+    """A duration as the config would write it: '10ms', '60s', '30d'."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s" if seconds >= 1 else f"{seconds * 1000:g}ms"
+
+
+def _webhooks(sec: _Section) -> Webhooks:
+    def within(name: str, default: str, low: float, high: float, allow_zero: bool = False) -> float:
+        value = sec.duration(name, default, allow_zero=allow_zero)
+        if not low <= value <= high:
+            span = f"from {_human(low)} to {_human(high)}"
+            raise ConfigError(sec.path, sec.key(name), f"must be {span}, got {_human(value)}")
+        return value
+
+    hooks = Webhooks(
+        poll_interval=within("poll_interval", "500ms", 0.01, 60),
+        timeout=within("timeout", "10s", 0.1, WEBHOOK_TIMEOUT_MAX),
+        max_batch=sec.positive_int("max_batch", 1000, maximum=WEBHOOK_BATCH_MAX),
+        max_concurrency=sec.positive_int("max_concurrency", 16, maximum=WEBHOOK_CONCURRENCY_MAX),
+        retry_first=within("retry_first", "5s", 0.01, 86400),
+        retry_max_interval=within("retry_max_interval", "1h", 0.01, 7 * 86400),
+        retry_jitter=sec.factor("retry_jitter", 0.2, 0.0, 1.0, high_included=False),
+        retry_for=within("retry_for", "3d", 0.01, 30 * 86400),
+        rotation_overlap=within("rotation_overlap", "24h", 0, 30 * 86400, allow_zero=True),
+    )
+    if hooks.retry_max_interval < hooks.retry_first:
+        raise ConfigError(sec.path, sec.key("retry_max_interval"), "must be at least retry_first")
+    sec.finish()
+    return hooks

@@ -67,7 +67,13 @@ _V1_TO_V2 = "DROP TABLE IF EXISTS control;" + _V2
 # Version 3: delivery receipts. The DSN extension's parameters (RFC 3461: ENVID and RET per
 # message, NOTIFY and ORCPT per recipient), a message's metadata and its earliest delivery
 # (the API's send_at: a PENDING recipient's next_attempt), the API's idempotency records, and
-# the webhook endpoints with their place in the event log.
+# the webhook endpoints with their place in the event log. An endpoint's events are '*' or a
+# comma list of event types; its secrets a JSON list of [secret, until] pairs, newest first
+# (until: null, or when a rotated-out secret stops signing); cursor the last event id it has
+# acknowledged (or skipped as not matching); sent the events acknowledged; failures and
+# failing_since the current run of failures; disabled '' or why; dropped the events pruned by
+# the retention before it received them. Ids are never reused (AUTOINCREMENT): the API and
+# relayctl name endpoints by them.
 _V3 = """
 ALTER TABLE messages ADD COLUMN envid TEXT;
 ALTER TABLE messages ADD COLUMN ret TEXT NOT NULL DEFAULT '';
@@ -85,7 +91,7 @@ CREATE TABLE idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX idempotency_at ON idempotency(at);
 CREATE TABLE webhooks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     url TEXT NOT NULL UNIQUE,
     events TEXT NOT NULL,
     secrets TEXT NOT NULL,
@@ -94,9 +100,12 @@ CREATE TABLE webhooks (
     timeout REAL NOT NULL DEFAULT 10,
     created REAL NOT NULL,
     cursor INTEGER NOT NULL DEFAULT 0,
+    sent INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
+    failing_since REAL,
     next_try REAL NOT NULL DEFAULT 0,
     last_status TEXT NOT NULL DEFAULT '',
+    last_try REAL,
     last_success REAL,
     disabled TEXT NOT NULL DEFAULT '',
     dropped INTEGER NOT NULL DEFAULT 0

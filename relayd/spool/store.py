@@ -15,6 +15,7 @@ import msgspec
 from relayd.events.records import Event
 from relayd.model.address import domain_of
 from relayd.model.message import Job, NewMessage, Recipient, Result, State
+from relayd.spool import webhooks
 from relayd.spool.schema import OWED
 
 _encode = msgspec.json.Encoder().encode  # the events' data, as JSON text
@@ -289,9 +290,14 @@ def still_active(conn: sqlite3.Connection, msg_ids: set[int]) -> set[int]:
 
 def prune_events(conn: sqlite3.Connection, before: float, limit: int = 5000) -> int:
     """Drop up to ``limit`` of the oldest events older than ``before`` (the retention). Ids
-    grow with time, so the oldest rows are found from the start of the table."""
-    cur = conn.execute(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND at < ?",
-        (limit, before),
+    grow with time, so the oldest rows are found from the start of the table. The newest event
+    always stays, so that ids never start again from 1 (a webhook cursor, the API's event
+    cursor, would then skip new events). What enabled webhook endpoints had not yet received is
+    counted in their ``dropped``, in this transaction."""
+    doomed = (
+        "e.id IN (SELECT id FROM events ORDER BY id LIMIT ?) AND e.at < ?"
+        " AND e.id < (SELECT max(id) FROM events)"
     )
+    webhooks.count_dropped(conn, doomed, (limit, before))
+    cur = conn.execute(f"DELETE FROM events AS e WHERE {doomed}", (limit, before))
     return cur.rowcount
