@@ -53,6 +53,7 @@ from relayd.process.handoff import IngressLink, SpoolLink
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler, Settings
+from relayd.receipts.dispatcher import Dispatcher
 from relayd.spool import schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
@@ -187,6 +188,10 @@ class QueueProcess:
         self.scheduler.start(self.intake.dsn)
         self.control = Control(self.writer, self.scheduler, config.events.retention, self.clock)
         self.control_task = loop.create_task(self.control.run())
+        # webhooks read the outbox on a connection and a thread of their own: they never
+        # hold the writer nor wait in delivery's way
+        self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
+        self.webhooks.start()
         if schema.needs_background_check(server.spool_path):
             self.check_task = loop.create_task(self._check_spool())
         # what the ingress process accepts goes through the one door into the spool; it
@@ -244,6 +249,7 @@ class QueueProcess:
         self.config, self.signer = new, signer
         self.intake.reload(signer, new.server.hostname, _space(new.server))
         self.control.retention = new.events.retention
+        self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
         self.link.reload()
 
@@ -276,6 +282,7 @@ class QueueProcess:
         await self._reap()
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
         self.control_task.cancel()
+        await self.webhooks.stop()
         self.intake.close()
         self.writer.close()
         log.info("stopped")
