@@ -37,6 +37,7 @@ from relayd.ingress.credentials import (
 from relayd.ingress.smtp import valid_address
 from relayd.mime import dkim
 from relayd.model.message import UNFINISHED, State
+from relayd.receipts import endpoints
 from relayd.spool import admin
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
@@ -420,6 +421,89 @@ def render_files(result: Row) -> str:
     return "\n".join(lines)
 
 
+# -- webhooks ------------------------------------------------------------------------------
+
+# relayctl's option for each field endpoints.EndpointError names
+_WEBHOOK_OPTIONS = {"url": "URL", "events": "--events", "batch": "--batch"}
+_WEBHOOK_OPTIONS |= {"concurrency": "--concurrency", "timeout": "--timeout"}
+
+
+def webhook_command(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """``webhook add|list|remove|rotate|enable|disable``: the same functions as the API's."""
+    now, settings = time.time(), args.cfg.webhooks
+    try:
+        if args.action == "add":
+            return endpoints.add(
+                conn, settings, args.url, args.events, now, args.batch, args.concurrency,
+                args.timeout,
+            )  # fmt: skip
+        if args.action == "list":
+            return {"webhooks": endpoints.listing(conn, now)}
+        if args.action == "remove":
+            return endpoints.remove(conn, args.endpoint)
+        if args.action == "rotate":
+            overlap = settings.rotation_overlap if args.overlap is None else args.overlap
+            return endpoints.rotate(conn, args.endpoint, overlap, now)
+        if args.action == "enable":
+            return endpoints.enable(conn, args.endpoint, now, args.from_now)
+        return endpoints.disable(conn, args.endpoint, now)
+    except endpoints.EndpointError as exc:
+        option = _WEBHOOK_OPTIONS.get(exc.field, exc.field)
+        raise CtlError(f"webhook {args.action}: {option}: {exc.problem}") from None
+    except endpoints.NotFound as exc:
+        raise CtlError(f"webhook {args.action}: {exc}") from None
+
+
+def render_webhooks(result: Row) -> str:
+    if "webhooks" in result:
+        if not result["webhooks"]:
+            return "no webhook endpoints (add one: relayctl webhook add URL --events ...)"
+        rows = [
+            [
+                w["id"],
+                w["url"],
+                ",".join(w["events"]),
+                w["state"] + (f" ({w['disabled_reason']})" if w["disabled_reason"] else ""),
+                w["backlog"],
+                w["sent"],
+                w["failures"],
+                w["last_status"] or "-",
+                w["last_success"] or "-",
+                w["dropped"],
+            ]
+            for w in result["webhooks"]
+        ]
+        head = ["ID", "URL", "EVENTS", "STATE", "BACKLOG", "SENT", "FAILURES", "LAST STATUS"]
+        return table(rows, [*head, "LAST SUCCESS", "DROPPED"])
+    if result.get("removed"):
+        return f"removed webhook {result['id']} ({result['url']})"
+    w = result
+    lines = [
+        f"webhook {w['id']}: {w['url']}",
+        f"events: {','.join(w['events'])}; batch {w['batch']}, concurrency {w['concurrency']},"
+        f" timeout {w['timeout_s']:g}s",
+        f"state: {w['state']}" + (f" ({w['disabled_reason']})" if w["disabled_reason"] else ""),
+        f"backlog: {w['backlog']}; sent {w['sent']}; dropped {w['dropped']}",
+    ]
+    if w["failures"]:
+        lines.append(f"failures: {w['failures']} since {w['failing_since']}; next {w['next_try']}")
+    if "secret" in w:  # shown once; the API and relayctl never show it again
+        lines.append(f"signing secret (shown only now; store it with the receiver):\n{w['secret']}")
+        if w.get("old_secrets_until"):
+            lines.append(f"the previous secret also signs until {w['old_secrets_until']}")
+    return "\n".join(lines)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     # --config and --json are accepted before or after the command: the copies on the
     # subcommands default to SUPPRESS so they do not overwrite a value given up front.
@@ -523,6 +607,46 @@ def parser() -> argparse.ArgumentParser:
             u.set_defaults(run=credential_command, render=render_credentials, needs="config")
             u.set_defaults(kind=kind)
 
+    p = sub.add_parser("webhook", parents=[common], help="webhook endpoints (signed events)")
+    hooks = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    w = hooks.add_parser("add", parents=[common], help="add an endpoint; prints its secret once")
+    w.add_argument("url", metavar="URL", help="http:// or https:// URL the events are posted to")
+    w.add_argument(
+        "--events",
+        action="append",
+        required=True,
+        metavar="TYPES",
+        help="comma list of event types (delivered, bounced, deferred, expired, accepted, ...)"
+        " or '*' for all",
+    )
+    w.add_argument("--batch", type=_count, default=1, metavar="N", help="events per POST (1)")
+    w.add_argument("--concurrency", type=_count, default=1, metavar="N", help="POSTs at once (1)")
+    w.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", help="per POST (default webhooks.timeout)"
+    )
+    w.set_defaults(write=True)
+    w = hooks.add_parser("list", parents=[common], help="endpoints with their health")
+    w.set_defaults(write=False)
+    for action, text in (
+        ("remove", "remove an endpoint"),
+        ("rotate", "a new secret; the old one also signs for webhooks.rotation_overlap"),
+        ("enable", "turn a disabled endpoint back on (from its cursor, or --from-now)"),
+        ("disable", "stop posting to an endpoint (its cursor stays)"),
+    ):
+        w = hooks.add_parser(action, parents=[common], help=text)
+        w.add_argument("endpoint", metavar="ID_OR_URL")
+        if action == "rotate":
+            w.add_argument(
+                "--overlap", type=_seconds, metavar="SECONDS", help="instead of the config's"
+            )
+        if action == "enable":
+            w.add_argument(
+                "--from-now", action="store_true", help="skip the events it has not received"
+            )
+        w.set_defaults(write=True)
+    for w in hooks.choices.values():
+        w.set_defaults(run=webhook_command, render=render_webhooks)
+
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tls.add_parser("self-signed", parents=[common], help="write a development certificate")
@@ -556,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         elif needs == "config":
             result = args.run(cfg, args)
         else:
+            args.cfg = cfg
             conn = admin.open_spool(cfg.server.spool_path, args.write)
             with contextlib.closing(conn), admin.transaction(conn, args.write):
                 result = args.run(conn, args)
