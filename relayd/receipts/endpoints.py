@@ -128,17 +128,14 @@ def remove(conn: sqlite3.Connection, ref: str | int) -> Row:
 
 
 def rotate(conn: sqlite3.Connection, ref: str | int, overlap: float, now: float) -> Row:
-    """A new secret signs first; the one it replaces keeps signing for ``overlap`` seconds
-    (both signatures are sent), so receivers can switch without refusing a webhook. Secrets
-    rotated out earlier keep the end they had."""
+    """A new secret signs first; the ones it replaces keep signing for ``overlap`` seconds at
+    most (both signatures are sent), so receivers can switch without refusing a webhook. An
+    overlap of 0 ends every older secret at once (one that leaked)."""
     ep = find(conn, ref)
     secret = new_secret()
-    old = [
-        (s, until if until is not None else now + overlap)
-        for s, until in ep.secrets
-        if until is None or until > now
-    ]
-    kept = [(s, until) for s, until in old if until > now]
+    end = now + overlap
+    kept = [(s, min(end, until or end)) for s, until in ep.secrets if until is None or until > now]
+    kept = [(s, until) for s, until in kept if until > now]
     webhooks.set_secrets(conn, ep.id, [(secret, None), *kept])
     until = max((u for _, u in kept), default=None)
     result = describe(conn, find(conn, ep.id), now)
