@@ -18,6 +18,7 @@
  13a end-to-end msgs/s, 100,000 personalised messages through the HTTP API in calls of 1,000
                                                                      >= 5 x Postfix (SMTP, -d)
  13b API latency, single-message calls at 200/s: p50 <= 10 ms, p99 <= 50 ms
+ 13c webhooks keep up with delivery: backlog drained within 5 s of the last delivery
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -834,6 +835,51 @@ class Suite:
             f"row 13b: {out['requests']} requests in {out['seconds']} s, p90"
             f" {1000 * (out['p90_s'] or 0):.1f} ms, max {1000 * (out['max_s'] or 0):.1f} ms"
         )
+        self.webhook_drain()
+
+    def webhook_drain(self) -> None:
+        """Row 13c: benchmarks/webhook_drain.py (its own relayd, sink and verifying receiver):
+        a `delivered` subscription at batch 100 under SMTP load; the backlog left when the
+        last message is delivered must be gone within 5 s."""
+        a = self.args
+        la = float(load1())
+        r = subprocess.run(
+            [
+                str(VPY),
+                str(REPO / "benchmarks" / "webhook_drain.py"),
+                "--messages",
+                str(a.drain_n),
+                "--max-seconds",
+                str(a.max_seconds),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=2 * a.max_seconds + 60,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            self.anomalies.append(f"webhook_drain.py failed: {r.stderr.strip()[-300:]}")
+            return
+        out = json.loads(lines[-1])
+        if out.get("bad_signatures") or out.get("received", 0) < a.drain_n:
+            self.anomalies.append(f"webhook_drain.py: {out}")
+        self.rows["13c"] = Row(
+            "13c",
+            f"webhooks keep up: {a.drain_n:,} messages over SMTP to smtp-sink, a `delivered`"
+            " endpoint at batch 100: backlog drained after the last delivery, s",
+            f"{out['drain_s']:.2f}",
+            "–",
+            "–",
+            "≤ 5 s",
+            out["drain_s"] <= 5,
+            f"{la:.2f}",
+        )
+        self.notes.append(
+            f"row 13c: {out['msgs_per_s']} msgs/s delivered with the endpoint, largest lag"
+            f" {out['max_lag_events']} events, {out['posts']} POSTs, all verified"
+        )
 
     # -- phase: memory (rows 11, 12) ---------------------------------------------------------
 
@@ -1475,6 +1521,7 @@ class Suite:
             "12",
             "13a",
             "13b",
+            "13c",
         ]
         for k in order:
             r = self.rows.get(k)
@@ -1811,7 +1858,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--phases",
         default="rates,body,spool,restart,fault,memory,api",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12), api (13a, 13b)",
+        "fault (10), memory (11, 12), api (13a-c)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1838,6 +1885,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-rate", type=float, default=200.0, help="row 13b: API calls per second")
     p.add_argument("--api-seconds", type=float, help="row 13b: seconds (full 20, quick 5)")
     p.add_argument("--api-port", type=int, default=2570, help="rows 13a, 13b: the API listener")
+    p.add_argument("--drain-n", type=int, help="row 13c: messages (full 20000, quick 2000)")
     p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
@@ -1862,6 +1910,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.mem_n = a.mem_n or (200 if q else 2000)
     a.api_n = a.api_n or (10_000 if q else 100_000)
     a.api_seconds = a.api_seconds or (5.0 if q else 20.0)
+    a.drain_n = a.drain_n or (2000 if q else 20000)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
     bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory", "api"}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.receiver import Receiver
 from support.util import free_port, mx_zone, wait_until
 
 from relayd.ingress.api import openapi
@@ -374,3 +375,34 @@ def test_the_openapi_document_is_served_and_the_repo_copy_is_current(api):
     assert code == 200 and doc["openapi"].startswith("3.1")
     assert "/v1/messages" in doc["paths"] and "Send" in doc["components"]["schemas"]
     assert json.loads((ROOT / "docs" / "openapi.json").read_text()) == openapi.document()
+
+
+def test_webhooks_managed_over_the_api_receive_signed_events(api, fake_mx):
+    fake_mx()
+    c = api()
+    hooks = c.key("hooks", "--sender", "example.test", "--scope", "webhooks")
+    assert c.call("GET", "/v1/webhooks")[0] == 403  # the app key lacks the webhooks scope
+    receiver = Receiver().start()
+    try:
+        code, _, bad = c.call("POST", "/v1/webhooks", {"url": "ftp://x", "events": "*"}, hooks)
+        assert code == 422 and bad["field"] == "url"
+        code, _, bad = c.call(
+            "POST", "/v1/webhooks", {"url": receiver.url, "events": ["nope"]}, hooks
+        )
+        assert code == 422 and bad["field"] == "events"
+        code, _, added = c.call(
+            "POST", "/v1/webhooks", {"url": receiver.url, "events": ["delivered"]}, hooks
+        )
+        assert code == 201 and added["secret"].startswith("whsec_")
+        receiver.secrets = [added["secret"]]
+        assert c.send(GOOD)[0] == 202
+        receiver.wait(lambda: receiver.events(), 15, "a delivered event")
+        assert not receiver.bad and receiver.events()[0]["type"] == "message.delivered"
+        code, _, listed = c.call("GET", "/v1/webhooks", token=hooks)
+        assert code == 200 and [w["url"] for w in listed["webhooks"]] == [receiver.url]
+        code, _, rotated = c.call("POST", f"/v1/webhooks/{added['id']}/rotate", {}, hooks)
+        assert code == 200 and rotated["secret"] != added["secret"]
+        assert c.call("DELETE", f"/v1/webhooks/{added['id']}", token=hooks)[0] == 200
+        assert c.call("GET", f"/v1/webhooks/{added['id']}", token=hooks)[0] == 404
+    finally:
+        receiver.stop()

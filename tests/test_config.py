@@ -178,3 +178,10 @@ def test_metadata_headers_are_field_names_or_prefixes(tmp_path):
         tmp_path, "[ingress]\nkeep_metadata_headers = 1\n", "ingress.keep_metadata_headers"
     )
     assert "must be a bool" in problem
+
+
+def test_the_default_config_path_is_the_bundled_example():
+    from relayd.config import DEFAULT_PATH
+
+    assert Path(__file__).resolve().parent.parent / "conf" / "relayd.toml" == DEFAULT_PATH
+    load(DEFAULT_PATH)  # and it is valid

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 EX_CONFIG = 78  # sysexits.h: configuration error
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "conf" / "relayd.toml"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "conf" / "relayd.toml"  # the bundled example
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -42,9 +43,6 @@ from relayd.delivery.dns import Resolver
 from relayd.events import log as events
 from relayd.events.log import log
 from relayd.ingress import tls
-from relayd.ingress.api.server import HttpServer
-from relayd.ingress.api.service import Api
-from relayd.ingress.api.service import Settings as ApiSettings
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.mime.dkim import Signer
 from relayd.model import ids
@@ -57,6 +55,11 @@ from relayd.receipts.dispatcher import Dispatcher
 from relayd.spool import schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
+
+if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
+    from relayd.ingress.api.server import HttpServer
+    from relayd.ingress.api.service import Api
+    from relayd.ingress.api.service import Settings as ApiSettings
 
 EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
 EX_OSERR = 71
@@ -142,11 +145,14 @@ def _queue_settings(config: configuration.Config) -> Settings:
 
 
 def _api_settings(config: configuration.Config) -> ApiSettings:
+    from relayd.ingress.api.service import Settings as ApiSettings
+
     return ApiSettings(
         config.server.hostname,
         config.api.max_recipients,
         config.ingress.max_message_size,
         config.api.max_body_size,
+        config.webhooks,
     )
 
 
@@ -341,7 +347,7 @@ class IngressProcess:
         self.link_socket = link
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
-        self.api: Api | None = None
+        self.api: Api | None = None  # with an API listener
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
@@ -371,6 +377,11 @@ class IngressProcess:
             for sock in socks
         ]
         if http:
+            # Imported here, in the ingress process and only when an API listener is
+            # configured: aiohttp and Jinja2 cost each process ~13 MB of memory otherwise.
+            from relayd.ingress.api.server import HttpServer
+            from relayd.ingress.api.service import Api
+
             # the API shares the SMTP handler's credentials (and so its rate buckets)
             self.api = Api(
                 _api_settings(cfg),

@@ -11,7 +11,13 @@ from typing import Any
 
 import msgspec
 
-from relayd.ingress.api.schema import KumoInject, Send
+from relayd.ingress.api.schema import (
+    KumoInject,
+    Send,
+    WebhookAdd,
+    WebhookEnable,
+    WebhookRotate,
+)
 
 _PROBLEM = {
     "type": "object",
@@ -54,9 +60,12 @@ def _problems(*codes: int) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    (send, kumo), components = msgspec.json.schema_components(
-        [Send, KumoInject], ref_template="#/components/schemas/{name}"
+    (send, kumo, hook, rotate, enable), components = msgspec.json.schema_components(
+        [Send, KumoInject, WebhookAdd, WebhookRotate, WebhookEnable],
+        ref_template="#/components/schemas/{name}",
     )
+    ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+    endpoint = {"description": "the endpoint with its health (state, backlog, failures, dropped)"}
     components.update(Problem=_PROBLEM, Result=_RESULT)
     bearer = [{"apiKey": []}]
     json_body = lambda schema: {  # noqa: E731
@@ -152,6 +161,45 @@ def document() -> dict[str, Any]:
                         **_problems(401, 403, 422),
                     },
                 }
+            },
+            "/v1/webhooks": {
+                "get": {
+                    "summary": "The webhook endpoints and their health (scope webhooks)",
+                    "responses": {
+                        "200": {"description": "webhooks: a list"},
+                        **_problems(401, 403),
+                    },
+                },
+                "post": {
+                    "summary": "Add an endpoint; its whsec_ secret is in this answer only",
+                    "requestBody": json_body(hook),
+                    "responses": {"201": endpoint, **_problems(400, 401, 403, 422)},
+                },
+            },
+            "/v1/webhooks/{id}": {
+                "parameters": ident,
+                "get": {"summary": "One endpoint", "responses": {"200": endpoint}},
+                "delete": {"summary": "Remove an endpoint", "responses": {"200": endpoint}},
+            },
+            "/v1/webhooks/{id}/rotate": {
+                "parameters": ident,
+                "post": {
+                    "summary": "A new secret; the old one also signs for `overlap` seconds",
+                    "requestBody": json_body(rotate),
+                    "responses": {"200": endpoint, **_problems(401, 403, 404, 422)},
+                },
+            },
+            "/v1/webhooks/{id}/enable": {
+                "parameters": ident,
+                "post": {
+                    "summary": "Back on: from its cursor, or from now",
+                    "requestBody": json_body(enable),
+                    "responses": {"200": endpoint, **_problems(401, 403, 404)},
+                },
+            },
+            "/v1/webhooks/{id}/disable": {
+                "parameters": ident,
+                "post": {"summary": "Stop posting", "responses": {"200": endpoint}},
             },
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}

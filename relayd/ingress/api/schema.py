@@ -135,3 +135,22 @@ def from_kumo(req: KumoInject) -> Send:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+# -- webhook endpoints (the same checks as relayctl webhook, in receipts.endpoints) ---------
+
+
+class WebhookAdd(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    events: list[str] | str
+    batch: int = 1
+    concurrency: int = 1
+    timeout: float | None = None
+
+
+class WebhookRotate(msgspec.Struct, forbid_unknown_fields=True):
+    overlap: float | None = None  # seconds the old secret still signs (webhooks.rotation_overlap)
+
+
+class WebhookEnable(msgspec.Struct, forbid_unknown_fields=True):
+    from_now: bool = False

@@ -19,21 +19,31 @@ from typing import Any
 
 import msgspec
 
+from relayd.config import Webhooks
 from relayd.events.log import log
 from relayd.events.records import Type
 from relayd.ingress.api import openapi
 from relayd.ingress.api.compose import Invalid, Limits, Outcome, compose
-from relayd.ingress.api.schema import KumoInject, Send, from_kumo
+from relayd.ingress.api.schema import (
+    KumoInject,
+    Send,
+    WebhookAdd,
+    WebhookEnable,
+    WebhookRotate,
+    from_kumo,
+)
 from relayd.ingress.credentials import Credential, Directory
 from relayd.model.message import Answer, Guard, NewMessage
+from relayd.receipts import endpoints
+from relayd.spool import admin, schema
 from relayd.spool import api as queries
-from relayd.spool import schema
 from relayd.spool.space import FreeSpace, is_full
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Answer | None]]
 PROBLEM = "application/problem+json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _MESSAGE = re.compile(r"^/v1/messages/([0-9A-Fa-f]{1,32})$")
+_WEBHOOK = re.compile(r"^/v1/webhooks/(\d{1,18})(?:/(rotate|enable|disable))?$")
 _EVENT_TYPES = {t.value for t in Type}
 MAX_PAGE = 1000
 
@@ -92,6 +102,7 @@ class Settings:
     max_recipients: int
     max_message_size: int
     max_body_size: int
+    webhooks: Webhooks
 
 
 class Api:
@@ -146,6 +157,8 @@ class Api:
             _allow(method, "GET")
             self._key(req, "read")
             return await self._events(req)
+        if path == "/v1/webhooks" or _WEBHOOK.match(path):
+            return await self._webhooks(req, self._key(req, "webhooks"))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
@@ -302,6 +315,57 @@ class Api:
         cursor = str(events[-1]["id"]) if events else str(after)
         return Reply(200, json.dumps({"events": events, "next": cursor}).encode())
 
+    # -- webhook endpoints ----------------------------------------------------------------
+
+    async def _webhooks(self, req: Request, cred: Credential) -> Reply:
+        """The endpoints, as ``relayctl webhook`` manages them (receipts.endpoints does the
+        checks for both); changes are short write transactions the dispatcher sees at once."""
+        now, settings = self.clock(), self.settings.webhooks
+        m = _WEBHOOK.match(req.path)
+        ref, action = (int(m.group(1)), m.group(2)) if m else (None, None)
+        try:
+            if ref is None and req.method == "GET":
+                found = {"webhooks": await self.reader.run(endpoints.listing, now)}
+            elif ref is None:
+                _allow(req.method, "POST")
+                add = _decode(req.body, WebhookAdd)
+                found = await self.reader.write(
+                    endpoints.add,
+                    settings,
+                    add.url,
+                    add.events,
+                    now,
+                    add.batch,
+                    add.concurrency,
+                    add.timeout,
+                )
+                log.info("webhook_added", key=cred.name, url=add.url, id=found["id"])
+                return Reply(201, json.dumps(found).encode())
+            elif action is None and req.method == "GET":
+                found = await self.reader.run(endpoints.show, ref, now)
+            elif action is None:
+                _allow(req.method, "DELETE")
+                found = await self.reader.write(endpoints.remove, ref)
+            else:
+                _allow(req.method, "POST")
+                body = req.body or b"{}"
+                if action == "rotate":
+                    overlap = _decode(body, WebhookRotate).overlap
+                    overlap = settings.rotation_overlap if overlap is None else overlap
+                    if not 0 <= overlap <= 30 * 86400:
+                        raise Refused(422, "Invalid request", "from 0 to 30 days", "overlap")
+                    found = await self.reader.write(endpoints.rotate, ref, overlap, now)
+                elif action == "enable":
+                    from_now = _decode(body, WebhookEnable).from_now
+                    found = await self.reader.write(endpoints.enable, ref, now, from_now)
+                else:
+                    found = await self.reader.write(endpoints.disable, ref, now, "by API")
+        except endpoints.EndpointError as exc:
+            raise Refused(422, "Invalid request", exc.problem, exc.field) from None
+        except endpoints.NotFound:
+            raise Refused(404, "Not found", f"no webhook endpoint {ref}") from None
+        return Reply(200, json.dumps(found).encode())
+
 
 class _Reader:
     """Spool reads on a thread of their own with a read-only connection, opened on first use:
@@ -311,19 +375,33 @@ class _Reader:
         self.path = path
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-read")
         self.conn: Any = None
+        self.writer: Any = None  # for the rare changes (webhook endpoints), as relayctl's
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._call, fn, args)
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn`` in a short write transaction of its own, beside the daemon's writer (as
+        relayctl's changes): nothing here holds the lock for longer than one statement."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._change, fn, args)
 
     def _call(self, fn: Callable[..., Any], args: tuple) -> Any:
         if self.conn is None:
             self.conn = schema.reader(self.path)
         return fn(self.conn, *args)
 
+    def _change(self, fn: Callable[..., Any], args: tuple) -> Any:
+        if self.writer is None:
+            self.writer = admin.open_spool(self.path, write=True)
+        with admin.transaction(self.writer, True):
+            return fn(self.writer, *args)
+
     def close(self) -> None:
         self.pool.shutdown()
-        if self.conn is not None:
-            self.conn.close()
+        for conn in (self.conn, self.writer):
+            if conn is not None:
+                conn.close()
 
 
 def _allow(method: str, allowed: str) -> None:
