@@ -634,6 +634,39 @@ class Suite:
         )
         return r
 
+    def interleaved(
+        self, phase: str, relayd: Callable[[int], dict], postfix: Callable[[int], dict]
+    ) -> dict[str, list[dict]]:
+        """--reps of relayd and of Postfix, who goes first alternating from rep to rep; a
+        failed rep is noted and the others kept."""
+        res: dict[str, list[dict]] = {"r": [], "p": []}
+        for rep in range(1, self.args.reps + 1):
+            log(f"=== {phase}: rep {rep}/{self.args.reps}")
+            for k in ["r", "p"] if rep % 2 else ["p", "r"]:
+                try:
+                    res[k].append(relayd(rep) if k == "r" else postfix(rep))
+                except SuiteError as exc:
+                    log(f"ERROR: {exc}")
+                    self.anomalies.append(f"rep {phase} {k} {rep} failed: {exc}")
+                    self.cleanup()
+        return res
+
+    def ratio_row(self, num: str, metric: str, res: dict[str, list[dict]], factor: float) -> Row:
+        """An end-to-end rate row: the medians side by side, the target a multiple of Postfix."""
+        rv, pv = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
+        q = ratio(med(rv), med(pv))
+        loads = " · ".join("/".join(f"{r['load1']:.1f}" for r in res[k]) for k in "rp")
+        return Row(
+            num,
+            metric,
+            fmt_rate(rv),
+            fmt_rate(pv),
+            f"{q:.2f}" if q else "–",
+            f"≥ {factor:g} × Postfix",
+            q is not None and q >= factor,
+            loads,
+        )
+
     # -- phase: body (rows 4b, 9b) -----------------------------------------------------------
 
     def phase_body(self) -> None:
@@ -641,34 +674,21 @@ class Suite:
         as in the rates phase: the path of the bytes from DATA to the remote MX."""
         a = self.args
         n, size = a.body_n, 102400
-        res: dict[str, list[dict]] = {"r": [], "p": []}
-        for rep in range(1, a.reps + 1):
-            log(f"=== body: rep {rep}/{a.reps}")
-            for k in ["r", "p"] if rep % 2 else ["p", "r"]:
-                try:
-                    if k == "p":
-                        r = self.load_rep(f"postfix-100k-{rep}", "postfix", a.postfix_port, n, size)
-                        self.detail(f"postfix 100k rep {rep}", r)
-                    else:
-                        r = self.relayd_rep(f"100k-{rep}", size, None, n)
-                except SuiteError as exc:
-                    log(f"ERROR: {exc}")
-                    self.anomalies.append(f"rep 100k {k} {rep} failed: {exc}")
-                    self.cleanup()
-                    continue
-                res[k].append(r)
+
+        def postfix(rep: int) -> dict:
+            r = self.load_rep(f"postfix-100k-{rep}", "postfix", a.postfix_port, n, size)
+            self.detail(f"postfix 100k rep {rep}", r)
+            return r
+
+        res = self.interleaved(
+            "body", lambda rep: self.relayd_rep(f"100k-{rep}", size, None, n), postfix
+        )
         lr = lambda k: "/".join(f"{r['load1']:.1f}" for r in res[k])  # noqa: E731
-        rv, pv = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
-        q = ratio(med(rv), med(pv))
-        self.rows["4b"] = Row(
+        self.rows["4b"] = self.ratio_row(
             "4b",
             f"end-to-end msgs/s, 100 KB messages (N={n:,}), new connection per message",
-            fmt_rate(rv),
-            fmt_rate(pv),
-            f"{q:.2f}" if q else "–",
-            "≥ 3 × Postfix",
-            q is not None and q >= 3,
-            f"{lr('r')} · {lr('p')}",
+            res,
+            3,
         )
         rc = [1000 * r["relay_cpu_s"] / n for r in res["r"]]
         pc = [1000 * r["relay_cpu_s"] / n for r in res["p"]]
@@ -769,37 +789,21 @@ class Suite:
         fixed rate (an open loop), latency of each answer."""
         a = self.args
         n = a.api_n
-        res: dict[str, list[dict]] = {"r": [], "p": []}
-        for rep in range(1, a.reps + 1):
-            log(f"=== api: rep {rep}/{a.reps}")
-            for k in ["r", "p"] if rep % 2 else ["p", "r"]:
-                try:
-                    if k == "p":
-                        r = self.load_rep(
-                            f"postfix-reuse-{rep}", "postfix", a.postfix_port, n, 1536, flags="-d"
-                        )
-                        self.detail(f"postfix reuse rep {rep}", r)
-                    else:
-                        r = self.api_batch_rep(f"api-{rep}", n)
-                except SuiteError as exc:
-                    log(f"ERROR: {exc}")
-                    self.anomalies.append(f"rep api {k} {rep} failed: {exc}")
-                    self.cleanup()
-                    continue
-                res[k].append(r)
-        lr = lambda k: "/".join(f"{r['load1']:.1f}" for r in res[k])  # noqa: E731
-        rv, pv = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
-        q = ratio(med(rv), med(pv))
-        self.rows["13a"] = Row(
+
+        def postfix(rep: int) -> dict:
+            r = self.load_rep(
+                f"postfix-reuse-{rep}", "postfix", a.postfix_port, n, 1536, flags="-d"
+            )
+            self.detail(f"postfix reuse rep {rep}", r)
+            return r
+
+        res = self.interleaved("api", lambda rep: self.api_batch_rep(f"api-{rep}", n), postfix)
+        self.rows["13a"] = self.ratio_row(
             "13a",
             f"end-to-end msgs/s, {n:,} personalised messages through the API in calls of 1,000"
             " (Postfix: the same number over SMTP, connections reused, smtp-source -d)",
-            fmt_rate(rv),
-            fmt_rate(pv),
-            f"{q:.2f}" if q else "–",
-            "≥ 5 × Postfix",
-            q is not None and q >= 5,
-            f"{lr('r')} · {lr('p')}",
+            res,
+            5,
         )
         self.peer("sink-up")
         rd, key = self.api_relayd("api-rate")

@@ -8,7 +8,6 @@ import email.policy
 import http.client
 import json
 import smtplib
-import socket
 import sqlite3
 import subprocess
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 from support.receiver import Receiver
-from support.util import free_port, mx_zone, wait_until
+from support.util import free_port, listening, mx_zone, wait_until
 
 from relayd.ingress.api import openapi
 
@@ -74,19 +73,11 @@ def api(relay, dns_server, fake_mx):
             **(extra or {}),
         }
         r = relay(config)
-        wait_until(lambda: _listening(port), 10, "the API listener")
+        wait_until(lambda: listening(port), 10, "the API listener")
         return Client(r, port)
 
     mx_zone(dns_server, "dest.test", (10, "mx.dest.test", "127.0.0.10"))
     return make
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _parse(data: bytes) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.raw import RawSMTP
-from support.util import free_port, mx_zone, wait_until
+from support.util import free_port, listening, mx_zone, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
@@ -86,19 +86,11 @@ def submission(relay, dns_server, fake_mx, tmp_path):
         assert add.returncode == 0, add.stderr
         r.start()  # waits for the first listener; the others are bound just after it
         for port in ports.values():
-            wait_until(lambda port=port: _listening(port), 10, f"listener on {port}")
+            wait_until(lambda port=port: listening(port), 10, f"listener on {port}")
         r.ports, r.mx, r.crt, r.key = ports, mx, crt, key
         return r
 
     return start
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def login(r, kind: str = "submission", user: str = "app1", password: str = PASSWORD):

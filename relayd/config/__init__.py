@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,21 @@ class Ingress:
     keep_metadata_headers: bool = False  # deliver them too
 
     def is_trusted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.trusted_networks)
+        return in_networks(ip, self.trusted_networks)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    """Whether a client address (an IPv4-mapped IPv6 one as its IPv4) is in any of them."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from relayd.config import Rate, parse_rate
+from relayd.config import Rate, in_networks, parse_rate
 from relayd.shaping import TokenBucket
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # ~80 ms per check here: slow for guessing, fine per login
@@ -89,13 +89,7 @@ class Credential:
     def may_use_from(self, ip: str) -> bool:
         if not self.networks:
             return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in ipaddress.ip_network(n, strict=False) for n in self.networks)
+        return in_networks(ip, (ipaddress.ip_network(n, strict=False) for n in self.networks))
 
     @property
     def rate_limit(self) -> Rate | None:
