@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -259,15 +260,7 @@ def test_lanes_keep_each_messages_order_and_a_failure_holds_the_cursor(
     conn, path, clock = spool_conn, tmp_path / "spool.sqlite", Clock()
     ep = endpoints.add(conn, SETTINGS, "http://h.test/", "*", 0.0, batch=2, concurrency=3)
     _events(conn, 20)  # queue ids Q0..Q4, ids 1..20
-    failed: list[int] = []
-
-    def answer(url: str, data: Any) -> int:
-        if not failed and data["data"]["events"][0]["data"]["queue_id"] == "Q1":
-            failed.append(1)
-            return 500
-        return 200
-
-    sender = FakeSender(answer)
+    sender = FakeSender(_fail_once_at("Q1"))
     _dispatch(path, sender, clock, [0, 0, 0])
     row = webhooks.get(conn, ep["id"])
     assert row is not None and row.failures == 1 and row.last_status == "500"
@@ -285,6 +278,20 @@ def test_lanes_keep_each_messages_order_and_a_failure_holds_the_cursor(
     assert len(before) + len(after) > 20  # what other lanes had acknowledged came again
 
 
+def _fail_once_at(queue_id: str) -> Callable[[str, Any], int]:
+    """An endpoint that answers 500 to the first batch starting with ``queue_id``'s event,
+    2xx to everything else."""
+    failed: list[int] = []
+
+    def answer(url: str, data: Any) -> int:
+        if not failed and data["data"]["events"][0]["data"]["queue_id"] == queue_id:
+            failed.append(1)
+            return 500
+        return 200
+
+    return answer
+
+
 def _in_order(ids: list[int]) -> bool:
     """The events of each message (queue id Q{(id - 1) % 5}) in id order."""
     by_message: dict[int, list[int]] = {}
@@ -299,15 +306,7 @@ def test_a_retry_in_the_same_process_sends_only_what_was_not_acknowledged(
     conn, path, clock = spool_conn, tmp_path / "spool.sqlite", Clock()
     ep = endpoints.add(conn, SETTINGS, "http://h.test/", "*", 0.0, batch=2, concurrency=3)
     _events(conn, 20)
-    failed: list[int] = []
-
-    def answer(url: str, data: Any) -> int:
-        if not failed and data["data"]["events"][0]["data"]["queue_id"] == "Q1":
-            failed.append(1)
-            return 500
-        return 200
-
-    sender = FakeSender(answer)
+    sender = FakeSender(_fail_once_at("Q1"))
     _dispatch(path, sender, clock, [0, 0, 1, 5, 0, 0])  # the retry comes due at +5 s
     row = webhooks.get(conn, ep["id"])
     assert row is not None and (row.cursor, row.failures, row.sent) == (20, 0, 20)

@@ -229,8 +229,9 @@ def test_an_endpoint_failing_for_retry_for_is_disabled(relay, mx, receiver):
     (h,) = hooks(r)
     assert h["state"] == "disabled" and h["disabled_reason"].startswith("failing since")
     assert h["last_status"] == "503 Service Unavailable: no" and h["backlog"] == 1
-    # tried at 0, 0.2, 0.6 and at the end of the second: then given up
-    assert 3 <= len(receiver.posts) <= 5
+    # tried at 0, 0.2, 0.6 and at the end of the second, then given up; a busy machine may run
+    # a try late and skip to the last one, but the first try and the last one always happen
+    assert 2 <= len(receiver.posts) <= 5
 
 
 def test_rotation_signs_with_both_secrets_during_the_overlap(relay, mx, receiver):

@@ -101,12 +101,12 @@ def compose(
     parts = _attachments(req.attachments)
     templates = _templates(req) if personal else {}
     meta_base = _meta_base(req)
-    for field in ("subject",):
-        if _has_newline(req.subject):
-            raise Invalid(field, "contains CR or LF (header injection)")
+    if _has_newline(req.subject):
+        raise Invalid("subject", "contains CR or LF (header injection)")
 
     outcomes: list[Outcome] = []
-    ok: list[tuple[str, int, Address | Recipient]] = []
+    # each recipient that parsed: its field, its place in the answer, its address, as given
+    ok: list[tuple[str, int, Address, Address | Recipient | str]] = []
     for field, i, r in listed:
         email = r.email if isinstance(r, Address | Recipient) else r
         try:
@@ -115,16 +115,15 @@ def compose(
             outcomes.append(Outcome(email, "rejected", error=exc.problem))
             continue
         outcomes.append(Outcome(address.email, "queued"))
-        ok.append((field, len(outcomes) - 1, address if not personal else r))
+        ok.append((field, len(outcomes) - 1, address, r))
     if not ok:
         return [], outcomes
 
     build = _Builder(req, sender, reply_to, extra, parts, limits, client, cred)
     msgs: list[NewMessage] = []
     if personal:
-        for _, index, r in ok:
+        for _, index, address, r in ok:
             assert isinstance(r, Recipient)
-            address = _address(r, "recipients")
             context = {**req.substitutions, **r.substitutions}
             context.setdefault("email", address.email)
             context.setdefault("name", address.name)
@@ -143,10 +142,9 @@ def compose(
             if msg.queue_id:
                 msgs.append(msg)
     else:
-        rcpts = [outcomes[index] for _, index, _ in ok]
+        rcpts = [outcomes[index] for _, index, _, _ in ok]
         by_field: dict[str, list[Address]] = {"to": [], "cc": [], "bcc": []}
-        for field, _, address in ok:
-            assert isinstance(address, Address)
+        for field, _, address, _ in ok:
             by_field[field].append(address)
         rendered = {"subject": req.subject, "text": req.text, "html": req.html, "raw": req.raw}
         everyone = by_field["to"] + by_field["cc"] + by_field["bcc"]

@@ -289,7 +289,7 @@ class Api:
                 f"key {cred.name} may send {cred.rate}; this request has {count}",
                 headers=headers,
             )
-        reset = str(math.ceil(bucket.wait(int(limit.count)))) if limit.count < math.inf else "0"
+        reset = str(math.ceil(bucket.wait(int(limit.count))))  # seconds until full again
         return _rate_headers(limit.count, bucket.remaining(), reset)
 
     # -- reading --------------------------------------------------------------------------
