@@ -102,6 +102,30 @@ def test_a_version_2_spool_gains_the_receipt_columns_keeping_its_mail(tmp_path: 
     assert {"idempotency", "webhooks"} <= tables
 
 
+def test_a_version_3_spool_gains_streams_and_the_suppression_list_keeping_its_mail(
+    tmp_path: Path,
+):
+    """relayd before deliverability: mail in flight is transactional, nothing is suppressed."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            schema._TABLES
+            + schema._V2
+            + schema._V3
+            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+            + " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');"
+            + "PRAGMA user_version = 3;"
+        )
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert db.execute("SELECT queue_id, stream FROM messages").fetchall() == [
+            ("Q1", "transactional")
+        ]
+        assert db.execute("SELECT count(*) FROM suppressions").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM listings").fetchone() == (0,)
+
+
 def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
     schema.prepare(path)

@@ -22,6 +22,11 @@ class Type(StrEnum):
     DSN_SUPPRESSED = "dsn_suppressed"
     OPERATOR = "operator"
     REJECTION = "rejected"
+    SUPPRESSION = "suppressed"  # a recipient not mailed: on the suppression list
+    COMPLAINT = "complained"  # a feedback-loop report (RFC 5965) about a message
+    UNSUBSCRIBE = "unsubscribed"  # a recipient's one-click or mailto unsubscribe
+    LISTING = "blacklisted"  # a source IP appeared on a DNS blacklist
+    DELISTING = "delisted"  # ... and left it
 
 
 @dataclass(slots=True)

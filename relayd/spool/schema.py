@@ -7,7 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # A bounce whose DSN is not yet queued (BOUNCED, without REPORTED_FAILED): written as the
 # partial index recipients_owed says it, so that SQLite uses the index for it.
@@ -112,6 +112,41 @@ CREATE TABLE webhooks (
 );
 """
 
+# Version 4: deliverability. A message's stream, its lane in the scheduler: 'transactional'
+# (never waits behind bulk mail) or 'bulk'. The suppression list: an address (lower case) is
+# not mailed in a scope: '*' for all senders, 'domain:D' for mail from sender domain D,
+# 'key:NAME' for one API key or login; reason 'bounce', 'complaint', 'unsubscribe' or
+# 'manual', the bounce class and the reply or report that caused it, the message it came from,
+# and when it lapses (NULL: never; bounce entries lapse, complaints and unsubscribes do not).
+# The blacklist watch: one row per listing of a source IP on a DNS blacklist zone, from the
+# first answer that lists it to the first that does not (delisted_at NULL: still listed).
+_V4 = """
+ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
+CREATE TABLE suppressions (
+    address TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    class TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    queue_id TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    expires REAL,
+    PRIMARY KEY (address, scope)
+) WITHOUT ROWID;
+CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
+CREATE TABLE listings (
+    id INTEGER PRIMARY KEY,
+    ip TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    listed_at REAL NOT NULL,
+    checked_at REAL NOT NULL,
+    delisted_at REAL
+);
+CREATE INDEX listings_ip ON listings(ip, listed_at);
+"""
+
 
 class SpoolDamaged(Exception):
     """The spool file cannot be trusted: relayd must not start on it."""
@@ -214,11 +249,13 @@ def migrate(conn: sqlite3.Connection) -> None:
             f" version {SCHEMA_VERSION}: run the newer relayd, or restore a backup"
         )
     if version == 0:
-        script = _TABLES + _V2 + _V3
+        script = _TABLES + _V2 + _V3 + _V4
     elif version == 1:
-        script = _V1_TO_V2 + _V3
+        script = _V1_TO_V2 + _V3 + _V4
     elif version == 2:
-        script = _V3
+        script = _V3 + _V4
+    elif version == 3:
+        script = _V4
     else:
         return
     conn.executescript(f"BEGIN; {script} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
