@@ -267,6 +267,19 @@ class Webhooks:
     rotation_overlap: float  # how long a rotated-out secret still signs
 
 
+@dataclass(frozen=True)
+class Suppression:
+    """[suppression]: what becomes of mail to a suppressed address, and what a hard bounce
+    adds to the list. The entries live in the spool (relayctl suppression, the API)."""
+
+    smtp: str  # "refuse": RCPT gets 550 5.7.1; "drop": accepted, not sent, a suppressed event
+    bounce_ttl: float  # how long a hard bounce's entry lasts; 0: hard bounces add none
+    bounce_scope: str  # "global", "sender_domain" or "key": whose mail a hard bounce stops
+
+
+SUPPRESSION_SCOPES = ("global", "sender_domain", "key")
+
+
 WEBHOOK_TIMEOUT_MAX = 300.0  # seconds: an endpoint's timeout, from the config or relayctl
 WEBHOOK_BATCH_MAX = 10_000  # events in one POST (webhooks.max_batch)
 WEBHOOK_CONCURRENCY_MAX = 256  # POSTs in flight to one endpoint (webhooks.max_concurrency)
@@ -295,6 +308,7 @@ class Config:
     events: Events
     api: Api
     webhooks: Webhooks
+    suppression: Suppression
 
 
 class _Section:
@@ -717,6 +731,14 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     api_sec.finish()
 
     webhooks = _webhooks(top.table("webhooks"))
+
+    sup_sec = top.table("suppression")
+    suppression = Suppression(
+        smtp=_choice(sup_sec, "smtp", "refuse", ("refuse", "drop")),
+        bounce_ttl=sup_sec.duration("bounce_ttl", "30d", allow_zero=True),
+        bounce_scope=_choice(sup_sec, "bounce_scope", "global", SUPPRESSION_SCOPES),
+    )
+    sup_sec.finish()
     top.finish()
 
     return Config(
@@ -758,7 +780,17 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         events=Events(events_retention),
         api=api,
         webhooks=webhooks,
+        suppression=suppression,
     )
+
+
+def _choice(sec: _Section, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = sec.get(name, default, str)
+    if value not in choices:
+        raise ConfigError(
+            sec.path, sec.key(name), f"must be one of {', '.join(choices)}, got {value!r}"
+        )
+    return value
 
 
 def _human(seconds: float) -> str:

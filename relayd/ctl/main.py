@@ -19,13 +19,15 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from relayd import config as configuration
 from relayd.config import parse_rate
+from relayd.ingress import suppression as suppressions
 from relayd.ingress.credentials import (
     SCOPES,
     Credential,
@@ -38,7 +40,8 @@ from relayd.ingress.smtp import valid_address
 from relayd.mime import dkim
 from relayd.model.message import UNFINISHED, State
 from relayd.receipts import endpoints
-from relayd.spool import admin
+from relayd.spool import admin, suppression
+from relayd.spool.suppression import REASONS
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
 AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
@@ -494,6 +497,86 @@ def render_webhooks(result: Row) -> str:
     return "\n".join(lines)
 
 
+# -- the suppression list -------------------------------------------------------------------
+
+
+def suppression_command(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """``suppression add|remove|list|import|export``: the same checks as the API's."""
+    now = time.time()
+    try:
+        if args.action == "add":
+            added = [
+                suppressions.entry(a, args.scope, args.reason, now, args.detail)
+                for a in args.addresses
+            ]
+            return {"added": suppression.add(conn, added), "addresses": args.addresses}
+        if args.action == "remove":
+            scope = None if args.scope is None else suppressions.parse_scope(args.scope)
+            removed = sum(suppression.remove(conn, a, scope) for a in args.addresses)
+            if not removed:
+                raise CtlError(f"suppression remove: {', '.join(args.addresses)}: not listed")
+            return {"removed": removed}
+        if args.action == "list":
+            scopes = None if args.scope is None else [suppressions.parse_scope(args.scope)]
+            found = suppression.listing(
+                conn, now, scopes, args.reason, args.address, limit=args.limit
+            )
+            return {"suppressions": [e.as_json() for e in found]}
+        if args.action == "import":
+            with _text_in(args.file) as lines:
+                entries = suppressions.read_csv(lines, now)
+            return {"imported": suppression.add(conn, entries), "read": len(entries)}
+        with _text_out(args.file) as out:
+            return {"exported": suppressions.write_csv(suppression.every(conn, now), out)}
+    except suppressions.Invalid as exc:
+        raise CtlError(f"suppression {args.action}: {exc.field}: {exc.problem}") from None
+    except OSError as exc:
+        raise CtlError(f"suppression {args.action}: {args.file}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _text_in(name: str) -> Iterator[TextIO]:
+    if name == "-":
+        yield sys.stdin
+    else:
+        with open(name, encoding="utf-8", newline="") as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _text_out(name: str) -> Iterator[TextIO]:
+    if name == "-":
+        yield sys.stdout
+    else:
+        with open(name, "w", encoding="utf-8", newline="") as f:
+            yield f
+
+
+def render_suppressions(result: Row) -> str:
+    if "suppressions" in result:
+        rows = [
+            [
+                e["address"],
+                "global" if e["scope"] == suppression.GLOBAL else e["scope"],
+                e["reason"] + (f" ({e['class']})" if e["class"] else ""),
+                _iso(e["created"]),
+                "never" if e["expires"] is None else _iso(e["expires"]),
+                e["detail"][:60],
+            ]
+            for e in result["suppressions"]
+        ]
+        if not rows:
+            return "no suppressed addresses"
+        return table(rows, ["ADDRESS", "SCOPE", "REASON", "SINCE", "LAPSES", "DETAIL"])
+    if "added" in result:
+        return f"suppressed {len(result['addresses'])} address(es)"
+    if "removed" in result:
+        return f"removed {result['removed']} entr{'y' if result['removed'] == 1 else 'ies'}"
+    if "imported" in result:
+        return f"imported {result['read']} entries"
+    return ""  # export: the CSV went out; nothing to add to it
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text.removesuffix("s"))
@@ -647,6 +730,30 @@ def parser() -> argparse.ArgumentParser:
     for w in hooks.choices.values():
         w.set_defaults(run=webhook_command, render=render_webhooks)
 
+    p = sub.add_parser("suppression", parents=[common], help="addresses relayd does not mail")
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    scope_help = "global (default), domain:DOMAIN, key:NAME (an API key) or auth:NAME (a login)"
+    s = acts.add_parser("add", parents=[common], help="suppress addresses (they never lapse)")
+    s.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    s.add_argument("--scope", default="global", help=scope_help)
+    s.add_argument("--reason", default="manual", choices=REASONS)
+    s.add_argument("--detail", default="", help="a note kept with the entry")
+    s = acts.add_parser("remove", parents=[common], help="mail addresses again")
+    s.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    s.add_argument("--scope", help="only this scope's entry (default: every scope's)")
+    s = acts.add_parser("list", parents=[common], help="entries in force")
+    s.add_argument("--scope", help=scope_help)
+    s.add_argument("--reason", choices=REASONS)
+    s.add_argument("--address")
+    s.add_argument("--limit", type=_count, default=1000, metavar="N")
+    s = acts.add_parser("import", parents=[common], help="add entries from CSV (as exported)")
+    s.add_argument("file", metavar="FILE", help="CSV with a header row; - for stdin")
+    s = acts.add_parser("export", parents=[common], help="every entry in force, as CSV")
+    s.add_argument("file", metavar="FILE", nargs="?", default="-", help="default: stdout")
+    for action, s in acts.choices.items():
+        s.set_defaults(run=suppression_command, render=render_suppressions)
+        s.set_defaults(write=action in ("add", "remove", "import"))
+
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tls.add_parser("self-signed", parents=[common], help="write a development certificate")
@@ -690,7 +797,10 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.Error as exc:
         print(f"relayctl: spool: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2) if args.json else args.render(result))
+    text = json.dumps(result, indent=2) if args.json else args.render(result)
+    exported = getattr(args, "action", "") == "export" and args.file == "-"
+    if text:  # after a CSV export to stdout, its summary goes to stderr
+        print(text, file=sys.stderr if exported else sys.stdout)
     return 0
 
 

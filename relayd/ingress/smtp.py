@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from types import MethodType
-from typing import Any
+from typing import Any, Protocol
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import (
@@ -49,6 +49,7 @@ from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
 from relayd.spool import space
 from relayd.spool.space import FreeSpace
+from relayd.spool.suppression import Entry
 
 # Stores a message durably (raising when it could not); the reply to DATA waits for it.
 Accept = Callable[[NewMessage], Awaitable[None]]
@@ -150,6 +151,9 @@ class RelayEnvelope(Envelope):
         self.envid: str | None = None
         self.notify: list[int] = []  # per accepted recipient, in the order of rcpt_tos
         self.orcpt: list[str | None] = []
+        # accepted recipients on the suppression list ([suppression] smtp = "drop"): their
+        # places in rcpt_tos and what stops them; recorded, never sent
+        self.suppressed: dict[int, Entry] = {}
 
 
 class RelaySMTP(SMTP):
@@ -552,6 +556,12 @@ _PLAIN_PATH = re.compile(
 _QUOTED_PATH = re.compile(f'<({_QUOTED}@[^\\s<>"]{{1,253}})>(?: +(.*))?$')
 
 
+class Suppressions(Protocol):
+    """The suppression list as SMTP asks it (relayd.ingress.suppression.Lookup)."""
+
+    def find(self, sender: str, account: str | None, rcpts: list[str]) -> dict[str, Entry]: ...
+
+
 class IngressHandler:
     """aiosmtpd hooks: the relay policy and the hand-off to the spool."""
 
@@ -560,10 +570,17 @@ class IngressHandler:
         return []
 
     def __init__(
-        self, config: Ingress, auth: Auth, hostname: str, space: FreeSpace, accept: Accept
+        self,
+        config: Ingress,
+        auth: Auth,
+        hostname: str,
+        space: FreeSpace,
+        accept: Accept,
+        suppressions: Suppressions,
+        on_suppressed: str,
     ) -> None:
         self.config, self.auth, self.hostname, self.space = config, auth, hostname, space
-        self.accept = accept
+        self.accept, self.suppressions, self.on_suppressed = accept, suppressions, on_suppressed
         self.loop = asyncio.get_running_loop()
         self.hooks = {n[7:]: getattr(self, n) for n in dir(type(self)) if n.startswith("handle_")}
         self._trusted: dict[str, bool] = {}
@@ -572,8 +589,11 @@ class IngressHandler:
         self.users = Directory(auth.users_file)
         self.guard = LoginGuard(auth.max_failures, auth.lockout, time.monotonic)
 
-    def reload(self, config: Ingress, auth: Auth, hostname: str, space: FreeSpace) -> None:
+    def reload(
+        self, config: Ingress, auth: Auth, hostname: str, space: FreeSpace, on_suppressed: str
+    ) -> None:
         self.config, self.auth, self.hostname, self.space = config, auth, hostname, space
+        self.on_suppressed = on_suppressed
         self._trusted.clear()
         self.users = Directory(auth.users_file)
         self.guard.max_failures, self.guard.lockout = auth.max_failures, auth.lockout
@@ -684,8 +704,18 @@ class IngressHandler:
             limit = min(limit, user.max_recipients)
         if len(envelope.rcpt_tos) >= limit:
             return "452 4.5.3 Too many recipients"
-        envelope.rcpt_tos.append(address)
         assert isinstance(envelope, RelayEnvelope)
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        found = self.suppressions.find(sender, user and user.account, [address]).get(address)
+        if found is not None:
+            reason = found.why()
+            log.info(
+                "rcpt_suppressed", client=server.client, sender=sender, rcpt=address, why=reason
+            )
+            if self.on_suppressed == "refuse":
+                return f"550 5.7.1 <{address}>: {reason}"
+            envelope.suppressed[len(envelope.rcpt_tos)] = found
+        envelope.rcpt_tos.append(address)
         envelope.notify.append(notify)
         envelope.orcpt.append(orcpt)
         return "250 2.1.5 Ok"
@@ -725,18 +755,21 @@ class IngressHandler:
             origin = f"{'trusted' if server.trusted else 'postmaster'}:{client}"
         try:
             await self.accept(
-                NewMessage(
-                    queue_id,
-                    sender,
-                    list(envelope.rcpt_tos),
-                    content,
-                    client,
-                    helo,
-                    origin,
-                    envelope.smtp_utf8,
-                    head=head,
-                    meta=meta,
-                    **_dsn_fields(envelope),
+                _without_suppressed(
+                    NewMessage(
+                        queue_id,
+                        sender,
+                        list(envelope.rcpt_tos),
+                        content,
+                        client,
+                        helo,
+                        origin,
+                        envelope.smtp_utf8,
+                        head=head,
+                        meta=meta,
+                        **_dsn_fields(envelope),
+                    ),
+                    envelope,
                 )
             )
         except asyncio.CancelledError:
@@ -759,6 +792,24 @@ def _dsn_fields(envelope: Envelope) -> dict[str, Any]:
         "notify": list(envelope.notify) if any(envelope.notify) else [],
         "orcpt": list(envelope.orcpt) if any(o is not None for o in envelope.orcpt) else [],
     }
+
+
+def _without_suppressed(msg: NewMessage, envelope: RelayEnvelope) -> NewMessage:
+    """The message to the recipients not suppressed (DSN parameters kept in step), with the
+    suppressed ones recorded; none left: only their events are stored."""
+    stopped = envelope.suppressed
+    if not stopped:
+        return msg
+    keep = [i for i in range(len(msg.recipients)) if i not in stopped]
+    msg.suppressed = [
+        (msg.recipients[i], e.scope, e.reason, e.bounce_class) for i, e in stopped.items()
+    ]
+    msg.recipients = [msg.recipients[i] for i in keep]
+    msg.notify = [msg.notify[i] for i in keep] if msg.notify else []
+    msg.orcpt = [msg.orcpt[i] for i in keep] if msg.orcpt else []
+    if not msg.recipients:
+        msg.body, msg.head = b"", b""
+    return msg
 
 
 def _user(session: Session) -> Credential | None:

@@ -102,6 +102,10 @@ class NewMessage:
     # The sender's metadata and tags (a JSON object, "" for none): into its events, not the mail.
     meta: str = ""
     send_at: float = 0.0  # nothing is delivered before this time (0: at once)
+    # Recipients ingress found on the suppression list and did not queue: (address, scope,
+    # reason, bounce class) each, recorded as `suppressed` events with the message (which may
+    # then have no recipient left: only those events are stored).
+    suppressed: list[tuple[str, str, str, str]] = field(default_factory=list)
 
 
 # The largest metadata a message may carry (its JSON text, in bytes): it goes into every event.

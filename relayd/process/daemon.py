@@ -44,6 +44,7 @@ from relayd.events import log as events
 from relayd.events.log import log
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
+from relayd.ingress.suppression import Lookup
 from relayd.mime.dkim import Signer
 from relayd.model import ids
 from relayd.model.message import NewMessage
@@ -366,7 +367,13 @@ class IngressProcess:
             return
         cfg = self.config
         self.handler = IngressHandler(
-            cfg.ingress, cfg.auth, cfg.server.hostname, _space(cfg.server), self.accept
+            cfg.ingress,
+            cfg.auth,
+            cfg.server.hostname,
+            _space(cfg.server),
+            self.accept,
+            Lookup(cfg.server.spool_path),
+            cfg.suppression.smtp,
         )
         smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in HTTP_KINDS]
         self.servers = await start_listeners(self.handler, self.tls, smtp)
@@ -411,7 +418,9 @@ class IngressProcess:
         events.configure(new.server.log_level)
         self.config = new
         if self.handler is not None:
-            self.handler.reload(new.ingress, new.auth, new.server.hostname, _space(new.server))
+            self.handler.reload(
+                new.ingress, new.auth, new.server.hostname, _space(new.server), new.suppression.smtp
+            )
             if self.api is not None:
                 self.api.reload(_api_settings(new), self.handler.users, _space(new.server))
         return ""

@@ -70,14 +70,15 @@ class Intake:
 
     async def _sign_and_insert(self, msgs: list[NewMessage], guard: Guard | None) -> Answer | None:
         loop = asyncio.get_running_loop()  # RSA in OpenSSL releases the GIL: sign beside the loop
+        sent = [m for m in msgs if m.recipients]  # not the suppressed-only: nothing to send
         signed = await asyncio.gather(
             *(
                 # a large text arrives as a bytearray; the signer wants bytes
                 loop.run_in_executor(self.signing, self.signer.sign, bytes(m.body), m.received_at)
-                for m in msgs
+                for m in sent
             )
         )
-        for msg, text in zip(msgs, signed, strict=True):
+        for msg, text in zip(sent, signed, strict=True):
             msg.signed = len(text) > len(msg.body)
             msg.body = text
         return await self._insert(msgs, guard)
@@ -88,7 +89,7 @@ class Intake:
         now = self.clock()
         jobs = [len({domain_of(r) for r in m.recipients}) for m in msgs]
         for msg, n in zip(msgs, jobs, strict=True):
-            msg.active = msg.send_at <= now and self.admission.reserve(n)
+            msg.active = bool(n) and msg.send_at <= now and self.admission.reserve(n)
         received: list[Event] = []
 
         def op(conn: sqlite3.Connection) -> Answer | None:
@@ -121,7 +122,7 @@ class Intake:
         for msg in msgs:
             if msg.active:
                 self.admission.admit(msg)
-        if not all(msg.active for msg in msgs):
+        if not all(msg.active or not msg.recipients for msg in msgs):
             self.admission.poke()
 
     def dsn(self, conn: sqlite3.Connection, report: Report, now: float) -> list[Event]:
@@ -146,7 +147,34 @@ class Intake:
 
 
 def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
-    """The insert every message goes through, with the event that reports its reception."""
+    """The insert every message goes through, with the event that reports its reception, and
+    one for each recipient ingress found suppressed (only those when none is left)."""
+    receipt = receipt_keys(msg.envid, msg.meta)
+    events = [
+        Event(
+            Type.SUPPRESSION,
+            msg.queue_id,
+            msg.received_at,
+            {
+                "sender": msg.sender,
+                "rcpt": rcpt,
+                "domain": domain_of(rcpt),
+                "scope": scope,
+                "reason": reason,
+                "class": bounce_class,
+                "origin": msg.origin,
+                **receipt,
+            },
+        )
+        for rcpt, scope, reason, bounce_class in msg.suppressed
+    ]
+    if msg.recipients:
+        events.insert(0, _reception(conn, msg, receipt))
+    store.append_events(conn, events)
+    return events
+
+
+def _reception(conn: sqlite3.Connection, msg: NewMessage, receipt: dict) -> Event:
     store.insert_message(conn, msg, msg.received_at)
     data = {
         "sender": msg.sender,
@@ -159,7 +187,5 @@ def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
     }
     if msg.orcpt:
         data["orcpt"] = msg.orcpt  # in the order of "rcpt", null where none was given
-    data.update(receipt_keys(msg.envid, msg.meta))
-    received = [Event(Type.RECEPTION, msg.queue_id, msg.received_at, data)]
-    store.append_events(conn, received)
-    return received
+    data.update(receipt)
+    return Event(Type.RECEPTION, msg.queue_id, msg.received_at, data)

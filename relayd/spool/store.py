@@ -142,7 +142,7 @@ def load_due(
 def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
     msg_ids = sorted({r[1] for r in rows})
     messages: dict[int, tuple] = {}
-    for chunk in _chunks(msg_ids, 500):
+    for chunk in chunks(msg_ids, 500):
         marks = ",".join("?" * len(chunk))
         for m in conn.execute(
             f"SELECT id, queue_id, sender, received_at, smtputf8, size, envid, meta"
@@ -163,7 +163,7 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
     return list(jobs.values())
 
 
-def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+def chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

@@ -9,6 +9,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
@@ -24,6 +25,7 @@ from relayd.ingress.smtp import valid_address
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
 from relayd.model.message import META_MAX, NewMessage
+from relayd.spool.suppression import Entry
 
 MAX_SEND_AHEAD = 30 * 86400.0  # send_at at most this far ahead
 MAX_TAGS, MAX_TAG = 10, 100
@@ -51,7 +53,7 @@ class Outcome:
     """One recipient's line in the answer, in request order."""
 
     email: str
-    status: str  # "queued" or "rejected" (deliverability adds "suppressed")
+    status: str  # "queued", "rejected" or "suppressed" (on the suppression list: not sent)
     message_id: str | None = None
     error: str | None = None
 
@@ -71,10 +73,15 @@ class Limits:
     hostname: str
 
 
+# The suppression list's answer for (envelope sender, its key's account, recipients).
+Suppressed = Callable[[str, str | None, list[str]], dict[str, Entry]]
+
+
 def compose(
-    req: Send, cred: Credential, client: str, limits: Limits, now: float
+    req: Send, cred: Credential, client: str, limits: Limits, now: float, lookup: Suppressed
 ) -> tuple[list[NewMessage], list[Outcome]]:
-    """The messages of a request and each recipient's outcome; raises Invalid."""
+    """The messages of a request and each recipient's outcome (a suppressed recipient's
+    message carries only its event); raises Invalid."""
     sender = _address(req.sender, "from")
     envelope = req.envelope_sender or sender.email
     if not valid_address(envelope, True) or _has_newline(envelope):
@@ -118,6 +125,11 @@ def compose(
         ok.append((field, len(outcomes) - 1, address, r))
     if not ok:
         return [], outcomes
+    stopped = lookup(envelope, cred.account, [a.email for _, _, a, _ in ok])
+    for _, index, address, _ in ok:
+        if address.email in stopped:
+            outcomes[index].status = "suppressed"
+            outcomes[index].error = stopped[address.email].why()
 
     build = _Builder(req, sender, reply_to, extra, parts, limits, client, cred)
     msgs: list[NewMessage] = []
@@ -128,8 +140,13 @@ def compose(
             context.setdefault("email", address.email)
             context.setdefault("name", address.name)
             try:
-                rendered = {k: t.render(context) for k, t in templates.items()}
                 meta = _meta(meta_base, r.metadata, f"recipients[{index}].metadata")
+                if address.email in stopped:  # no text: only its `suppressed` event is stored
+                    msg = build.carrier(envelope, [_stopped(address.email, stopped)], meta)
+                    outcomes[index].message_id = msg.queue_id
+                    msgs.append(msg)
+                    continue
+                rendered = {k: t.render(context) for k, t in templates.items()}
             except (jinja2.TemplateError, ValueError, TypeError, Invalid) as exc:
                 outcomes[index].status, outcomes[index].error = "rejected", _why(exc)
                 continue
@@ -148,19 +165,24 @@ def compose(
             by_field[field].append(address)
         rendered = {"subject": req.subject, "text": req.text, "html": req.html, "raw": req.raw}
         everyone = by_field["to"] + by_field["cc"] + by_field["bcc"]
-        msg = build.message(
-            envelope,
-            everyone,
-            by_field["to"],
-            by_field["cc"],
-            rendered,
-            _meta(meta_base, {}, "metadata"),
-            send_at,
-        )
+        sent = [a for a in everyone if a.email not in stopped]
+        meta = _meta(meta_base, {}, "metadata")
+        if sent:
+            to, cc = by_field["to"], by_field["cc"]
+            msg = build.message(envelope, sent, to, cc, rendered, meta, send_at)
+        else:
+            msg = build.carrier(envelope, [], meta)
+        msg.suppressed = [_stopped(a.email, stopped) for a in everyone if a.email in stopped]
         _settle(msg, rcpts, limits)
         if msg.queue_id:
             msgs.append(msg)
     return msgs, outcomes
+
+
+def _stopped(email: str, stopped: dict[str, Entry]) -> tuple[str, str, str, str]:
+    """A suppressed recipient as the message records it (NewMessage.suppressed)."""
+    entry = stopped[email]
+    return (email, entry.scope, entry.reason, entry.bounce_class)
 
 
 def _settle(msg: NewMessage, outcomes: list[Outcome], limits: Limits) -> None:
@@ -230,6 +252,25 @@ class _Builder:
             head=head,
             meta=meta,
             send_at=send_at,
+        )
+
+    def carrier(
+        self, envelope: str, suppressed: list[tuple[str, str, str, str]], meta: str
+    ) -> NewMessage:
+        """A message with no text and no one to send to: what carries the `suppressed` events
+        of recipients whose message was not made."""
+        account = self.cred.account
+        return NewMessage(
+            new_queue_id(),
+            envelope,
+            [],
+            b"",
+            self.client,
+            "",
+            account,
+            False,
+            meta=meta,
+            suppressed=suppressed,
         )
 
     def _mime(

@@ -154,3 +154,17 @@ class WebhookRotate(msgspec.Struct, forbid_unknown_fields=True):
 
 class WebhookEnable(msgspec.Struct, forbid_unknown_fields=True):
     from_now: bool = False
+
+
+# -- the suppression list (the same checks as relayctl suppression, in ingress.suppression) --
+
+
+class SuppressionIn(msgspec.Struct, forbid_unknown_fields=True):
+    email: str
+    scope: str | None = None  # default: the key's own (key:NAME)
+    reason: str = "manual"
+    detail: str = ""
+
+
+class SuppressionAdd(msgspec.Struct, forbid_unknown_fields=True):
+    suppressions: list[SuppressionIn]

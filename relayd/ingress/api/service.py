@@ -6,6 +6,7 @@ the queue process has committed it, as with SMTP's 250."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
@@ -22,20 +23,23 @@ import msgspec
 from relayd.config import Webhooks
 from relayd.events.log import log
 from relayd.events.records import Type
+from relayd.ingress import suppression as suppressions
 from relayd.ingress.api import openapi
 from relayd.ingress.api.compose import Invalid, Limits, Outcome, compose
 from relayd.ingress.api.schema import (
     KumoInject,
     Send,
+    SuppressionAdd,
     WebhookAdd,
     WebhookEnable,
     WebhookRotate,
     from_kumo,
 )
 from relayd.ingress.credentials import Credential, Directory
+from relayd.ingress.suppression import Lookup
 from relayd.model.message import Answer, Guard, NewMessage
 from relayd.receipts import endpoints
-from relayd.spool import admin, schema
+from relayd.spool import admin, schema, suppression
 from relayd.spool import api as queries
 from relayd.spool.space import FreeSpace, is_full
 
@@ -44,6 +48,8 @@ PROBLEM = "application/problem+json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _MESSAGE = re.compile(r"^/v1/messages/([0-9A-Fa-f]{1,32})$")
 _WEBHOOK = re.compile(r"^/v1/webhooks/(\d{1,18})(?:/(rotate|enable|disable))?$")
+_SUPPRESSION = re.compile(r"^/v1/suppressions/([^/]{1,254})$")
+MAX_SUPPRESSIONS = 10_000  # entries one POST may add
 _EVENT_TYPES = {t.value for t in Type}
 MAX_PAGE = 1000
 
@@ -120,6 +126,7 @@ class Api:
         self.settings, self.directory, self.store, self.space = settings, directory, store, space
         self.clock = clock
         self.reader = _Reader(spool)
+        self.suppressions = Lookup(spool, clock)  # asked in the compose thread
         self.compose_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-compose")
         self.document = json.dumps(openapi.document()).encode()
 
@@ -129,6 +136,7 @@ class Api:
     def close(self) -> None:
         self.compose_pool.shutdown()
         self.reader.close()
+        self.suppressions.close()
 
     async def handle(self, req: Request) -> Reply:
         try:
@@ -159,6 +167,8 @@ class Api:
             return await self._events(req)
         if path == "/v1/webhooks" or _WEBHOOK.match(path):
             return await self._webhooks(req, self._key(req, "webhooks"))
+        if path == "/v1/suppressions" or _SUPPRESSION.match(path):
+            return await self._suppressions(req, self._key(req, "suppressions"))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
@@ -229,12 +239,19 @@ class Api:
         loop = asyncio.get_running_loop()
         try:
             msgs, outcomes = await loop.run_in_executor(
-                self.compose_pool, compose, send, cred, req.client, limits, now
+                self.compose_pool,
+                compose,
+                send,
+                cred,
+                req.client,
+                limits,
+                now,
+                self.suppressions.find,
             )
         except Invalid as exc:
             title = "Forbidden" if exc.status == 403 else "Invalid request"
             raise Refused(exc.status, title, exc.problem, exc.field) from None
-        headers = self._rate(cred, len(msgs))
+        headers = self._rate(cred, sum(bool(m.recipients) for m in msgs))
         answer = _answer(outcomes, kumo)
         if not msgs:
             raise Refused(
@@ -366,6 +383,93 @@ class Api:
             raise Refused(404, "Not found", f"no webhook endpoint {ref}") from None
         return Reply(200, json.dumps(found).encode())
 
+    # -- the suppression list -------------------------------------------------------------
+
+    async def _suppressions(self, req: Request, cred: Credential) -> Reply:
+        """The list as ``relayctl suppression`` manages it. A key manages its own scope
+        (key:NAME) and its sender domains' (domain:D); global entries need the admin scope.
+        It sees those and the global ones."""
+        now, admin_key = self.clock(), "admin" in cred.scopes
+        mine = [cred.account, *(f"domain:{d}" for d in cred.senders if "@" not in d)]
+        m = _SUPPRESSION.match(req.path)
+        if m is None and req.method == "GET":
+            q = req.query
+            limit = _int_param(q, "limit", 100, 1, MAX_PAGE)
+            scopes = None if admin_key else [suppression.GLOBAL, *mine]
+            if "scope" in q:
+                scope = _scope(q["scope"], "scope")
+                if scopes is not None and scope not in scopes:
+                    raise Refused(403, "Forbidden", f"key {cred.name} may not see {scope}", "scope")
+                scopes = [scope]
+            found = await self.reader.run(
+                suppression.listing,
+                now,
+                scopes,
+                q.get("reason"),
+                q.get("email"),
+                _page_after(q.get("after")),
+                limit,
+            )
+            page = [e.as_json() for e in found]
+            after = _page_cursor(found[-1]) if len(found) == limit else None
+            return Reply(200, json.dumps({"suppressions": page, "next": after}).encode())
+        if m is None:
+            _allow(req.method, "POST")
+            add = _decode(req.body, SuppressionAdd)
+            if not 1 <= len(add.suppressions) <= MAX_SUPPRESSIONS:
+                problem = f"from 1 to {MAX_SUPPRESSIONS} entries"
+                raise Refused(422, "Invalid request", problem, "suppressions")
+            entries = []
+            for i, item in enumerate(add.suppressions):
+                where = f"suppressions[{i}]"
+                try:
+                    e = suppressions.entry(
+                        item.email, item.scope or cred.account, item.reason, now, item.detail
+                    )
+                except suppressions.Invalid as exc:
+                    field = "email" if exc.field == "address" else exc.field
+                    raise Refused(422, "Invalid request", exc.problem, f"{where}.{field}") from None
+                self._may_manage(cred, e.scope, mine, f"{where}.scope")
+                entries.append(e)
+            added = await self.reader.write(suppression.add, entries)
+            log.info("suppressions_added", key=cred.name, count=len(entries))
+            return Reply(201, json.dumps({"added": added}).encode())
+        _allow(req.method, "DELETE")
+        address = m.group(1)  # the server gives the path decoded
+        scope = _scope(req.query.get("scope") or cred.account, "scope")
+        self._may_manage(cred, scope, mine, "scope")
+        if not await self.reader.write(suppression.remove, address, scope):
+            raise Refused(404, "Not found", f"{address} is not suppressed in {scope}")
+        log.info("suppression_removed", key=cred.name, rcpt=address, scope=scope)
+        return Reply(200, json.dumps({"removed": 1, "email": address, "scope": scope}).encode())
+
+    @staticmethod
+    def _may_manage(cred: Credential, scope: str, mine: list[str], field: str) -> None:
+        if "admin" not in cred.scopes and scope not in mine:
+            raise Refused(403, "Forbidden", f"key {cred.name} may not change {scope}", field)
+
+
+def _scope(text: str, field: str) -> str:
+    try:
+        return suppressions.parse_scope(text)
+    except suppressions.Invalid as exc:
+        raise Refused(422, "Invalid request", exc.problem, field) from None
+
+
+def _page_cursor(entry: suppression.Entry) -> str:
+    """Where the next page starts: after this entry (opaque to the client)."""
+    return base64.urlsafe_b64encode(f"{entry.address}\n{entry.scope}".encode()).decode()
+
+
+def _page_after(cursor: str | None) -> tuple[str, str] | None:
+    if cursor is None:
+        return None
+    try:
+        address, _, scope = base64.urlsafe_b64decode(cursor).decode().partition("\n")
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(422, "Invalid request", "not a cursor this API gave", "after") from None
+    return address, scope
+
 
 class _Reader:
     """Spool reads on a thread of their own with a read-only connection, opened on first use:
@@ -436,6 +540,7 @@ def _answer(outcomes: list[Outcome], kumo: bool) -> dict[str, Any]:
         "results": [o.as_json() for o in outcomes],
         "queued": sum(o.status == "queued" for o in outcomes),
         "rejected": sum(o.status == "rejected" for o in outcomes),
+        "suppressed": sum(o.status == "suppressed" for o in outcomes),
     }
 
 
@@ -477,7 +582,12 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-_FINAL = {"delivered": "delivered", "bounced": "bounced", "expired": "bounced"}
+_FINAL = {
+    "delivered": "delivered",
+    "bounced": "bounced",
+    "expired": "bounced",
+    "suppressed": "suppressed",
+}
 _ATTEMPTS = ("delivered", "deferred", "bounced", "expired")
 
 
@@ -501,7 +611,8 @@ def _status_document(found: dict[str, Any]) -> dict[str, Any]:
         doc.update(sender=sender, received_at=_iso(received_at), size=size, origin=origin)
         if meta:
             doc["meta"] = json.loads(meta)
-    for rcpt in spooled:
+    stopped = [e["rcpt"] for e in events if e["type"] == "suppressed"]
+    for rcpt in [*spooled, *stopped]:
         if rcpt not in rcpts:
             rcpts.append(rcpt)
     attempts = [
