@@ -19,6 +19,7 @@
                                                                      >= 5 x Postfix (SMTP, -d)
  13b API latency, single-message calls at 200/s: p50 <= 10 ms, p99 <= 50 ms
  13c webhooks keep up with delivery: backlog drained within 5 s of the last delivery
+ 14b end-to-end msgs/s, row 2's load, with 1,000,000 suppressed addresses >= 0.95 x without
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -46,6 +47,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -595,12 +597,22 @@ class Suite:
         return key
 
     def relayd_rep(
-        self, label: str, size: int, dkim_key: Path | None, n: int | None = None
+        self,
+        label: str,
+        size: int,
+        dkim_key: Path | None,
+        n: int | None = None,
+        spool_from: Path | None = None,
     ) -> dict:
+        """One rep of the SMTP load through relayd to smtp-sink; ``spool_from``: a spool to
+        start on (copied), instead of an empty one."""
         a = self.args
         n = n or a.n
         self.peer("sink-up")
         spool = self.tmp / f"relayd-{label}" / "spool" / "relayd.sqlite"
+        if spool_from is not None:
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(spool_from, spool)
         rd = self.relayd(f"relayd-{label}", a.relayd_port, a.sink_port, spool, dkim_key)
         try:
             rd.start()
@@ -705,6 +717,61 @@ class Suite:
         )
         hwm = [f"{r['hwm_kb'] / MB:.1f}" for r in res["r"]]
         self.notes.append("relayd VmHWM (MB, both processes) in the 100 KB reps: " + ", ".join(hwm))
+
+    # -- phase: suppression (row 14b) --------------------------------------------------------
+
+    def phase_suppression(self) -> None:
+        """Row 2's load (1 KB, to smtp-sink) through a relayd whose suppression list holds
+        --suppressed addresses (the load's recipient not among them: each RCPT is a full
+        lookup) and through one with an empty list, interleaved rep by rep."""
+        a = self.args
+        listed = self.suppressed_spool(a.suppressed)
+        res = self.interleaved(
+            "suppression",
+            lambda rep: self.relayd_rep(f"listed-{rep}", 1024, None, spool_from=listed),
+            lambda rep: self.relayd_rep(f"empty-{rep}", 1024, None),
+        )
+        rv, ev = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
+        q = ratio(med(rv), med(ev))
+        loads = " · ".join("/".join(f"{r['load1']:.1f}" for r in res[k]) for k in "rp")
+        self.rows["14b"] = Row(
+            "14b",
+            f"end-to-end msgs/s, 1 KB (row 2's load), {a.suppressed:,} suppressed addresses;"
+            " Postfix column: the same relayd with none",
+            fmt_rate(rv),
+            fmt_rate(ev),
+            f"{q:.2f}" if q else "–",
+            "≥ 0.95 × without (cost ≤ 5 %)",
+            q is not None and q >= 0.95,
+            loads,
+        )
+        listed.unlink()
+
+    def suppressed_spool(self, n: int) -> Path:
+        """A spool relayd created, with ``n`` suppression entries: addresses at the load's
+        recipient domain (y.test) and others, global and per sender domain."""
+        base, _ = self.base_spool()
+        path = self.tmp / "suppressed.sqlite"
+        shutil.copyfile(base, path)
+        now = time.time()
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.executemany(
+                "INSERT INTO suppressions (address, scope, reason, class, created, expires)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        f"user{i}@{'y.test' if i % 2 else f'd{i % 1000}.test'}",
+                        "*" if i % 3 else "domain:x.test",
+                        "bounce" if i % 3 else "unsubscribe",
+                        "invalid_recipient" if i % 3 else "",
+                        now,
+                        now + 30 * 86400 if i % 3 else None,
+                    )
+                    for i in range(n)
+                ),
+            )
+        log(f"suppression list of {n:,} in {path} ({path.stat().st_size / 1e6:.0f} MB)")
+        return path
 
     # -- phase: api (rows 13a, 13b) ----------------------------------------------------------
 
@@ -1527,7 +1594,7 @@ class Suite:
             "13b",
             "13c",
         ]
-        for k in order:
+        for k in [*order, *(k for k in self.rows if k not in order)]:  # then newer rows
             r = self.rows.get(k)
             if r:
                 out.append(
@@ -1860,9 +1927,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,body,spool,restart,fault,memory,api",
+        default="rates,body,spool,restart,fault,memory,api,suppression",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12), api (13a-c)",
+        "fault (10), memory (11, 12), api (13a-c), suppression (14b)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1891,6 +1958,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-port", type=int, default=2570, help="rows 13a, 13b: the API listener")
     p.add_argument("--drain-n", type=int, help="row 13c: messages (full 20000, quick 2000)")
     p.add_argument(
+        "--suppressed", type=int, help="row 14b: suppressed addresses (full 1000000, quick 100000)"
+    )
+    p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
     p.add_argument(
@@ -1915,9 +1985,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.api_n = a.api_n or (10_000 if q else 100_000)
     a.api_seconds = a.api_seconds or (5.0 if q else 20.0)
     a.drain_n = a.drain_n or (2000 if q else 20000)
+    a.suppressed = a.suppressed or (100_000 if q else 1_000_000)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory", "api"}
+    known = {"rates", "body", "spool", "restart", "fault", "memory", "api", "suppression"}
+    bad = set(a.phases) - known
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
     return a
