@@ -124,6 +124,7 @@ def test_a_version_3_spool_gains_streams_and_the_suppression_list_keeping_its_ma
         ]
         assert db.execute("SELECT count(*) FROM suppressions").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM listings").fetchone() == (0,)
+        assert len(schema.secret(db, "tokens")) == 32
 
 
 def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp_path: Path):

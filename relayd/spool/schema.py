@@ -120,6 +120,8 @@ CREATE TABLE webhooks (
 # and when it lapses (NULL: never; bounce entries lapse, complaints and unsubscribes do not).
 # The blacklist watch: one row per listing of a source IP on a DNS blacklist zone, from the
 # first answer that lists it to the first that does not (delisted_at NULL: still listed).
+# The spool's secrets, made with it: "tokens" signs return paths and unsubscribe links, so a
+# restored backup still knows the links it sent.
 _V4 = """
 ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
 CREATE TABLE suppressions (
@@ -145,6 +147,12 @@ CREATE TABLE listings (
     delisted_at REAL
 );
 CREATE INDEX listings_ip ON listings(ip, listed_at);
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+INSERT INTO secrets VALUES ('tokens', randomblob(32), (julianday('now') - 2440587.5) * 86400);
 """
 
 
@@ -209,6 +217,14 @@ def prepare(path: Path, full_check_max: int = FULL_CHECK_MAX) -> None:
     finally:
         conn.close()
     protect(path)
+
+
+def secret(conn: sqlite3.Connection, name: str) -> bytes:
+    """One of the spool's secrets (see _V4)."""
+    row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise SpoolDamaged(f"the spool has no {name!r} secret: restore a backup")
+    return bytes(row[0])
 
 
 def needs_background_check(path: Path, full_check_max: int = FULL_CHECK_MAX) -> bool:

@@ -1,0 +1,1 @@
+"""What comes back after delivery: asynchronous bounces, complaints and unsubscribes."""
