@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from relayd.events.log import emit, log
 from relayd.queue.scheduler import Scheduler, keep_running
-from relayd.spool import api, store
+from relayd.spool import api, store, suppression
 from relayd.spool.writer import Writer
 
 POLL = 0.5  # seconds between looks at the outbox for relayctl's actions
@@ -74,8 +74,9 @@ class Control:
 
     async def prune(self) -> None:
         """Events older than the retention go, a bounded batch per transaction; so do the
-        API's idempotency records older than a day."""
+        API's idempotency records older than a day and lapsed suppression entries."""
         await self.writer.submit(functools.partial(api.prune_idempotency, now=self.clock()))
+        await self.writer.submit(functools.partial(suppression.prune, now=self.clock()))
         before = self.clock() - self.retention
         pruned = 0
         while True:
