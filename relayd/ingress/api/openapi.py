@@ -14,6 +14,7 @@ import msgspec
 from relayd.ingress.api.schema import (
     KumoInject,
     Send,
+    SuppressionAdd,
     WebhookAdd,
     WebhookEnable,
     WebhookRotate,
@@ -60,8 +61,8 @@ def _problems(*codes: int) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    (send, kumo, hook, rotate, enable), components = msgspec.json.schema_components(
-        [Send, KumoInject, WebhookAdd, WebhookRotate, WebhookEnable],
+    (send, kumo, hook, rotate, enable, suppress), components = msgspec.json.schema_components(
+        [Send, KumoInject, WebhookAdd, WebhookRotate, WebhookEnable, SuppressionAdd],
         ref_template="#/components/schemas/{name}",
     )
     ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
@@ -113,6 +114,7 @@ def document() -> dict[str, Any]:
                                             },
                                             "queued": {"type": "integer"},
                                             "rejected": {"type": "integer"},
+                                            "suppressed": {"type": "integer"},
                                         },
                                     }
                                 }
@@ -200,6 +202,53 @@ def document() -> dict[str, Any]:
             "/v1/webhooks/{id}/disable": {
                 "parameters": ident,
                 "post": {"summary": "Stop posting", "responses": {"200": endpoint}},
+            },
+            "/v1/suppressions": {
+                "get": {
+                    "summary": "Suppressed addresses in force (scope suppressions): a key sees"
+                    " the global entries, its own (key:NAME) and its sender domains'",
+                    "parameters": [
+                        {"name": n, "in": "query", "schema": s}
+                        for n, s in (
+                            ("scope", {"type": "string", "description": "global, domain:D, key:N"}),
+                            ("reason", {"enum": ["bounce", "complaint", "unsubscribe", "manual"]}),
+                            ("email", {"type": "string"}),
+                            ("after", {"type": "string", "description": "`next` of a page"}),
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        )
+                    ],
+                    "responses": {
+                        "200": {"description": "suppressions: a page; next: cursor or null"},
+                        **_problems(401, 403, 422),
+                    },
+                },
+                "post": {
+                    "summary": "Suppress addresses (scope default: the key's own); global"
+                    " entries need the admin scope",
+                    "requestBody": json_body(suppress),
+                    "responses": {
+                        "201": {"description": "added: how many entries were new or renewed"},
+                        **_problems(400, 401, 403, 422),
+                    },
+                },
+            },
+            "/v1/suppressions/{email}": {
+                "delete": {
+                    "summary": "Mail an address again, in one scope (default: the key's own)",
+                    "parameters": [
+                        {
+                            "name": "email",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {"name": "scope", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "removed"},
+                        **_problems(401, 403, 404, 422),
+                    },
+                }
             },
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
