@@ -13,6 +13,7 @@ import timeit
 from pathlib import Path
 
 import pytest
+from support.receiver import Receiver
 from support.util import mx_zone, send
 
 from relayd.config import (
@@ -395,11 +396,21 @@ def test_a_rule_matches_only_when_all_its_patterns_do(tmp_path):
     )
     mine = Classifier(load(path).bounces)
     assert mine.classify(452, "4.2.0 FULL") == "quota"  # case-insensitive text
-    assert mine.classify(552, "5.2.0 full") == "uncategorized"  # code differs
+    assert mine.classify(552, "4.2.0 full") == "uncategorized"  # code differs
     assert mine.classify(452, "4.3.0 full") == "transient"  # enhanced differs: fallback 4.3
     assert mine.classify(452, "4.2.0 mailbox full") == "quota"  # the shipped rule
     assert mine.classify(550, "5.7.1 anything at all") == "virus"  # no text pattern: any text
     assert mine.classify(550, "anything at all") == "uncategorized"  # no enhanced code
+
+
+def test_the_first_matching_rule_wins_even_when_a_later_one_matches_earlier_text(tmp_path):
+    path = _config(
+        tmp_path,
+        "[[rules]]\nclass = 'quota'\ntext = 'volume'\n"
+        "[[rules]]\nclass = 'policy'\ntext = 'TSS04'\n",
+    )
+    mine = Classifier(load(path).bounces)
+    assert mine.classify(*wire(YAHOO_TSS04)) == "quota"
 
 
 def test_the_shipped_file_is_the_default(tmp_path):
@@ -477,6 +488,9 @@ def test_events_carry_the_class_and_a_sighup_reload_changes_it(relay, dns_server
     local = r.workdir / "local_classes.toml"
     local.write_text("# nothing of ours yet\n")
     r.start()
+    receiver = Receiver().start()
+    hook = json.loads(r.ctl("--json", "webhook", "add", receiver.url, "--events", "bounced").stdout)
+    receiver.secrets.append(hook["secret"])
     send(r.port, ["gone@example.test", "later@example.test"])
     bounced = r.wait_event("bounced", rcpt="gone@example.test")[0]
     assert (bounced["code"], bounced["class"]) == (550, "invalid_recipient")
@@ -486,6 +500,12 @@ def test_events_carry_the_class_and_a_sighup_reload_changes_it(relay, dns_server
     # the same in the event log, which GET /v1/events, relayctl and webhooks read
     stored = [e["class"] for e in _stored(r.spool, "bounced") if e["rcpt"] == "gone@example.test"]
     assert stored == ["invalid_recipient"]
+    posted = receiver.wait(receiver.events, 15, "the bounce's webhook")
+    receiver.stop()
+    assert (posted[0]["data"]["rcpt"], posted[0]["data"]["class"]) == (
+        "gone@example.test",
+        "invalid_recipient",
+    )
 
     local.write_text("[[rules]]\nclass = 'rate_limited'\ntext = 'unexpected volume'\n")
     r.signal(signal.SIGHUP)
