@@ -313,8 +313,8 @@ class BounceRule:
 
 @dataclass(frozen=True)
 class Bounces:
-    """[bounces]: the rules files, compiled (the local file's rules first: first match wins),
-    and the classes whose bounces mean the address should not be mailed again."""
+    """[bounces]: the rules of its files, checked (the local file's first: the first match
+    wins), and the classes whose bounces mean the address should not be mailed again."""
 
     classes_file: Path
     local_classes_file: Path | None
