@@ -185,3 +185,17 @@ def test_the_default_config_path_is_the_bundled_example():
 
     assert Path(__file__).resolve().parent.parent / "conf" / "relayd.toml" == DEFAULT_PATH
     load(DEFAULT_PATH)  # and it is valid
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("classes_file = 'nowhere.toml'", "bounces.classes_file", "cannot read file"),
+        ("local_classes_file = 'nowhere.toml'", "bounces.local_classes_file", "cannot read file"),
+        ("suppress_classes = ['quota', 'bounced']", "bounces.suppress_classes[1]", "unknown class"),
+        ("suppress_classes = 'quota'", "bounces.suppress_classes", "must be a list"),
+        ("suppres_classes = []", "bounces.suppres_classes", "unknown key"),
+    ],
+)
+def test_bounces_keys_are_checked(tmp_path, text, key, problem):
+    assert problem in _refused(tmp_path, f"[bounces]\n{text}\n", key)

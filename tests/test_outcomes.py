@@ -7,18 +7,29 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+from pathlib import Path
 
 import pytest
 
-from relayd.config import Retry
+from relayd.config import HARD_CLASSES, BounceRule, Bounces, Retry
 from relayd.events.records import Event, Type
 from relayd.model.message import Job, NewMessage, Notify, Recipient, Report, State
 from relayd.model.status import Reply, status_of
 from relayd.outcomes import commit, decide
+from relayd.outcomes.classify import Classifier
 from relayd.queue.intake import store_message
 
 NOW = 1_800_000_000.0
 RETRY = Retry(first=300, multiplier=2, max_interval=3600, jitter=0, max_age=86400, delay_warning=0)
+# one rule of the operator's, and the fallback by enhanced code for the rest
+CLASSES = Classifier(
+    Bounces(
+        Path(),
+        None,
+        (BounceRule("reputation", "421", None, r"\[TSS\d\d\]"),),
+        frozenset(HARD_CLASSES),
+    )
+)
 
 
 def job(received_at: float = NOW - 60, attempts: int = 0, rcpts: int = 1) -> Job:
@@ -54,7 +65,7 @@ def test_each_recipient_gets_its_own_decision_and_event():
         (3, Reply(550, "5.1.1 no")),
     ]
     results, events = decide.decide(
-        j, replies, "mx[127.0.0.10]", "127.0.0.1", NOW, RETRY, random.Random(1)
+        j, replies, "mx[127.0.0.10]", "127.0.0.1", NOW, RETRY, CLASSES, random.Random(1)
     )
     assert [r.state for r in results] == [State.DELIVERED, State.DEFERRED, State.BOUNCED]
     assert [e.type for e in events] == [Type.DELIVERY, Type.TRANSIENT_FAILURE, Type.BOUNCE]
@@ -71,10 +82,46 @@ def test_each_recipient_gets_its_own_decision_and_event():
     assert all(e.at == NOW and e.queue_id == "QID" for e in events)
 
 
+def test_failed_attempts_events_carry_their_class_and_deliveries_none():
+    j = job(rcpts=4)
+    replies = [
+        (1, Reply(250, "2.0.0 ok")),
+        (2, Reply(421, "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred")),
+        (3, Reply(550, "5.1.1 The email account that you tried to reach does not exist.")),
+        (4, Reply(554, "transaction failed")),
+    ]
+    clock = NOW + 12.5  # the injected time: the events' and the next attempt's
+    results, events = decide.decide(j, replies, "mx", "", clock, RETRY, CLASSES, random.Random())
+    assert [e.type for e in events] == [
+        Type.DELIVERY,
+        Type.TRANSIENT_FAILURE,
+        Type.BOUNCE,
+        Type.BOUNCE,
+    ]
+    assert [e.data.get("class") for e in events] == [
+        None,
+        "reputation",  # the rule
+        "invalid_recipient",  # 5.1.1
+        "uncategorized",  # no rule, no enhanced code
+    ]
+    assert all(e.at == clock for e in events) and results[1].next_attempt == clock + 300
+    assert CLASSES.is_hard(events[2].data["class"]) and not CLASSES.is_hard("reputation")
+
+
+def test_an_expiry_is_of_class_expired_whatever_the_last_reply():
+    old = job(received_at=NOW - RETRY.max_age, attempts=5)
+    reply = Reply(421, "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred")
+    _, events = decide.decide(old, [(1, reply)], "mx", "", NOW, RETRY, CLASSES, random.Random())
+    assert (events[0].type, events[0].data["class"]) == (Type.EXPIRATION, "expired")
+    young = job(received_at=NOW - RETRY.max_age + 1, attempts=5)
+    _, events = decide.decide(young, [(1, reply)], "mx", "", NOW, RETRY, CLASSES, random.Random())
+    assert (events[0].type, events[0].data["class"]) == (Type.TRANSIENT_FAILURE, "reputation")
+
+
 def test_a_deferral_past_the_lifetime_expires_as_a_447_bounce():
     old = job(received_at=NOW - RETRY.max_age, attempts=5)
     results, events = decide.decide(
-        old, [(1, Reply(451, "4.3.0 later"))], "mx", "", NOW, RETRY, random.Random()
+        old, [(1, Reply(451, "4.3.0 later"))], "mx", "", NOW, RETRY, CLASSES, random.Random()
     )
     assert results[0].state is State.BOUNCED
     assert (
@@ -87,7 +134,7 @@ def test_a_deferral_past_the_lifetime_expires_as_a_447_bounce():
 def test_the_next_attempt_is_never_after_the_expiry():
     young = job(received_at=NOW - RETRY.max_age + 10, attempts=3)
     results, _ = decide.decide(
-        young, [(1, Reply(451, "later"))], "mx", "", NOW, RETRY, random.Random()
+        young, [(1, Reply(451, "later"))], "mx", "", NOW, RETRY, CLASSES, random.Random()
     )
     assert results[0].state is State.DEFERRED
     assert results[0].next_attempt == NOW + 10
@@ -166,11 +213,13 @@ def test_events_carry_envid_orcpt_and_metadata_only_when_given():
     j.envid, j.meta = "QQ314159", '{"order": "123"}'
     j.recipients[0].orcpt = "rfc822;Bob@Example.test"
     replies = [(1, Reply(250, "2.0.0 ok")), (2, Reply(451, "4.3.0 later"))]
-    _, events = decide.decide(j, replies, "mx", "", NOW, RETRY, random.Random(1))
+    _, events = decide.decide(j, replies, "mx", "", NOW, RETRY, CLASSES, random.Random(1))
     assert events[0].data["envid"] == "QQ314159" and events[1].data["envid"] == "QQ314159"
     assert events[0].data["orcpt"] == "rfc822;Bob@Example.test" and "orcpt" not in events[1].data
     assert events[0].data["meta"] == {"order": "123"}
-    _, plain = decide.decide(job(), [(1, Reply(250, "ok"))], "mx", "", NOW, RETRY, random.Random())
+    _, plain = decide.decide(
+        job(), [(1, Reply(250, "ok"))], "mx", "", NOW, RETRY, CLASSES, random.Random()
+    )
     assert not {"envid", "orcpt", "meta"} & set(plain[0].data)
 
 
@@ -225,7 +274,7 @@ def run_attempt(conn: sqlite3.Connection, msg: NewMessage, replies: list[Reply],
         for i, r, n, o in zip(msg.ids, msg.recipients, notify, orcpt, strict=True)
     ]
     results, events = decide.decide(
-        j, list(zip(msg.ids, replies, strict=True)), "mx", "", NOW, RETRY, random.Random()
+        j, list(zip(msg.ids, replies, strict=True)), "mx", "", NOW, RETRY, CLASSES, random.Random()
     )
     op = commit.attempt(msg.msg_id, results, events, NOW, 0, door)
     conn.execute("BEGIN IMMEDIATE")

@@ -17,6 +17,7 @@ from relayd.delivery.dns import Resolver
 from relayd.mime.dkim import Signer
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
+from relayd.outcomes.classify import Classifier
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler, Settings
 from relayd.spool import schema
@@ -58,7 +59,13 @@ def run_queue(
     schema.prepare(spool)
     clock = Clock()
     settings = Settings(
-        "relay.test", config.delivery, config.routes, config.shaping, config.retry, {}
+        "relay.test",
+        config.delivery,
+        config.routes,
+        config.shaping,
+        config.retry,
+        {},
+        Classifier(config.bounces),
     )
 
     async def main() -> None:

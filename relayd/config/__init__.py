@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import re2
+
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "conf" / "relayd.toml"  # the bundled example
 
@@ -279,6 +281,58 @@ class Suppression:
 
 SUPPRESSION_SCOPES = ("global", "sender_domain", "key")
 
+# Bounce classes (KumoMTA's set, in snake_case): what a failed attempt's reply means for the
+# sender. conf/bounce_classes.toml documents each; rules name one, suppress_classes lists some.
+BOUNCE_CLASSES = (
+    "invalid_recipient",
+    "bad_domain",
+    "inactive_mailbox",
+    "invalid_sender",
+    "quota",
+    "too_large",
+    "spam_content",
+    "virus",
+    "reputation",
+    "rate_limited",
+    "auth",
+    "policy",
+    "protocol",
+    "routing",
+    "dns_failure",
+    "connection",
+    "transient",
+    "expired",
+    "uncategorized",
+)
+HARD_CLASSES = ("invalid_recipient", "bad_domain", "inactive_mailbox")  # suppressed by default
+DEFAULT_BOUNCE_CLASSES = DEFAULT_PATH.parent / "bounce_classes.toml"  # the shipped rules
+_RE2_CHECK = re2.Options()
+_RE2_CHECK.log_errors = False  # the error is the ConfigError's, not a line on stderr
+
+
+@dataclass(frozen=True)
+class BounceRule:
+    """One rule of a bounce classes file: a reply that all its patterns match is of ``cls``.
+    ``code`` and ``enhanced`` must match the whole reply code and enhanced status code; ``text``
+    is searched for in the reply text, case-insensitively. The patterns are RE2 regular
+    expressions (the syntax of KumoMTA's rules), checked here and compiled by the classifier."""
+
+    cls: str
+    code: str | None
+    enhanced: str | None
+    text: str | None
+
+
+@dataclass(frozen=True)
+class Bounces:
+    """[bounces]: the rules of its files, checked (the local file's first: the first match
+    wins), and the classes whose bounces mean the address should not be mailed again."""
+
+    classes_file: Path
+    local_classes_file: Path | None
+    rules: tuple[BounceRule, ...]
+    suppress_classes: frozenset[str]
+
 
 WEBHOOK_TIMEOUT_MAX = 300.0  # seconds: an endpoint's timeout, from the config or relayctl
 WEBHOOK_BATCH_MAX = 10_000  # events in one POST (webhooks.max_batch)
@@ -309,6 +363,7 @@ class Config:
     api: Api
     webhooks: Webhooks
     suppression: Suppression
+    bounces: Bounces
 
 
 class _Section:
@@ -508,15 +563,18 @@ def _shaping(section: _Section, base: Shaping | None, pools: dict[str, Any]) -> 
 def load(path: str | Path) -> Config:
     """Read and validate ``path``; raises ConfigError."""
     path = Path(path)
+    return _build(path, _read_toml(path))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, "", "not UTF-8 text") from None
-    return _build(path, raw)
 
 
 def _build(path: Path, raw: dict[str, Any]) -> Config:
@@ -739,6 +797,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         bounce_scope=_choice(sup_sec, "bounce_scope", "global", SUPPRESSION_SCOPES),
     )
     sup_sec.finish()
+    bounces = _bounces(top.table("bounces"))
     top.finish()
 
     return Config(
@@ -781,6 +840,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         api=api,
         webhooks=webhooks,
         suppression=suppression,
+        bounces=bounces,
     )
 
 
@@ -824,3 +884,55 @@ def _webhooks(sec: _Section) -> Webhooks:
         raise ConfigError(sec.path, sec.key("retry_max_interval"), "must be at least retry_first")
     sec.finish()
     return hooks
+
+
+def _bounces(sec: _Section) -> Bounces:
+    shipped = _file(sec, "classes_file") or DEFAULT_BOUNCE_CLASSES
+    local = _file(sec, "local_classes_file")
+    suppress = []
+    for i, name in enumerate(sec.get("suppress_classes", list(HARD_CLASSES), list)):
+        if name not in BOUNCE_CLASSES:
+            raise ConfigError(sec.path, f"{sec.key('suppress_classes')}[{i}]", _unknown(name))
+        suppress.append(name)
+    sec.finish()
+    rules = (*(_bounce_rules(local) if local else ()), *_bounce_rules(shipped))
+    return Bounces(shipped, local, rules, frozenset(suppress))
+
+
+def _bounce_rules(path: Path) -> list[BounceRule]:
+    """The rules of one bounce classes file, in order; a mistake names the file and the rule."""
+    top = _Section(path, "", _read_toml(path))
+    rules = []
+    for i, item in enumerate(top.get("rules", [], list)):
+        sec = _Section(path, f"rules[{i}]", item)
+        cls = sec.get("class", "", str)
+        if cls not in BOUNCE_CLASSES:
+            raise ConfigError(path, sec.key("class"), _unknown(cls))
+        patterns = _pattern(sec, "code"), _pattern(sec, "enhanced"), _pattern(sec, "text")
+        sec.finish()
+        if all(p is None for p in patterns):
+            raise ConfigError(path, sec.prefix, "needs at least one of code, enhanced and text")
+        rules.append(BounceRule(cls, *patterns))
+    top.finish()
+    return rules
+
+
+def _unknown(name: object) -> str:
+    return f"unknown class {name!r}, not one of {', '.join(BOUNCE_CLASSES)}"
+
+
+def _pattern(sec: _Section, name: str) -> str | None:
+    """A rule's regular expression (``code`` may be a number), None when not given."""
+    if name not in sec.data:
+        return None
+    raw = sec.get(name, "", (str, int) if name == "code" else str)
+    if isinstance(raw, int):
+        if not 400 <= raw <= 599:
+            raise ConfigError(sec.path, sec.key(name), f"must be from 400 to 599, got {raw}")
+        raw = str(raw)
+    try:
+        re2.compile(raw, _RE2_CHECK)
+    except re2.error as exc:
+        problem = exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc)
+        raise ConfigError(sec.path, sec.key(name), f"not a regular expression: {problem}") from None
+    return raw

@@ -19,6 +19,7 @@ from relayd.model.message import (
     State,
 )
 from relayd.model.status import Reply
+from relayd.outcomes.classify import Classifier
 
 _EVENT = {
     State.DELIVERED: Type.DELIVERY,
@@ -45,10 +46,12 @@ def decide(
     source_ip: str,
     now: float,
     retry: Retry,
+    classifier: Classifier,
     rng: random.Random,
 ) -> tuple[list[Result], list[Event]]:
     """Each recipient's new state (a deferral past the message's lifetime expires it as a
-    bounce, 4.4.7) and the event that reports it."""
+    bounce, 4.4.7) and the event that reports it, with the reply's class when it failed (an
+    expiry's is ``expired``)."""
     by_id = {r.id: r for r in job.recipients}
     results, events = [], []
     receipt = receipt_keys(job.envid, job.meta)
@@ -56,9 +59,10 @@ def decide(
     for rid, reply in replies:
         r = by_id[rid]
         state, text, next_attempt, kind = reply.state, reply.text, 0.0, _EVENT[reply.state]
+        cls = "" if state is State.DELIVERED else classifier.classify(reply.code, text)
         if state is State.DEFERRED:
             if now >= expires:
-                state, kind = State.BOUNCED, Type.EXPIRATION
+                state, kind, cls = State.BOUNCED, Type.EXPIRATION, "expired"
                 text = f"4.4.7 message expired after {retry.max_age:.0f}s; last reply: {text}"
             else:
                 next_attempt = min(now + retry_delay(r.attempts + 1, retry, rng), expires)
@@ -74,6 +78,8 @@ def decide(
             "attempt": r.attempts + 1,
             "delay_s": round(now - job.received_at, 3),
         }
+        if cls:
+            data["class"] = cls
         if next_attempt:
             data["next_attempt_in_s"] = round(next_attempt - now, 1)
         if r.orcpt is not None:

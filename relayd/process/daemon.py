@@ -48,6 +48,7 @@ from relayd.ingress.suppression import Lookup
 from relayd.mime.dkim import Signer
 from relayd.model import ids
 from relayd.model.message import NewMessage
+from relayd.outcomes.classify import Classifier
 from relayd.process.handoff import IngressLink, SpoolLink
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
@@ -142,6 +143,7 @@ def _queue_settings(config: configuration.Config) -> Settings:
         config.shaping,
         config.retry,
         config.pools,
+        Classifier(config.bounces),
     )
 
 

@@ -37,6 +37,7 @@ from relayd.model.address import domain_of
 from relayd.model.message import Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
 from relayd.outcomes import commit, decide
+from relayd.outcomes.classify import Classifier
 from relayd.shaping import Gcra, Rotation, Throttle, ThrottleFactory
 from relayd.spool import schema, store
 from relayd.spool.writer import Writer
@@ -62,6 +63,7 @@ class Settings:
     shaping: ShapingRules
     retry: Retry
     pools: Pools
+    classifier: Classifier  # [bounces]: the class of each failed attempt's reply
 
 
 async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) -> None:
@@ -493,7 +495,7 @@ class Scheduler:
             job.body = None
         now = self.clock()
         results, events = decide.decide(
-            job, replies, mx, source_ip, now, self.config.retry, self.rng
+            job, replies, mx, source_ip, now, self.config.retry, self.config.classifier, self.rng
         )
         self.active -= 1
         self.active_retries -= job.is_retry
