@@ -4,6 +4,7 @@ reply classification (model.status), and the one transaction that commits them
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import HARD_CLASSES, BounceRule, Bounces, Retry
+from relayd.config import HARD_CLASSES, BounceRule, Bounces, Retry, Suppression
 from relayd.events.records import Event, Type
 from relayd.model.message import Job, NewMessage, Notify, Recipient, Report, State
 from relayd.model.status import Reply, status_of
 from relayd.outcomes import commit, decide
 from relayd.outcomes.classify import Classifier
 from relayd.queue.intake import store_message
+from relayd.spool import suppression
 
 NOW = 1_800_000_000.0
 RETRY = Retry(first=300, multiplier=2, max_interval=3600, jitter=0, max_age=86400, delay_warning=0)
@@ -264,7 +266,16 @@ def dsn_door(conn: sqlite3.Connection, report: Report, now: float) -> list[Event
     return store_message(conn, msg)
 
 
-def run_attempt(conn: sqlite3.Connection, msg: NewMessage, replies: list[Reply], door=dsn_door):
+GLOBAL_30D = Suppression("refuse", 30 * 86400, "global")
+
+
+def run_attempt(
+    conn: sqlite3.Connection,
+    msg: NewMessage,
+    replies: list[Reply],
+    door=dsn_door,
+    policy: Suppression = GLOBAL_30D,
+):
     j = Job(msg.msg_id, msg.queue_id, msg.sender, "example.test", msg.received_at, False, b"", [])
     j.envid, j.meta = msg.envid, msg.meta
     notify = msg.notify or [0] * len(msg.ids)
@@ -276,7 +287,8 @@ def run_attempt(conn: sqlite3.Connection, msg: NewMessage, replies: list[Reply],
     results, events = decide.decide(
         j, list(zip(msg.ids, replies, strict=True)), "mx", "", NOW, RETRY, CLASSES, random.Random()
     )
-    op = commit.attempt(msg.msg_id, results, events, NOW, 0, door)
+    suppress = functools.partial(decide.hard_bounces, events, CLASSES, policy, now=NOW)
+    op = commit.attempt(msg.msg_id, results, events, NOW, 0, door, suppress)
     conn.execute("BEGIN IMMEDIATE")
     try:
         done = op(conn)
@@ -391,3 +403,28 @@ def test_a_bounce_carries_ret_and_orcpt_into_its_report(spool_conn):
     assert [(r.kind, r.ret, r.orcpt, r.envid) for r in reports] == [
         ("failed", "FULL", ["rfc822;g@x.test"], None)
     ]
+
+
+def test_a_hard_bounce_suppresses_its_address_in_the_attempts_transaction(spool_conn):
+    msg = stored(spool_conn, ["gone@example.test", "full@example.test"])
+    run_attempt(
+        spool_conn, msg, [Reply(550, "5.1.1 no such user"), Reply(552, "5.2.2 mailbox full")]
+    )
+    (entry,) = suppression.every(spool_conn, NOW)  # quota is not a hard class
+    assert (entry.address, entry.scope, entry.reason) == ("gone@example.test", "*", "bounce")
+    assert entry.bounce_class == "invalid_recipient" and entry.expires == NOW + 30 * 86400
+    assert entry.detail == "550 5.1.1 no such user" and entry.queue_id == msg.queue_id
+
+
+def test_a_hard_bounce_is_scoped_as_configured_and_a_zero_ttl_adds_nothing(spool_conn):
+    for rcpt, policy in (
+        ("a@example.test", Suppression("refuse", 60, "sender_domain")),
+        ("b@example.test", Suppression("refuse", 60, "key")),
+        ("c@example.test", Suppression("refuse", 0, "global")),
+    ):
+        msg = stored(spool_conn, [rcpt], sender="")  # no DSN: one message at a time
+        msg.sender = "app@sender.test"  # as the events say it
+        run_attempt(spool_conn, msg, [Reply(550, "5.1.1 no such user")], policy=policy)
+    scopes = {e.address: e.scope for e in suppression.every(spool_conn, NOW)}
+    # "key": the message came from a trusted network (no key), so the entry is global
+    assert scopes == {"a@example.test": "domain:sender.test", "b@example.test": "*"}

@@ -66,6 +66,7 @@ def run_queue(
         config.retry,
         {},
         Classifier(config.bounces),
+        config.suppression,
     )
 
     async def main() -> None:

@@ -3,6 +3,7 @@ HTTP, managed with relayctl (a real process) and the API (real HTTP)."""
 
 from __future__ import annotations
 
+import json
 import smtplib
 import sqlite3
 from email.message import EmailMessage
@@ -226,3 +227,26 @@ def test_relayctl_exports_and_imports_the_list_and_names_a_bad_line(relay, tmp_p
     assert "d@x.test" not in r.ctl("suppression", "list").stdout  # nothing of it was added
     result = r.ctl("suppression", "remove", "zz@x.test", check=False)
     assert result.returncode == 1 and "not listed" in result.stderr
+
+
+def test_a_hard_bounce_suppresses_the_address_for_the_next_message(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "dest.test", (10, "mx.dest.test", "127.0.0.10"))
+    gmail = (
+        "550-5.1.1 The email account that you tried to reach does not exist. Please try\n"
+        "550 5.1.1 double-checking the recipient's email address for typos. - gsmtp"
+    )
+    fake_mx(rcpt_replies={"gone@dest.test": gmail, "full@dest.test": "452 4.2.2 over quota"})
+    r = relay()
+    send(r.port, ["gone@dest.test", "full@dest.test"], sender="app@shop.test")
+    r.wait_event("bounced", rcpt="gone@dest.test")
+    r.wait_event("deferred", rcpt="full@dest.test")
+    replies, _ = _smtp(r.port, "app@other.test", ["gone@dest.test", "full@dest.test"])
+    code, text = replies["gone@dest.test"]
+    assert code == 550 and b"suppressed (bounce invalid_recipient since" in text
+    assert replies["full@dest.test"][0] == 250  # a deferral suppresses nothing
+    (entry,) = [e for e in _listed(r) if e["address"] == "gone@dest.test"]
+    assert entry["scope"] == "*" and entry["expires"] - entry["created"] == 30 * 86400
+
+
+def _listed(r: Any) -> list[dict[str, Any]]:
+    return json.loads(r.ctl("suppression", "list", "--json").stdout)["suppressions"]

@@ -19,7 +19,8 @@ from relayd.model.message import (
     State,
 )
 from relayd.outcomes.decide import owed
-from relayd.spool import store
+from relayd.spool import store, suppression
+from relayd.spool.suppression import Entry
 
 # Intake's door for a DSN inside a transaction: stores the report's message, returns its
 # events (the reception).
@@ -41,13 +42,19 @@ def attempt(
     now: float,
     delay_warning: float,
     dsn: DsnDoor,
+    suppress: Callable[[Callable[[], str]], list[Entry]],
 ) -> Callable[[sqlite3.Connection], Committed]:
     """The writer operation for one attempt of message ``msg_id``. Its events are kept even
-    when an operator's delete or hold won over the results: the remote server did answer."""
+    when an operator's delete or hold won over the results: the remote server did answer.
+    ``suppress`` gives the suppression entries its hard bounces make (decide.hard_bounces),
+    asking for the message's origin only when it needs it."""
 
     def op(conn: sqlite3.Connection) -> Committed:
         done = Committed(list(events))
         store.append_events(conn, events)
+        entries = suppress(lambda: store.origin_of(conn, msg_id))
+        if entries:
+            suppression.add(conn, entries)
         if store.apply_results(conn, msg_id, results, now) != "gone":
             settle(conn, msg_id, now, delay_warning, dsn, done)
         return done

@@ -4,11 +4,12 @@ are given: testable without sockets, a spool or a clock."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from relayd.config import Retry
+from relayd.config import Retry, Suppression
 from relayd.events.records import Event, Type, receipt_keys
+from relayd.model.address import domain_of
 from relayd.model.message import (
     REPORTED_DELAYED,
     REPORTED_DELIVERED,
@@ -20,6 +21,8 @@ from relayd.model.message import (
 )
 from relayd.model.status import Reply
 from relayd.outcomes.classify import Classifier
+from relayd.spool import suppression
+from relayd.spool.suppression import Entry
 
 _EVENT = {
     State.DELIVERED: Type.DELIVERY,
@@ -135,3 +138,38 @@ def owed(
         ):
             out.delivered.append(i)
     return out
+
+
+def hard_bounces(
+    events: Sequence[Event],
+    classifier: Classifier,
+    policy: Suppression,
+    origin: Callable[[], str],
+    now: float,
+) -> list[Entry]:
+    """The suppression entries an attempt's hard bounces make (``bounces.suppress_classes``;
+    none when ``suppression.bounce_ttl`` is 0), scoped as ``suppression.bounce_scope`` says.
+    ``origin`` gives the message's "key:NAME"/"auth:NAME" when the scope needs it; mail from a
+    trusted network has none, and its entries are global."""
+    hard = [e for e in events if e.type == Type.BOUNCE and classifier.is_hard(e.data["class"])]
+    if not hard or not policy.bounce_ttl:
+        return []
+    scope = suppression.GLOBAL
+    if policy.bounce_scope == "sender_domain":
+        domain = domain_of(hard[0].data["sender"])
+        scope = f"domain:{domain}" if domain else suppression.GLOBAL
+    elif policy.bounce_scope == "key" and origin().startswith(("key:", "auth:")):
+        scope = origin()
+    return [
+        Entry(
+            e.data["rcpt"],
+            scope,
+            "bounce",
+            now,
+            now + policy.bounce_ttl,
+            e.data["class"],
+            f"{e.data['code']} {e.data['response']}"[:1000],
+            e.queue_id,
+        )
+        for e in hard
+    ]

@@ -144,6 +144,7 @@ def _queue_settings(config: configuration.Config) -> Settings:
         config.retry,
         config.pools,
         Classifier(config.bounces),
+        config.suppression,
     )
 
 

@@ -29,7 +29,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd.config import Delivery, Pools, Retry, Routes, Shaping, ShapingRules, Source
+from relayd.config import (
+    Delivery,
+    Pools,
+    Retry,
+    Routes,
+    Shaping,
+    ShapingRules,
+    Source,
+    Suppression,
+)
 from relayd.delivery.client import ConnectFailure, Connection
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
@@ -64,6 +73,7 @@ class Settings:
     retry: Retry
     pools: Pools
     classifier: Classifier  # [bounces]: the class of each failed attempt's reply
+    suppression: Suppression  # what a hard bounce adds to the suppression list
 
 
 async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) -> None:
@@ -507,8 +517,12 @@ class Scheduler:
         self, job: Job, results: list[Result], events: list, now: float, tries: int
     ) -> None:
         assert self.dsn is not None
+        config = self.config
+        suppress = functools.partial(
+            decide.hard_bounces, events, config.classifier, config.suppression, now=now
+        )
         op = commit.attempt(
-            job.msg_id, results, events, now, self.config.retry.delay_warning, self.dsn
+            job.msg_id, results, events, now, config.retry.delay_warning, self.dsn, suppress
         )
         fut = self.writer.submit(op)
         fut.add_done_callback(functools.partial(self._committed, job, results, events, now, tries))

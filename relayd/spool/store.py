@@ -219,6 +219,12 @@ def original(conn: sqlite3.Connection, msg_id: int) -> Original | None:
     return None if row is None else Original(*row)
 
 
+def origin_of(conn: sqlite3.Connection, msg_id: int) -> str:
+    """Who vouched for a message (NewMessage.origin); "" once it has left the spool."""
+    row = conn.execute("SELECT origin FROM messages WHERE id = ?", (msg_id,)).fetchone()
+    return row[0] if row else ""
+
+
 def body_of(conn: sqlite3.Connection, msg_id: int) -> bytes:
     return conn.execute("SELECT body FROM messages WHERE id = ?", (msg_id,)).fetchone()[0]
 
