@@ -246,6 +246,37 @@ def test_report_only_keeps_a_listed_source_in_use(tmp_path, dns_server):
     run_watch(tmp_path, dns_server, body, on_listing="report")
 
 
+def test_a_reload_to_remove_applies_the_known_listings_at_once(tmp_path, dns_server):
+    list_address(dns_server, "127.0.0.2")
+
+    async def body(watch: Watch, clock: Clock, db: sqlite3.Connection) -> None:
+        await watch.step()
+        assert watch.usable("p", "127.0.0.2")  # report
+        dns_server.queries.clear()
+        watch.reload(Reputation(True, (ZONE,), 3600.0, "remove"), POOL)
+        assert not watch.usable("p", "127.0.0.2") and dns_server.queries == []
+        watch.reload(Reputation(False, (ZONE,), 3600.0, "remove"), POOL)
+        assert watch.usable("p", "127.0.0.2")  # the watch off: nothing left out
+
+    run_watch(tmp_path, dns_server, body, on_listing="report")
+
+
+def test_listings_of_an_earlier_run_apply_before_the_first_round(tmp_path, dns_server):
+    list_address(dns_server, "127.0.0.2")
+
+    async def first(watch: Watch, clock: Clock, db: sqlite3.Connection) -> None:
+        await watch.step()
+
+    async def restarted(watch: Watch, clock: Clock, db: sqlite3.Connection) -> None:
+        await watch.load()
+        assert not watch.usable("p", "127.0.0.2")
+        assert stored_events(db, "blacklisted")[0]["source_ip"] == "127.0.0.2"
+
+    run_watch(tmp_path, dns_server, first)
+    dns_server.set_timeout(query_name("127.0.0.2", ZONE))  # no answer could have told it
+    run_watch(tmp_path, dns_server, restarted)
+
+
 def test_a_relayctl_request_checks_the_named_address_before_its_round(tmp_path, dns_server):
     async def body(watch: Watch, clock: Clock, db: sqlite3.Connection) -> None:
         await watch.step()

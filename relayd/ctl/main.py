@@ -601,7 +601,9 @@ def _sources(conn: sqlite3.Connection, cfg: configuration.Config) -> tuple[Row, 
     each zone, and the pools that leave it out (decided as the daemon does, from the same
     spool and config)."""
     rep, seen = cfg.reputation, listings.checks(conn)
-    listed = {ip for (ip, zone), r in seen.items() if r["listed_at"] and zone in rep.zones}
+    listed = {
+        ip for (ip, zone), r in seen.items() if r["listed_at"] is not None and zone in rep.zones
+    }
     left_out, full = ({}, {})
     if rep.active and rep.on_listing == "remove":
         left_out, full = exclusions(cfg.pools, listed)

@@ -204,6 +204,7 @@ class QueueProcess:
         self.intake = Intake(
             self.writer, self.scheduler, self.signer, server.hostname, _space(server), self.clock
         )
+        await self.reputation.load()  # before the first connection picks a source
         self.scheduler.start(self.intake.dsn)
         self.control = Control(
             self.writer,

@@ -65,11 +65,15 @@ class Watch:
             await asyncio.wait_for(self._wake.wait(), delay)
         self._wake.clear()
 
+    async def load(self) -> None:
+        """The listings an earlier run found: they apply before the first round."""
+        self.listed = await self.writer.submit(listings.listed)
+        self._apply()
+
     async def step(self) -> Recorded | None:
         """The round that is due or asked for, if one is; what it recorded."""
-        if self.listed is None:  # at start: listings found by an earlier run apply at once
-            self.listed = await self.writer.submit(listings.listed)
-            self._apply()
+        if self.listed is None:
+            await self.load()
         if not self.settings.active:
             return None
         sources = addresses(self.pools)
