@@ -73,6 +73,9 @@ _HUGE_DIGITS = "9" * 400  # float() of it is inf
         ("webhooks", "rotation_overlap", "-1", "0 or more"),
         ("webhooks", "max_batch", "10001", "from 1 to 10000"),
         ("webhooks", "max_concurrency", "0", "from 1 to 256"),
+        ("reputation", "interval", '"30s"', "from 1m to 7d, got 30s"),
+        ("reputation", "interval", '"8d"', "from 1m to 7d, got 8d"),
+        ("reputation", "interval", "nan", "duration"),
     ],
 )
 def test_numbers_out_of_range_are_refused(tmp_path, table, name, value, problem):
@@ -199,3 +202,40 @@ def test_the_default_config_path_is_the_bundled_example():
 )
 def test_bounces_keys_are_checked(tmp_path, text, key, problem):
     assert problem in _refused(tmp_path, f"[bounces]\n{text}\n", key)
+
+
+def test_the_blacklist_watch_defaults_to_reporting_on_three_zones(tmp_path):
+    rep = load(_write(tmp_path, "")).reputation
+    assert rep.zones == ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
+    assert (rep.enabled, rep.active, rep.interval, rep.on_listing) == (True, True, 3600, "report")
+    text = '[reputation]\nzones = ["BL.Example.test."]\ninterval = "1m"\non_listing = "remove"\n'
+    rep = load(_write(tmp_path, text)).reputation
+    assert (rep.zones, rep.interval, rep.on_listing) == (("bl.example.test",), 60, "remove")
+    assert not load(_write(tmp_path, "[reputation]\nzones = []\n")).reputation.active
+    assert not load(_write(tmp_path, "[reputation]\nenabled = false\n")).reputation.active
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('on_listing = "drop"', "reputation.on_listing", "must be 'report' or 'remove'"),
+        ("enabled = 1", "reputation.enabled", "must be a bool"),
+        ('zones = "zen.spamhaus.org"', "reputation.zones", "must be a list"),
+        ('zones = ["zen spamhaus org"]', "reputation.zones[0]", "not a DNS zone"),
+        ("zones = [3]", "reputation.zones[0]", "not a DNS zone"),
+        ('zones = ["localhost"]', "reputation.zones[0]", "not a DNS zone"),
+        ('zones = ["a.test", "A.test."]', "reputation.zones[1]", "'a.test' is listed twice"),
+        ('zone = ["a.test"]', "reputation.zone", "unknown key"),
+    ],
+)
+def test_blacklist_watch_mistakes_are_refused(tmp_path, line, key, problem):
+    assert problem in _refused(tmp_path, f"[reputation]\n{line}\n", key)
+
+
+def test_the_example_config_documents_every_reputation_key_at_its_default(tmp_path):
+    config = load(ROOT / "conf" / "relayd.toml")
+    assert config.reputation == load(_write(tmp_path, "")).reputation
+    text = (ROOT / "conf" / "relayd.toml").read_text()
+    section = text.split("[reputation]", 1)[1]
+    for name in config.reputation.__dataclass_fields__:
+        assert f"\n{name} = " in section, name

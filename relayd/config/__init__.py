@@ -343,6 +343,24 @@ Pools = dict[str, tuple[Source, ...]]
 
 
 @dataclass(frozen=True)
+class Reputation:
+    """[reputation]: the pools' source addresses watched on DNS blacklists."""
+
+    enabled: bool
+    zones: tuple[str, ...]  # DNSBL zones, lower case, no trailing dot
+    interval: float  # seconds between two rounds of lookups
+    on_listing: str  # "report": an event only; "remove": also out of its pools until delisted
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.zones)
+
+
+REPUTATION_ZONES = ("zen.spamhaus.org", "bl.spamcop.net", "b.barracudacentral.org")
+REPUTATION_ACTIONS = ("report", "remove")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -364,6 +382,7 @@ class Config:
     webhooks: Webhooks
     suppression: Suppression
     bounces: Bounces
+    reputation: Reputation
 
 
 class _Section:
@@ -798,6 +817,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     )
     sup_sec.finish()
     bounces = _bounces(top.table("bounces"))
+    reputation = _reputation(top.table("reputation"))
     top.finish()
 
     return Config(
@@ -841,6 +861,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         webhooks=webhooks,
         suppression=suppression,
         bounces=bounces,
+        reputation=reputation,
     )
 
 
@@ -936,3 +957,28 @@ def _pattern(sec: _Section, name: str) -> str | None:
         problem = exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc)
         raise ConfigError(sec.path, sec.key(name), f"not a regular expression: {problem}") from None
     return raw
+
+
+def _reputation(sec: _Section) -> Reputation:
+    zones: list[str] = []
+    for i, raw in enumerate(sec.get("zones", list(REPUTATION_ZONES), list)):
+        key = f"{sec.key('zones')}[{i}]"
+        zone = raw.lower().rstrip(".") if isinstance(raw, str) else ""
+        if not _HOSTNAME.match(zone) or "." not in zone:
+            raise ConfigError(sec.path, key, f"not a DNS zone like 'zen.spamhaus.org': {raw!r}")
+        if zone in zones:
+            raise ConfigError(sec.path, key, f"{zone!r} is listed twice")
+        zones.append(zone)
+    interval = sec.duration("interval", "1h")
+    if not 60 <= interval <= 7 * 86400:
+        raise ConfigError(
+            sec.path, sec.key("interval"), f"must be from 1m to 7d, got {_human(interval)}"
+        )
+    on_listing = sec.get("on_listing", "report", str)
+    if on_listing not in REPUTATION_ACTIONS:
+        raise ConfigError(
+            sec.path, sec.key("on_listing"), f"must be 'report' or 'remove', got {on_listing!r}"
+        )
+    reputation = Reputation(sec.get("enabled", True, bool), tuple(zones), interval, on_listing)
+    sec.finish()
+    return reputation

@@ -40,7 +40,8 @@ from relayd.ingress.smtp import valid_address
 from relayd.mime import dkim
 from relayd.model.message import UNFINISHED, State
 from relayd.receipts import endpoints
-from relayd.spool import admin, suppression
+from relayd.reputation.pools import addresses, exclusions
+from relayd.spool import admin, listings, suppression
 from relayd.spool.suppression import REASONS
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
@@ -577,6 +578,191 @@ def render_suppressions(result: Row) -> str:
     return ""  # export: the CSV went out; nothing to add to it
 
 
+# -- source addresses on DNS blacklists -----------------------------------------------------
+
+WATCH_OFF = "reputation.enabled = false or reputation.zones = []"
+
+
+def _zone_state(row: Row | None) -> Row:
+    """One zone's last answer about an address: listed, clean or unknown (never answered)."""
+    if row is None:
+        return {"status": "unknown", "checked_at": None}
+    state: Row = {"status": row["status"] or "unknown", "checked_at": _iso(row["checked_at"])}
+    if row["listed_at"] is not None:
+        state |= {"answer": row["answer"], "reason": row["reason"]}
+        state["listed_since"] = _iso(row["listed_at"])
+    if row["errors"]:  # query errors since the last answer: they change no status
+        state |= {"errors": row["errors"], "error": row["error"]}
+    return state
+
+
+def _sources(conn: sqlite3.Connection, cfg: configuration.Config) -> tuple[Row, list[Row]]:
+    """The watch as configured, and each source address of the pools: its pools, its state on
+    each zone, and the pools that leave it out (decided as the daemon does, from the same
+    spool and config)."""
+    rep, seen = cfg.reputation, listings.checks(conn)
+    listed = {
+        ip for (ip, zone), r in seen.items() if r["listed_at"] is not None and zone in rep.zones
+    }
+    left_out, full = ({}, {})
+    if rep.active and rep.on_listing == "remove":
+        left_out, full = exclusions(cfg.pools, listed)
+    rows = []
+    for ip, pools in addresses(cfg.pools).items():
+        zones = {zone: _zone_state(seen.get((ip, zone))) for zone in rep.zones}
+        statuses = {z["status"] for z in zones.values()}
+        status = "listed" if "listed" in statuses else "clean" if statuses == {"clean"} else ""
+        checked = [seen[(ip, z)]["checked_at"] for z in rep.zones if (ip, z) in seen]
+        rows.append(
+            {
+                "ip": ip,
+                "pools": pools,
+                "status": status or "unknown",
+                "last_checked": _iso(max(checked)) if checked else None,
+                "left_out_of": [p for p in pools if ip in left_out.get(p, ())],
+                "kept_listed_in": [p for p in pools if p in full],
+                "zones": zones,
+            }
+        )
+    watch = {"enabled": rep.active, "zones": list(rep.zones), "interval_s": rep.interval}
+    return watch | {"on_listing": rep.on_listing}, rows
+
+
+def _ip(text: str, command: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise CtlError(f"ip {command}: {text!r} is not an IP address") from None
+
+
+def ip_list(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    watch, rows = _sources(conn, args.cfg)
+    return {"watch": watch, "ips": rows}
+
+
+def ip_show(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """An address's state now and every listing recorded for it."""
+    ip = _ip(args.ip, "show")
+    watch, rows = _sources(conn, args.cfg)
+    row = next((r for r in rows if _ip(r["ip"], "show") == ip), None)
+    history = listings.history(conn, row["ip"] if row else ip)
+    if row is None and not history:
+        raise CtlError(
+            f"ip show: {ip} is no source address of a pool in {args.cfg.path} and no listing"
+            " of it is recorded"
+        )
+    row = row or {"ip": ip, "pools": [], "status": "not watched", "zones": {}}
+    episodes = [
+        {
+            "zone": h["zone"],
+            "answer": h["answer"],
+            "reason": h["reason"],
+            "listed_at": _iso(h["listed_at"]),
+            "last_confirmed": _iso(h["checked_at"]),
+            "delisted_at": _iso(h["delisted_at"]) if h["delisted_at"] else None,
+            "listed_s": round((h["delisted_at"] or h["checked_at"]) - h["listed_at"], 1),
+        }
+        for h in history
+    ]
+    return {"watch": watch, **row, "listings": episodes}
+
+
+def ip_check(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """Ask the running daemon for a round of lookups now (it reads the request within a
+    second; a stopped relayd checks every address when it starts)."""
+    cfg = args.cfg
+    if not cfg.reputation.active:
+        raise CtlError(f"ip check: the blacklist watch is off in {cfg.path} ({WATCH_OFF})")
+    known = {_ip(a, "check"): a for a in addresses(cfg.pools)}
+    if not known:
+        raise CtlError(f"ip check: the pools of {cfg.path} have no source addresses to check")
+    wanted = [_ip(a, "check") for a in args.ips]
+    unknown = [a for a in wanted if a not in known]
+    if unknown:
+        raise CtlError(f"ip check: {unknown[0]} is no source address of a pool in {cfg.path}")
+    ips = list(dict.fromkeys(known[a] for a in wanted))
+    listings.request_check(conn, ips, time.time())
+    return {"action": listings.CHECK, "ips": ips or list(known.values())}
+
+
+def _zone_detail(zone: Row) -> str:
+    parts = []
+    if zone["status"] == "listed":
+        parts.append(zone["answer"] + (f" {zone['reason']!r}" if zone["reason"] else ""))
+    if zone.get("errors"):
+        parts.append(f"{zone['errors']} query error(s) since its last answer: {zone['error']}")
+    return "; ".join(parts)
+
+
+def _zone_rows(row: Row) -> list[list[Any]]:
+    effect = [f"left out of {p}" for p in row.get("left_out_of", [])]
+    effect += [f"kept in {p}: every source of it is listed" for p in row.get("kept_listed_in", [])]
+    out = []
+    for name, zone in row["zones"].items():
+        detail = [_zone_detail(zone)] + (effect if zone["status"] == "listed" else [])
+        out.append(
+            [
+                row["ip"],
+                ",".join(row["pools"]) or "-",
+                name,
+                zone["status"],
+                zone.get("listed_since") or "-",
+                zone["checked_at"] or "-",
+                "; ".join(d for d in detail if d),
+            ]
+        )
+    return out
+
+
+def _watch_line(watch: Row) -> str:
+    if not watch["enabled"]:
+        return f"blacklist watch: off ({WATCH_OFF})"
+    every = _age(watch["interval_s"])
+    zones = ", ".join(watch["zones"])
+    return f"blacklist watch: {zones}; every {every}; on_listing = {watch['on_listing']}"
+
+
+_IP_HEAD = ["IP", "POOLS", "ZONE", "STATUS", "LISTED SINCE", "LAST CHECKED", "DETAIL"]
+
+
+def render_ip_list(result: Row) -> str:
+    rows = [r for ip in result["ips"] for r in _zone_rows(ip)]
+    if not result["ips"]:
+        return f"{_watch_line(result['watch'])}\nno source addresses: no pool has one ([pools.*])"
+    return f"{_watch_line(result['watch'])}\n{table(rows, _IP_HEAD)}"
+
+
+def render_ip_show(result: Row) -> str:
+    pools = ",".join(result["pools"]) or "none"
+    lines = [f"{result['ip']}: {result['status']} (pools: {pools})", _watch_line(result["watch"])]
+    if result["zones"]:
+        lines += ["", table(_zone_rows(result), _IP_HEAD)]
+    history = [
+        [
+            h["zone"],
+            h["listed_at"],
+            h["delisted_at"] or "still listed",
+            _age(h["listed_s"]),
+            h["answer"],
+            h["reason"] or "-",
+        ]
+        for h in result["listings"]
+    ]
+    if history:
+        head = ["ZONE", "LISTED", "DELISTED", "FOR", "ANSWER", "REASON"]
+        lines += ["", "listings:", table(history, head)]
+    else:
+        lines += ["", "no listing recorded"]
+    return "\n".join(lines)
+
+
+def render_ip_check(result: Row) -> str:
+    return (
+        f"asked relayd to check {len(result['ips'])} address(es) now: {', '.join(result['ips'])}"
+        "; see relayctl ip list"
+    )
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text.removesuffix("s"))
@@ -753,6 +939,17 @@ def parser() -> argparse.ArgumentParser:
     for action, s in acts.choices.items():
         s.set_defaults(run=suppression_command, render=render_suppressions)
         s.set_defaults(write=action in ("add", "remove", "import"))
+
+    p = sub.add_parser("ip", parents=[common], help="source addresses on DNS blacklists")
+    ips = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    i = ips.add_parser("list", parents=[common], help="each source address: pools, status per zone")
+    i.set_defaults(run=ip_list, render=render_ip_list, write=False)
+    i = ips.add_parser("show", parents=[common], help="an address's status and its listings")
+    i.add_argument("ip", metavar="IP")
+    i.set_defaults(run=ip_show, render=render_ip_show, write=False)
+    i = ips.add_parser("check", parents=[common], help="ask the running relayd to look up now")
+    i.add_argument("ips", nargs="*", metavar="IP", help="source addresses (default: all)")
+    i.set_defaults(run=ip_check, render=render_ip_check, write=True)
 
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")

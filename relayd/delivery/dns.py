@@ -137,6 +137,12 @@ class Resolver:
                     raise
         return found
 
+    async def records(self, name: str, rdtype: int) -> list:
+        """The records of ``name``, as routing gets them: [] for NODATA, LookupFailure for
+        NXDOMAIN (permanent) and for a timeout or SERVFAIL (temporary). For lookups of other
+        kinds through the configured nameservers (the blacklist watch's)."""
+        return await self._query(name, rdtype)
+
     async def _query(self, name: str, rdtype: int) -> list:
         key = (name.lower(), rdtype)
         hit = self._cache.get(key)

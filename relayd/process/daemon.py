@@ -54,6 +54,7 @@ from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler, Settings
 from relayd.receipts.dispatcher import Dispatcher
+from relayd.reputation.watch import Watch
 from relayd.spool import schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
@@ -191,13 +192,32 @@ class QueueProcess:
         self.writer = Writer(server.spool_path, loop)
         self.requeued = await self.writer.submit(store.reset_active)
         resolver = Resolver(config.dns.nameservers, config.dns.timeout)
-        self.scheduler = Scheduler(_queue_settings(config), self.writer, resolver, self.clock)
+        # the blacklist watch: its rounds ask through the configured nameservers, and with
+        # reputation.on_listing = "remove" the scheduler leaves a listed source out
+        self.reputation = Watch(
+            config.reputation, config.pools, self.writer, self._blacklist_resolver, self.clock
+        )
+        self.scheduler = Scheduler(
+            _queue_settings(config),
+            self.writer,
+            resolver,
+            self.clock,
+            usable_source=self.reputation.usable,
+        )
         self.intake = Intake(
             self.writer, self.scheduler, self.signer, server.hostname, _space(server), self.clock
         )
+        await self.reputation.load()  # before the first connection picks a source
         self.scheduler.start(self.intake.dsn)
-        self.control = Control(self.writer, self.scheduler, config.events.retention, self.clock)
+        self.control = Control(
+            self.writer,
+            self.scheduler,
+            config.events.retention,
+            self.clock,
+            requests=self.reputation.request,
+        )
         self.control_task = loop.create_task(self.control.run())
+        self.reputation_task = loop.create_task(self.reputation.run())
         # webhooks read the outbox on a connection and a thread of their own: they never
         # hold the writer nor wait in delivery's way
         self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
@@ -209,6 +229,11 @@ class QueueProcess:
         submit = self.intake.submit
         self.link = IngressLink(submit, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+
+    def _blacklist_resolver(self) -> Resolver:
+        """A resolver for one round of blacklist lookups, on the nameservers of the config in
+        force (a SIGHUP may change them)."""
+        return Resolver(self.config.dns.nameservers, self.config.dns.timeout)
 
     async def _check_spool(self) -> None:
         """The whole check of a spool too large to check before serving, beside the work."""
@@ -261,6 +286,7 @@ class QueueProcess:
         self.control.retention = new.events.retention
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
+        self.reputation.reload(new.reputation, new.pools)
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -292,6 +318,7 @@ class QueueProcess:
         await self._reap()
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
         self.control_task.cancel()
+        self.reputation_task.cancel()
         await self.webhooks.stop()
         self.intake.close()
         self.writer.close()

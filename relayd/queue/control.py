@@ -10,6 +10,7 @@ import functools
 from collections.abc import Callable
 
 from relayd.events.log import emit, log
+from relayd.events.records import Event
 from relayd.queue.scheduler import Scheduler, keep_running
 from relayd.spool import api, store, suppression
 from relayd.spool.writer import Writer
@@ -25,6 +26,7 @@ class Control:
         scheduler: Scheduler,
         retention: float,
         clock: Callable[[], float],
+        requests: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.writer, self.scheduler, self.retention, self.clock = (
             writer,
@@ -32,6 +34,7 @@ class Control:
             retention,
             clock,
         )
+        self.requests = requests  # also given the operator events (relayctl ip check)
         self.cursor: int | None = None  # the last operator event applied
         self.next_prune = 0.0
 
@@ -58,6 +61,8 @@ class Control:
                     )
             if any(e.data.get("action") == "delete" for e in events):
                 await self.settle()
+            if self.requests is not None:
+                self.requests(events)
             self.cursor = events[-1].id
             emit(events)
             self.scheduler.poke()

@@ -59,6 +59,14 @@ STREAM = 256 * 1024  # a text larger than this is streamed from the spool, not r
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
 
 Connect = Callable[..., Awaitable[Connection]]
+# Whether a pool's source address may take new connections now (the blacklist watch keeps a
+# listed one out, see relayd.reputation): (pool, address) -> bool.
+SourceFilter = Callable[[str, str], bool]
+
+
+def every_source(pool: str, address: str) -> bool:
+    """The filter when nothing keeps a source out of its pool."""
+    return True
 
 
 @dataclass(frozen=True)
@@ -163,8 +171,10 @@ class Scheduler:
         connect: Connect = Connection.open,
         monotonic: Callable[[], float] = time.monotonic,
         throttle: ThrottleFactory = Gcra,
+        usable_source: SourceFilter = every_source,
     ) -> None:
         self.config = config
+        self.usable_source = usable_source
         self.writer = writer
         self.resolver = resolver
         self.clock = clock  # wall time: what is due, lifetimes, what the spool records
@@ -350,8 +360,12 @@ class Scheduler:
         rotation = self.rotations.get(shaping.pool)
         if rotation is None:
             return None
+        usable = self.usable_source
         picked = rotation.pick(
-            lambda s: site.per_source[s.address] < shaping.max_connections_per_source
+            lambda s: (
+                site.per_source[s.address] < shaping.max_connections_per_source
+                and usable(shaping.pool, s.address)
+            )
         )
         return picked if picked is not None else False
 

@@ -119,7 +119,9 @@ CREATE TABLE webhooks (
 # 'manual', the bounce class and the reply or report that caused it, the message it came from,
 # and when it lapses (NULL: never; bounce entries lapse, complaints and unsubscribes do not).
 # The blacklist watch: one row per listing of a source IP on a DNS blacklist zone, from the
-# first answer that lists it to the first that does not (delisted_at NULL: still listed).
+# first answer that lists it to the first that does not (delisted_at NULL: still listed); and
+# the last look at each (ip, zone): status 'listed' or 'clean' from the last answer ('' before
+# any), when it was answered and last asked, the query errors since that answer and the last.
 # The spool's secrets, made with it: "tokens" signs return paths and unsubscribe links, so a
 # restored backup still knows the links it sent.
 _V4 = """
@@ -153,6 +155,16 @@ CREATE TABLE secrets (
     created REAL NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO secrets VALUES ('tokens', randomblob(32), (julianday('now') - 2440587.5) * 86400);
+CREATE TABLE listing_checks (
+    ip TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT '',
+    answered_at REAL,
+    checked_at REAL NOT NULL,
+    errors INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (ip, zone)
+) WITHOUT ROWID;
 """
 
 
