@@ -149,6 +149,7 @@ def messages_frame(request: int, msgs: list[NewMessage], guard: Guard | None) ->
             m.orcpt,
             m.meta,
             m.send_at,
+            m.stream,
             len(m.head) + len(m.body),
         )
         for m in msgs
@@ -161,7 +162,7 @@ def messages_of(frame: tuple) -> tuple[int, list[NewMessage], Guard | None]:
     _, request, fields, guard, texts = frame
     msgs, pos = [], 0
     for queue_id, sender, rcpts, client, helo, origin, utf8, received, *rest in fields:
-        envid, ret, notify, orcpt, meta, send_at, size = rest
+        envid, ret, notify, orcpt, meta, send_at, stream, size = rest
         # one message: its text as received; more: each its own slice (copied once)
         body = texts if len(fields) == 1 else bytes(memoryview(texts)[pos : pos + size])
         pos += size
@@ -182,6 +183,7 @@ def messages_of(frame: tuple) -> tuple[int, list[NewMessage], Guard | None]:
                 orcpt=orcpt,
                 meta=meta,
                 send_at=send_at,
+                stream=stream,
             )
         )
     return request, msgs, guard

@@ -120,6 +120,8 @@ CREATE TABLE webhooks (
 # and when it lapses (NULL: never; bounce entries lapse, complaints and unsubscribes do not).
 # The blacklist watch: one row per listing of a source IP on a DNS blacklist zone, from the
 # first answer that lists it to the first that does not (delisted_at NULL: still listed).
+# A recipient's ``bulk`` is its message's stream again (1: bulk), in the due indexes, so that
+# the loader takes transactional mail first without reading past a bulk backlog.
 _V4 = """
 ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
 CREATE TABLE suppressions (
@@ -145,6 +147,11 @@ CREATE TABLE listings (
     delisted_at REAL
 );
 CREATE INDEX listings_ip ON listings(ip, listed_at);
+ALTER TABLE recipients ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0;
+DROP INDEX recipients_fresh;
+DROP INDEX recipients_deferred;
+CREATE INDEX recipients_fresh ON recipients(bulk, next_attempt) WHERE state = 0;
+CREATE INDEX recipients_deferred ON recipients(bulk, next_attempt) WHERE state = 1;
 """
 
 
