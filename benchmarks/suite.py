@@ -19,6 +19,8 @@
                                                                      >= 5 x Postfix (SMTP, -d)
  13b API latency, single-message calls at 200/s: p50 <= 10 ms, p99 <= 50 ms
  13c webhooks keep up with delivery: backlog drained within 5 s of the last delivery
+ D13a priority lanes (issue 10): transactional latency (sink arrival - acceptance) while 100,000
+     bulk messages drain to one destination at 500/s: p99 <= 1 s
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -885,6 +887,58 @@ class Suite:
             f" {out['max_lag_events']} events, {out['posts']} POSTs, all verified"
         )
 
+    # -- phase: lanes (issue 10, row D13a) ---------------------------------------------------
+
+    def phase_lanes(self) -> None:
+        """Row D13a: benchmarks/lanes.py (its own relayd and sink.py): a bulk backlog queued
+        through the API drains to one destination at its max_rate while transactional mail
+        arrives; the latency of the transactional mail. Postfix has no lanes: no comparison."""
+        a = self.args
+        la = float(load1())
+        argv = [
+            str(VPY),
+            str(REPO / "benchmarks" / "lanes.py"),
+            *("--bulk", str(a.lanes_bulk), "--rate", str(a.lanes_rate)),
+            *("--tx-rate", str(a.lanes_tx_rate), "--seconds", str(a.lanes_seconds)),
+            *("--max-seconds", str(a.max_seconds)),
+        ]
+        r = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=2 * a.max_seconds + 60,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            self.anomalies.append(f"lanes.py failed: {(r.stderr or r.stdout).strip()[-300:]}")
+            return
+        out = json.loads(lines[-1])
+        if out["tx_missing"] or out["backlog_at_end"] <= 0:
+            self.anomalies.append(f"lanes.py: {out}")
+        p50, p99 = 1000 * out["p50_s"], 1000 * out["p99_s"]
+        self.rows["D13a"] = Row(
+            "D13a",
+            f"priority lanes: transactional mail (API and SMTP, {a.lanes_tx_rate:g}/s for"
+            f" {a.lanes_seconds:g} s) while {a.lanes_bulk:,} bulk messages drain to one"
+            f" destination at its max_rate {a.lanes_rate}/s: sink arrival - acceptance,"
+            " p50 / p99, ms (Postfix has no lanes: no comparison)",
+            f"{p50:.0f} / {p99:.0f}",
+            "–",
+            "–",
+            "p99 ≤ 1000",
+            out["p99_s"] <= 1,
+            f"{la:.2f}",
+        )
+        self.notes.append(
+            f"row D13a: `{' '.join(shlex.quote(x) for x in argv[1:])}`; bulk queued in"
+            f" {out['inject_s']} s ({out['inject_per_s']}/s); backlog {out['backlog_at_start']:,}"
+            f" when the transactional mail started, {out['backlog_at_end']:,} when it ended; bulk"
+            f" at the sink meanwhile {out['bulk_per_s_meanwhile']}/s; {out['tx_sent']}"
+            f" transactional, max {1000 * out['max_s']:.0f} ms, p50 by door {out['p50_by_door_s']}"
+        )
+
     # -- phase: memory (rows 11, 12) ---------------------------------------------------------
 
     def relayctl(self, config: Path, *args: str) -> str:
@@ -1526,6 +1580,7 @@ class Suite:
             "13a",
             "13b",
             "13c",
+            "D13a",
         ]
         for k in order:
             r = self.rows.get(k)
@@ -1860,9 +1915,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,body,spool,restart,fault,memory,api",
+        default="rates,body,spool,restart,fault,memory,api,lanes",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12), api (13a-c)",
+        "fault (10), memory (11, 12), api (13a-c), lanes (D13a)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1891,6 +1946,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-port", type=int, default=2570, help="rows 13a, 13b: the API listener")
     p.add_argument("--drain-n", type=int, help="row 13c: messages (full 20000, quick 2000)")
     p.add_argument(
+        "--lanes-bulk", type=int, help="row D13a: bulk messages (full 100000, quick 10000)"
+    )
+    p.add_argument("--lanes-rate", type=int, default=500, help="row D13a: the site's max_rate/s")
+    p.add_argument(
+        "--lanes-tx-rate", type=float, default=5.0, help="row D13a: transactional mail per second"
+    )
+    p.add_argument(
+        "--lanes-seconds", type=float, help="row D13a: seconds of transactional mail (60, quick 10)"
+    )
+    p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
     p.add_argument(
@@ -1915,9 +1980,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.api_n = a.api_n or (10_000 if q else 100_000)
     a.api_seconds = a.api_seconds or (5.0 if q else 20.0)
     a.drain_n = a.drain_n or (2000 if q else 20000)
+    a.lanes_bulk = a.lanes_bulk or (10_000 if q else 100_000)
+    a.lanes_seconds = a.lanes_seconds or (10.0 if q else 60.0)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    bad = set(a.phases) - {"rates", "body", "spool", "restart", "fault", "memory", "api"}
+    known = {"rates", "body", "spool", "restart", "fault", "memory", "api", "lanes"}
+    bad = set(a.phases) - known
     if bad:
         p.error(f"unknown phases {sorted(bad)}")
     return a
