@@ -490,6 +490,7 @@ def _shaping(rate: str, connections: int, reserved: int) -> dict[str, Any]:
                 "max_rate": rate,
                 "max_connections": connections,
                 "transactional_connections": reserved,
+                "max_messages_per_connection": 1000,  # no reconnects to blur the count
             }
         }
     }
