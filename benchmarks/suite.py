@@ -932,7 +932,8 @@ class Suite:
             f"{la:.2f}",
         )
         self.notes.append(
-            f"row D13a: `{' '.join(shlex.quote(x) for x in argv[1:])}`; bulk queued in"
+            f"row D13a: `benchmarks/lanes.py {' '.join(shlex.quote(x) for x in argv[2:])}`;"
+            f" bulk queued in"
             f" {out['inject_s']} s ({out['inject_per_s']}/s); backlog {out['backlog_at_start']:,}"
             f" when the transactional mail started, {out['backlog_at_end']:,} when it ended; bulk"
             f" at the sink meanwhile {out['bulk_per_s_meanwhile']}/s; {out['tx_sent']}"
