@@ -19,7 +19,9 @@
                                                                      >= 5 x Postfix (SMTP, -d)
  13b API latency, single-message calls at 200/s: p50 <= 10 ms, p99 <= 50 ms
  13c webhooks keep up with delivery: backlog drained within 5 s of the last delivery
- 14b end-to-end msgs/s, row 2's load, with 1,000,000 suppressed addresses >= 0.95 x without
+ D13a priority lanes (issue 10): transactional latency (sink arrival - acceptance) while 100,000
+     bulk messages drain to one destination at 500/s: p99 <= 1 s
+ D13b end-to-end msgs/s, row 2's load, with 1,000,000 suppressed addresses >= 0.95 x without
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -718,7 +720,7 @@ class Suite:
         hwm = [f"{r['hwm_kb'] / MB:.1f}" for r in res["r"]]
         self.notes.append("relayd VmHWM (MB, both processes) in the 100 KB reps: " + ", ".join(hwm))
 
-    # -- phase: suppression (row 14b) --------------------------------------------------------
+    # -- phase: suppression (row D13b) -------------------------------------------------------
 
     def phase_suppression(self) -> None:
         """Row 2's load (1 KB, to smtp-sink) through a relayd whose suppression list holds
@@ -734,8 +736,8 @@ class Suite:
         rv, ev = [r["e2e"] for r in res["r"]], [r["e2e"] for r in res["p"]]
         q = ratio(med(rv), med(ev))
         loads = " · ".join("/".join(f"{r['load1']:.1f}" for r in res[k]) for k in "rp")
-        self.rows["14b"] = Row(
-            "14b",
+        self.rows["D13b"] = Row(
+            "D13b",
             f"end-to-end msgs/s, 1 KB (row 2's load), {a.suppressed:,} suppressed addresses;"
             " Postfix column: the same relayd with none",
             fmt_rate(rv),
@@ -950,6 +952,59 @@ class Suite:
         self.notes.append(
             f"row 13c: {out['msgs_per_s']} msgs/s delivered with the endpoint, largest lag"
             f" {out['max_lag_events']} events, {out['posts']} POSTs, all verified"
+        )
+
+    # -- phase: lanes (issue 10, row D13a) ---------------------------------------------------
+
+    def phase_lanes(self) -> None:
+        """Row D13a: benchmarks/lanes.py (its own relayd and sink.py): a bulk backlog queued
+        through the API drains to one destination at its max_rate while transactional mail
+        arrives; the latency of the transactional mail. Postfix has no lanes: no comparison."""
+        a = self.args
+        la = float(load1())
+        argv = [
+            str(VPY),
+            str(REPO / "benchmarks" / "lanes.py"),
+            *("--bulk", str(a.lanes_bulk), "--rate", str(a.lanes_rate)),
+            *("--tx-rate", str(a.lanes_tx_rate), "--seconds", str(a.lanes_seconds)),
+            *("--max-seconds", str(a.max_seconds)),
+        ]
+        r = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=2 * a.max_seconds + 60,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            self.anomalies.append(f"lanes.py failed: {(r.stderr or r.stdout).strip()[-300:]}")
+            return
+        out = json.loads(lines[-1])
+        if out["tx_missing"] or out["backlog_at_end"] <= 0:
+            self.anomalies.append(f"lanes.py: {out}")
+        p50, p99 = 1000 * out["p50_s"], 1000 * out["p99_s"]
+        self.rows["D13a"] = Row(
+            "D13a",
+            f"priority lanes: transactional mail (API and SMTP, {a.lanes_tx_rate:g}/s for"
+            f" {a.lanes_seconds:g} s) while {a.lanes_bulk:,} bulk messages drain to one"
+            f" destination at its max_rate {a.lanes_rate}/s: sink arrival - acceptance,"
+            " p50 / p99, ms (Postfix has no lanes: no comparison)",
+            f"{p50:.0f} / {p99:.0f}",
+            "–",
+            "–",
+            "p99 ≤ 1000",
+            out["p99_s"] <= 1,
+            f"{la:.2f}",
+        )
+        self.notes.append(
+            f"row D13a: `benchmarks/lanes.py {' '.join(shlex.quote(x) for x in argv[2:])}`;"
+            f" bulk queued in"
+            f" {out['inject_s']} s ({out['inject_per_s']}/s); backlog {out['backlog_at_start']:,}"
+            f" when the transactional mail started, {out['backlog_at_end']:,} when it ended; bulk"
+            f" at the sink meanwhile {out['bulk_per_s_meanwhile']}/s; {out['tx_sent']}"
+            f" transactional, max {1000 * out['max_s']:.0f} ms, p50 by door {out['p50_by_door_s']}"
         )
 
     # -- phase: memory (rows 11, 12) ---------------------------------------------------------
@@ -1593,6 +1648,7 @@ class Suite:
             "13a",
             "13b",
             "13c",
+            "D13a",
         ]
         for k in [*order, *(k for k in self.rows if k not in order)]:  # then newer rows
             r = self.rows.get(k)
@@ -1927,9 +1983,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,body,spool,restart,fault,memory,api,suppression",
+        default="rates,body,spool,restart,fault,memory,api,lanes,suppression",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12), api (13a-c), suppression (14b)",
+        "fault (10), memory (11, 12), api (13a-c), lanes (D13a), suppression (D13b)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -1958,7 +2014,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-port", type=int, default=2570, help="rows 13a, 13b: the API listener")
     p.add_argument("--drain-n", type=int, help="row 13c: messages (full 20000, quick 2000)")
     p.add_argument(
-        "--suppressed", type=int, help="row 14b: suppressed addresses (full 1000000, quick 100000)"
+        "--suppressed", type=int, help="row D13b: suppressed addresses (full 1000000, quick 100000)"
+    )
+    p.add_argument(
+        "--lanes-bulk", type=int, help="row D13a: bulk messages (full 100000, quick 10000)"
+    )
+    p.add_argument("--lanes-rate", type=int, default=500, help="row D13a: the site's max_rate/s")
+    p.add_argument(
+        "--lanes-tx-rate", type=float, default=5.0, help="row D13a: transactional mail per second"
+    )
+    p.add_argument(
+        "--lanes-seconds", type=float, help="row D13a: seconds of transactional mail (60, quick 10)"
     )
     p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
@@ -1986,9 +2052,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.api_seconds = a.api_seconds or (5.0 if q else 20.0)
     a.drain_n = a.drain_n or (2000 if q else 20000)
     a.suppressed = a.suppressed or (100_000 if q else 1_000_000)
+    a.lanes_bulk = a.lanes_bulk or (10_000 if q else 100_000)
+    a.lanes_seconds = a.lanes_seconds or (10.0 if q else 60.0)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    known = {"rates", "body", "spool", "restart", "fault", "memory", "api", "suppression"}
+    known = {"rates", "body", "spool", "restart", "fault", "memory", "api", "lanes", "suppression"}
     bad = set(a.phases) - known
     if bad:
         p.error(f"unknown phases {sorted(bad)}")

@@ -239,3 +239,25 @@ def test_the_example_config_documents_every_reputation_key_at_its_default(tmp_pa
     section = text.split("[reputation]", 1)[1]
     for name in config.reputation.__dataclass_fields__:
         assert f"\n{name} = " in section, name
+
+
+def test_transactional_connections_is_a_count_kept_from_bulk_mail(tmp_path):
+    for value, problem in (("-1", "from 0 to 1000, got -1"), ("1001", "from 0 to 1000, got 1001")):
+        text = f"[shaping.default]\ntransactional_connections = {value}\n"
+        assert problem in _refused(tmp_path, text, "shaping.default.transactional_connections")
+    text = '[shaping.domains."a.test"]\ntransactional_connections = "2"\n'
+    problem = _refused(tmp_path, text, "shaping.domains.a.test.transactional_connections")
+    assert "must be a int" in problem
+    config = load(
+        _write(
+            tmp_path,
+            "[shaping.default]\ntransactional_connections = 5\n"
+            '[shaping.domains."a.test"]\nmax_connections = 3\n'
+            '[shaping.domains."b.test"]\ntransactional_connections = 0\n',
+        )
+    )
+    shaping = config.shaping
+    assert (shaping.default.transactional_connections, shaping.default.bulk_connections) == (5, 15)
+    assert shaping.domains["a.test"].bulk_connections == 1  # inherited 5 of 3: bulk keeps one
+    assert shaping.domains["b.test"].bulk_connections == 20
+    assert load(ROOT / "conf" / "relayd.toml").shaping.default.transactional_connections == 2

@@ -443,6 +443,7 @@ def test_passwd_replaces_the_password_without_restart(submission):
             "rate": "3/hour",
             "max_recipients": 2,
             "networks": [],
+            "stream": "transactional",
         }
     ]
     assert "scrypt$" in (r.workdir / "users.json").read_text()

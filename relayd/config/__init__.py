@@ -148,6 +148,13 @@ class Shaping:
     max_rate_per_source: Rate | None
     max_messages_per_connection: int
     pool: str
+    # Connections to the site that bulk mail never takes: bulk may hold at most
+    # max_connections minus this, and always at least one (see queue.scheduler).
+    transactional_connections: int = 2
+
+    @property
+    def bulk_connections(self) -> int:
+        return max(1, self.max_connections - self.transactional_connections)
 
 
 @dataclass(frozen=True)
@@ -572,6 +579,9 @@ def _shaping(section: _Section, base: Shaping | None, pools: dict[str, Any]) -> 
             "max_messages_per_connection", d.max_messages_per_connection
         ),
         pool=section.get("pool", d.pool, str),
+        transactional_connections=section.positive_int(
+            "transactional_connections", d.transactional_connections, minimum=0, maximum=1000
+        ),
     )
     if shaping.pool and shaping.pool not in pools:
         raise ConfigError(section.path, section.key("pool"), f"no pool named {shaping.pool!r}")

@@ -38,7 +38,7 @@ from relayd.ingress.credentials import (
 )
 from relayd.ingress.smtp import valid_address
 from relayd.mime import dkim
-from relayd.model.message import UNFINISHED, State
+from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, State
 from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
 from relayd.spool import admin, listings, suppression
@@ -110,7 +110,7 @@ def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
     body = msg["body"]
     text = body.decode("utf-8", "replace").replace("\r\n", "\n")
     return {
-        **{k: msg[k] for k in ("queue_id", "sender", "client", "helo", "origin", "size")},
+        **{k: msg[k] for k in ("queue_id", "sender", "client", "helo", "origin", "stream", "size")},
         "received_at": _iso(msg["received_at"]),
         "smtputf8": bool(msg["smtputf8"]),
         "recipients": [
@@ -189,6 +189,7 @@ def render_show(msg: Row) -> str:
         ["received:", msg["received_at"]],
         ["client:", f"{msg['client'] or '-'} (helo {msg['helo'] or '-'})"],
         ["origin:", msg["origin"]],
+        ["stream:", msg["stream"]],
         ["size:", f"{msg['size']} bytes{', SMTPUTF8' if msg['smtputf8'] else ''}"],
     ]
     recipients = table(
@@ -285,6 +286,7 @@ def _policy(args: argparse.Namespace, old: Credential | None) -> dict[str, Any]:
         "rate": rate,
         "max_recipients": limit,
         "networks": tuple(networks),
+        "stream": args.stream or (old.stream if old else TRANSACTIONAL),
     }
     if getattr(args, "scope", None):
         scopes = [s.strip() for arg in args.scope for s in arg.split(",") if s.strip()]
@@ -340,6 +342,7 @@ def _credential_row(cred: Credential) -> Row:
         "rate": cred.rate,
         "max_recipients": cred.max_recipients,
         "networks": list(cred.networks),
+        "stream": cred.stream,
     }
     if cred.kind == "key":
         row["scopes"] = list(cred.scopes)
@@ -361,11 +364,11 @@ def render_credentials(result: Row) -> str:
     rows = []
     for c in result[f"{noun}s"]:
         row = [c["name"], ",".join(c["senders"]), c["rate"] or "-", c["max_recipients"] or "-"]
-        row.append(",".join(c["networks"]) or "any")
+        row += [",".join(c["networks"]) or "any", c["stream"]]
         if noun == "key":
             row += [",".join(c["scopes"]), c["id"]]
         rows.append(row)
-    head = [noun.upper(), "MAY SEND AS", "RATE", "MAX RCPT", "FROM"]
+    head = [noun.upper(), "MAY SEND AS", "RATE", "MAX RCPT", "FROM", "STREAM"]
     return table(rows, head + (["SCOPES", "ID"] if noun == "key" else []))
 
 
@@ -865,6 +868,11 @@ def parser() -> argparse.ArgumentParser:
                 u.add_argument("--max-recipients", type=_count, metavar="N")
                 u.add_argument(
                     "--networks", nargs="+", metavar="CIDR", help="usable only from these"
+                )
+                u.add_argument(
+                    "--stream",
+                    choices=STREAMS,
+                    help="its mail's stream when a message names none (default: transactional)",
                 )
                 if kind == "key":
                     u.add_argument(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from relayd.model.message import TRANSACTIONAL
+
 
 class Type(StrEnum):
     """Event types; the value is the log line's ``event`` key (stable)."""
@@ -44,12 +46,15 @@ class Event:
         return rcpt if isinstance(rcpt, str) else None
 
 
-def receipt_keys(envid: str | None, meta: str) -> dict[str, Any]:
+def receipt_keys(envid: str | None, meta: str, stream: str = TRANSACTIONAL) -> dict[str, Any]:
     """What lets an application match an event to its message: ``envid`` (RFC 3461 ENVID)
-    and ``meta`` (its metadata, decoded), each only when the message has it."""
+    and ``meta`` (its metadata, decoded), each only when the message has it; ``stream`` only
+    when "bulk" (most mail is transactional: its events stay as small as they were)."""
     keys: dict[str, Any] = {}
     if envid is not None:
         keys["envid"] = envid
     if meta:
         keys["meta"] = json.loads(meta)
+    if stream != TRANSACTIONAL:
+        keys["stream"] = stream
     return keys

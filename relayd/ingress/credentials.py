@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from relayd.config import Rate, in_networks, parse_rate
+from relayd.model.message import TRANSACTIONAL
 from relayd.shaping import TokenBucket
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # ~80 ms per check here: slow for guessing, fine per login
@@ -80,6 +81,7 @@ class Credential:
     networks: tuple[str, ...] = ()  # CIDRs it may be used from; () = anywhere
     key_id: str = ""  # a key's public id, the middle of rk_<id>_<secret>
     created: float = 0.0
+    stream: str = TRANSACTIONAL  # its mail's stream when the message does not name one
 
     def may_send_as(self, address: str) -> bool:
         address = address.lower()
@@ -134,6 +136,7 @@ def load_credentials(path: Path) -> dict[str, Credential]:
                 tuple(entry.get("networks", [])),
                 entry.get("key_id", ""),
                 entry.get("created", 0.0),
+                entry.get("stream", TRANSACTIONAL),
             )
     return found
 

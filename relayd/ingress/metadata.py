@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from relayd.mime import headers
-from relayd.model.message import META_MAX
+from relayd.model.message import META_MAX, STREAMS
+
+# The header field that names a message's stream (see model.message), taken out like metadata.
+STREAM_HEADER = "X-Relayd-Stream"
 
 
 class MetadataError(ValueError):
@@ -34,9 +37,7 @@ def extract(
     has metadata fields to take out."""
     if not names or content.startswith(b"\r\n"):
         return "", content
-    end = content.find(b"\r\n\r\n")
-    if end < 0:
-        end = len(content) - 2 if content.endswith(b"\r\n") else len(content)
+    end = _head_end(content)
     head = bytes(content[:end])
     lowered = head.lower()
     wanted = [(n[:-1] if n.endswith("*") else n).lower().encode() for n in names]
@@ -68,6 +69,47 @@ def extract(
     if not kept:  # every field was metadata: the text starts with the blank line's CRLF
         return _compact(meta), bytes(content[end + 2 :])
     return _compact(meta), b"\r\n".join(kept) + content[end:]
+
+
+def extract_stream(content: bytes | bytearray) -> tuple[str | None, bytes | bytearray]:
+    """The stream an ``X-Relayd-Stream`` field names ("bulk" or "transactional", any case;
+    None when there is no such field) and the text without that field: it chooses the
+    message's lane in relayd and is not delivered. The text is copied only when it has one."""
+    if content.startswith(b"\r\n"):
+        return None, content
+    end = _head_end(content)
+    head = bytes(content[:end])
+    name = STREAM_HEADER.lower().encode()
+    if name not in head.lower():  # the common case: no such field at all
+        return None, content
+    kept, found = [], []
+    for field in headers.fields(head):
+        colon = field.find(b":")
+        if colon > 0 and field[:colon].rstrip(b" \t").lower() == name:
+            found.append(field[colon + 1 :].replace(b"\r\n", b"").strip(b" \t"))
+        else:
+            kept.append(field)
+    if not found:  # named only inside another field
+        return None, content
+    if len(found) > 1:
+        raise MetadataError(f"550 5.6.0 Bad {STREAM_HEADER} header: given twice")
+    stream = _text(found[0], STREAM_HEADER).lower()
+    if stream not in STREAMS:
+        raise MetadataError(
+            f"550 5.6.0 Bad {STREAM_HEADER} header: {_text(found[0], STREAM_HEADER)!r}"
+            f" is not one of {', '.join(STREAMS)}"
+        )
+    if not kept:  # the only field: the text starts with the blank line's CRLF
+        return stream, bytes(content[end + 2 :])
+    return stream, b"\r\n".join(kept) + content[end:]
+
+
+def _head_end(content: bytes | bytearray) -> int:
+    """Where a CRLF message's header section ends (before the CRLF CRLF that closes it)."""
+    end = content.find(b"\r\n\r\n")
+    if end < 0:
+        end = len(content) - 2 if content.endswith(b"\r\n") else len(content)
+    return end
 
 
 def _compact(meta: dict[str, Any]) -> str:

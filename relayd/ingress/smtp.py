@@ -6,7 +6,8 @@ connections, time, lines and errors), the headers a relay owes (Received, and Me
 Date when missing), RFC 3463 enhanced codes on every reply, defences against SMTP smuggling,
 and the rule that 250 after DATA comes only once the spool has the message on disk. The DSN
 extension (RFC 3461: RET, ENVID, NOTIFY, ORCPT; checked in ``params``) is offered everywhere,
-and metadata header fields (``metadata``) are taken out of the text into the message's events.
+and metadata header fields (``metadata``) are taken out of the text into the message's events,
+as is ``X-Relayd-Stream``, the message's stream (transactional or bulk).
 
 Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
 ``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH).
@@ -46,7 +47,7 @@ from relayd.ingress import params as dsnparams
 from relayd.ingress.credentials import Credential, Directory, LoginGuard
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
-from relayd.model.message import NewMessage
+from relayd.model.message import TRANSACTIONAL, NewMessage
 from relayd.spool import space
 from relayd.spool.space import FreeSpace
 from relayd.spool.suppression import Entry
@@ -741,6 +742,7 @@ class IngressHandler:
             meta, content = metadata.extract(
                 content, self.config.metadata_headers, self.config.keep_metadata_headers
             )
+            stream, content = metadata.extract_stream(content)
         except metadata.MetadataError as exc:
             log.info("metadata_refused", client=client, sender=sender, reply=exc.reply)
             return exc.reply
@@ -767,6 +769,7 @@ class IngressHandler:
                         envelope.smtp_utf8,
                         head=head,
                         meta=meta,
+                        stream=stream or (user.stream if user else TRANSACTIONAL),
                         **_dsn_fields(envelope),
                     ),
                     envelope,

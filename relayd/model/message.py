@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+# A message's stream: its lane in the scheduler. Transactional mail (a password reset, a receipt)
+# never waits behind bulk mail (a newsletter) to the same destination; see queue.scheduler.
+TRANSACTIONAL, BULK = "transactional", "bulk"
+STREAMS = (TRANSACTIONAL, BULK)
+
 
 class State(IntEnum):
     PENDING = 0  # accepted, never tried
@@ -50,6 +55,11 @@ class Job:
     size: int = 0  # bytes of the spooled text
     envid: str | None = None  # RFC 3461 ENVID, into every event it reports
     meta: str = ""  # the sender's metadata (JSON object text), into every event it reports
+    stream: str = TRANSACTIONAL  # its lane: TRANSACTIONAL or BULK
+
+    @property
+    def bulk(self) -> bool:
+        return self.stream == BULK
 
     @property
     def is_retry(self) -> bool:
@@ -106,6 +116,7 @@ class NewMessage:
     # reason, bounce class) each, recorded as `suppressed` events with the message (which may
     # then have no recipient left: only those events are stored).
     suppressed: list[tuple[str, str, str, str]] = field(default_factory=list)
+    stream: str = TRANSACTIONAL  # TRANSACTIONAL or BULK: its lane in the scheduler
 
 
 # The largest metadata a message may carry (its JSON text, in bytes): it goes into every event.

@@ -57,7 +57,7 @@ def decide(
     expiry's is ``expired``)."""
     by_id = {r.id: r for r in job.recipients}
     results, events = [], []
-    receipt = receipt_keys(job.envid, job.meta)
+    receipt = receipt_keys(job.envid, job.meta, job.stream)
     expires = job.received_at + retry.max_age
     for rid, reply in replies:
         r = by_id[rid]

@@ -26,8 +26,8 @@ from relayd.spool.writer import Writer
 class Admission(Protocol):
     """What intake needs of the scheduler: room in memory, and the hand-over."""
 
-    def reserve(self, jobs: int) -> bool: ...
-    def unreserve(self, jobs: int) -> None: ...
+    def reserve(self, jobs: int, stream: str) -> bool: ...
+    def unreserve(self, jobs: int, stream: str) -> None: ...
     def admit(self, msg: NewMessage) -> None: ...
     def poke(self) -> None: ...
 
@@ -89,7 +89,7 @@ class Intake:
         now = self.clock()
         jobs = [len({domain_of(r) for r in m.recipients}) for m in msgs]
         for msg, n in zip(msgs, jobs, strict=True):
-            msg.active = bool(n) and msg.send_at <= now and self.admission.reserve(n)
+            msg.active = bool(n) and msg.send_at <= now and self.admission.reserve(n, msg.stream)
         received: list[Event] = []
 
         def op(conn: sqlite3.Connection) -> Answer | None:
@@ -112,7 +112,7 @@ class Intake:
         if failed or fut.result() is not None:  # not stored: failed, or answered before
             for msg, n in zip(msgs, jobs, strict=True):
                 if msg.active:
-                    self.admission.unreserve(n)
+                    self.admission.unreserve(n, msg.stream)
             if failed:
                 error = "cancelled" if fut.cancelled() else repr(fut.exception())
                 for msg in msgs:
@@ -149,7 +149,7 @@ class Intake:
 def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
     """The insert every message goes through, with the event that reports its reception, and
     one for each recipient ingress found suppressed (only those when none is left)."""
-    receipt = receipt_keys(msg.envid, msg.meta)
+    receipt = receipt_keys(msg.envid, msg.meta, msg.stream)
     events = [
         Event(
             Type.SUPPRESSION,

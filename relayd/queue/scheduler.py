@@ -14,6 +14,15 @@ straight from intake keeps its text for its first attempt, within ``KEEP_TOTAL``
 Jobs are routed to sites (the set of MX hosts a domain resolves to; domains sharing MX hosts
 share a site and its limits). A site opens connections up to its limits, each from a source
 address picked by weighted rotation, and each carries jobs until its message cap or idleness.
+
+Streams: each job is transactional or bulk, and transactional mail never waits behind bulk mail.
+A site queues the two apart; a connection taking its next job takes a transactional one first;
+bulk jobs may be on at most ``bulk_connections`` of the site's connections at once (the rest are
+kept for transactional mail, which so finds a connection, or room to open one, at once); a
+transactional job books its slot of the site's rate at once, while bulk jobs book theirs at most
+``BULK_AHEAD`` at a time, so a transactional job waits for no more than that many bulk slots.
+In memory, bulk jobs fill at most half of ``max_active``, and the loader takes transactional
+mail from the spool first, so a bulk backlog in the spool cannot hold transactional mail there.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from relayd.delivery.client import ConnectFailure, Connection
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
 from relayd.model.address import domain_of
-from relayd.model.message import Job, NewMessage, Recipient, Result
+from relayd.model.message import BULK, TRANSACTIONAL, Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
 from relayd.outcomes import commit, decide
 from relayd.outcomes.classify import Classifier
@@ -57,6 +66,7 @@ KEEP_TOTAL = 16 << 20  # ... while the texts so kept add up to no more than this
 IN_FLIGHT = 32 << 20  # bytes of text that connections may hold at once (read, being written)
 STREAM = 256 * 1024  # a text larger than this is streamed from the spool, not read whole
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
+BULK_AHEAD = 4  # slots of one rate that bulk jobs may hold booked at once
 
 Connect = Callable[..., Awaitable[Connection]]
 # Whether a pool's source address may take new connections now (the blacklist watch keeps a
@@ -149,7 +159,11 @@ class Site:
     key: str
     lane: str  # the domain whose [shaping.domains] table applies, or "" for the default
     route: Route
-    queue: deque[Job] = field(default_factory=deque)
+    queue: deque[Job] = field(default_factory=deque)  # transactional jobs, taken first
+    bulk: deque[Job] = field(default_factory=deque)  # bulk jobs
+    bulk_busy: int = 0  # connections carrying a bulk job now (at most bulk_connections)
+    # per rate (the site's: "", a source's: its address): bulk bookings held (BULK_AHEAD)
+    bulk_gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     waiters: deque[asyncio.Future[Job | None]] = field(default_factory=deque)
     connections: int = 0
     starting: int = 0  # connections spawned that have not taken their first job yet
@@ -188,6 +202,7 @@ class Scheduler:
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.active = 0  # jobs in memory
         self.active_retries = 0
+        self.active_bulk = 0  # ... of the bulk stream: at most half of max_active
         self.kept = 0  # bytes of text kept by fresh jobs (KEEP_TOTAL)
         self.budget = Budget(IN_FLIGHT)
         self._reader: sqlite3.Connection | None = None  # texts are read here, opened on need
@@ -198,15 +213,24 @@ class Scheduler:
 
     # -- entry points -------------------------------------------------------------------
 
-    def reserve(self, jobs: int) -> bool:
-        """Room in memory for a fresh message's jobs? Then ingress hands it over directly."""
-        if self.stopping or self.active + jobs > self.config.delivery.max_active:
+    def reserve(self, jobs: int, stream: str = TRANSACTIONAL) -> bool:
+        """Room in memory for a fresh message's jobs? Then ingress hands it over directly.
+        Bulk mail may fill only half of memory: transactional mail always finds room."""
+        bulk = jobs if stream == BULK else 0
+        max_active = self.config.delivery.max_active
+        if (
+            self.stopping
+            or self.active + jobs > max_active
+            or self.active_bulk + bulk > max_active // 2
+        ):
             return False
         self.active += jobs
+        self.active_bulk += bulk
         return True
 
-    def unreserve(self, jobs: int) -> None:
+    def unreserve(self, jobs: int, stream: str = TRANSACTIONAL) -> None:
         self.active -= jobs
+        self.active_bulk -= jobs if stream == BULK else 0
 
     def admit(self, msg: NewMessage) -> None:
         """A fresh message, durable and marked ACTIVE: route its jobs. A small text stays with
@@ -232,6 +256,7 @@ class Scheduler:
                     size,
                     msg.envid,
                     msg.meta,
+                    msg.stream,
                 )
                 if keep and self.kept + size <= KEEP_TOTAL:
                     job.body = msg.body  # type: ignore[assignment]  # bytes: checked above
@@ -259,10 +284,10 @@ class Scheduler:
                 waiter = site.waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
-        queued = [job for site in self.sites.values() for job in site.queue]
-        queued += [job for jobs in self.routing.values() for job in jobs]
+        queued = [job for queue in self._queues() for job in queue]
         for site in self.sites.values():
             site.queue.clear()
+            site.bulk.clear()
         if queued:
             with contextlib.suppress(Exception):  # not given back: reset at the next start
                 await self.writer.submit(functools.partial(store.release_jobs, jobs=queued))
@@ -331,21 +356,40 @@ class Scheduler:
             site.limiter = self.throttle(shaping.max_rate, self.monotonic)
 
     def _enqueue(self, site: Site, job: Job) -> None:
-        while site.waiters:
-            waiter = site.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(job)
-                return
-        site.queue.append(job)
+        (site.bulk if job.bulk else site.queue).append(job)
         self._kick(site)
 
+    def _take(self, site: Site, shaping: Shaping) -> Job | None:
+        """The job a connection of ``site`` takes next: transactional first; bulk while bulk
+        jobs are on fewer than ``bulk_connections`` connections."""
+        if site.queue:
+            return site.queue.popleft()
+        if site.bulk and site.bulk_busy < shaping.bulk_connections:
+            site.bulk_busy += 1
+            return site.bulk.popleft()
+        return None
+
     def _kick(self, site: Site) -> None:
-        """Open connections for queued jobs, within the site's and its sources' limits."""
+        """Hand queued jobs to idle connections, then open connections for the jobs left,
+        within the site's and its sources' limits."""
         shaping = self.config.shaping.for_lane(site.lane)
+        while site.waiters and (site.queue or site.bulk):
+            waiter = site.waiters.popleft()
+            if not waiter.done():
+                job = self._take(site, shaping)
+                if job is None:  # only bulk queued, and bulk holds its share: stay idle
+                    site.waiters.appendleft(waiter)
+                    break
+                waiter.set_result(job)
         limit = shaping.max_connections
         if site.open and self.monotonic() < site.cooldown_until:
             limit = min(limit, site.open)
-        while not self.stopping and len(site.queue) > site.starting and site.connections < limit:
+        bulk_room = max(0, shaping.bulk_connections - site.bulk_busy)
+        while (
+            not self.stopping
+            and len(site.queue) + min(len(site.bulk), bulk_room) > site.starting
+            and site.connections < limit
+        ):
             source = self._pick_source(site, shaping)
             if source is False:
                 return
@@ -371,9 +415,10 @@ class Scheduler:
 
     # -- connections --------------------------------------------------------------------
 
-    async def _next_job(self, site: Site) -> Job | None:
-        if site.queue:
-            return site.queue.popleft()
+    async def _next_job(self, site: Site, shaping: Shaping) -> Job | None:
+        job = self._take(site, shaping)
+        if job is not None:
+            return job
         if self.stopping:
             return None
         waiter: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
@@ -390,32 +435,35 @@ class Scheduler:
         first = True
         try:
             for _ in range(shaping.max_messages_per_connection):
-                job = await self._next_job(site)
+                job = await self._next_job(site, shaping)
                 if first:
                     site.starting -= 1
                     first = False
                 if job is None:
                     break
-                if conn is None:
-                    try:
-                        conn = await self.connect(
-                            site.route.hosts(),
-                            self.resolver,
-                            source.address if source else None,
-                            source.ehlo if source else hostname,
-                            cfg.starttls == "may",
-                            cfg.connect_timeout,
-                            cfg.command_timeout,
-                        )
-                    except ConnectFailure as exc:
-                        self._connect_failed(site, job, exc, source)
+                try:
+                    if conn is None:
+                        try:
+                            conn = await self.connect(
+                                site.route.hosts(),
+                                self.resolver,
+                                source.address if source else None,
+                                source.ehlo if source else hostname,
+                                cfg.starttls == "may",
+                                cfg.connect_timeout,
+                                cfg.command_timeout,
+                            )
+                        except ConnectFailure as exc:
+                            self._connect_failed(site, job, exc, source)
+                            break
+                        site.open += 1
+                    await self._throttle(site, shaping, source, job.bulk)
+                    pairs = await self._send(conn, job)
+                    self._finish(job, pairs, conn.mx, conn.source_ip)
+                    if conn.broken:
                         break
-                    site.open += 1
-                await self._throttle(site, shaping, source)
-                pairs = await self._send(conn, job)
-                self._finish(job, pairs, conn.mx, conn.source_ip)
-                if conn.broken:
-                    break
+                finally:
+                    site.bulk_busy -= job.bulk
         finally:
             if first:
                 site.starting -= 1
@@ -463,22 +511,39 @@ class Scheduler:
         if (
             site.connections == 0
             and not site.queue
+            and not site.bulk
             and all(lim is None or lim.idle() for lim in limiters)
             and self.sites.get(site.key) is site
         ):
             del self.sites[site.key]
 
-    async def _throttle(self, site: Site, shaping: Shaping, source: Source | None) -> None:
-        wait = site.limiter.reserve() if site.limiter else 0.0
+    async def _throttle(
+        self, site: Site, shaping: Shaping, source: Source | None, bulk: bool
+    ) -> None:
+        """Wait for a slot of the site's rate and of the source's. A transactional job books
+        its slots at once; a bulk job waits until fewer than BULK_AHEAD bulk bookings of that
+        rate are outstanding, so transactional jobs overtake all but those few."""
+        rates: list[tuple[str, Throttle]] = [("", site.limiter)] if site.limiter else []
         if source is not None and shaping.max_rate_per_source:
             limiter = site.source_limiters.get(source.address)
             if limiter is None:
                 limiter = site.source_limiters[source.address] = self.throttle(
                     shaping.max_rate_per_source, self.monotonic
                 )
-            wait = max(wait, limiter.reserve())
-        if wait > 0:
-            await asyncio.sleep(wait)
+            rates.append((source.address, limiter))
+        if not bulk:
+            wait = max((limiter.reserve() for _, limiter in rates), default=0.0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return
+        for name, limiter in rates:
+            gate = site.bulk_gates.get(name)
+            if gate is None:
+                gate = site.bulk_gates[name] = asyncio.Semaphore(BULK_AHEAD)
+            async with gate:
+                wait = limiter.reserve()
+                if wait > 0:
+                    await asyncio.sleep(wait)
 
     def _connect_failed(
         self, site: Site, job: Job, exc: ConnectFailure, source: Source | None
@@ -488,7 +553,7 @@ class Scheduler:
         second. With none open the site is down: defer this job and those queued behind it, as
         Postfix does for a dead destination, rather than paying a connect timeout for each."""
         if site.open > 0:
-            site.queue.appendleft(job)
+            (site.bulk if job.bulk else site.queue).appendleft(job)
             site.cooldown_until = self.monotonic() + 1.0
             log.info(
                 "connect_failed",
@@ -500,8 +565,9 @@ class Scheduler:
                 open_connections=site.open,
             )
             return
-        jobs = [job, *site.queue]
+        jobs = [job, *site.queue, *site.bulk]
         site.queue.clear()
+        site.bulk.clear()
         for j in jobs:
             self._finish(
                 j,
@@ -523,6 +589,7 @@ class Scheduler:
         )
         self.active -= 1
         self.active_retries -= job.is_retry
+        self.active_bulk -= job.bulk
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
         self._commit(job, results, events, now, 0)
@@ -593,30 +660,41 @@ class Scheduler:
 
     async def _load(self) -> None:
         while not self.stopping:
-            room = self.config.delivery.max_active - self.active
-            retry_room = min(room, self.config.delivery.max_active // 2 - self.active_retries)
+            max_active = self.config.delivery.max_active
+            room = max_active - self.active
+            retry_room = min(room, max_active // 2 - self.active_retries)
+            bulk_room = min(room, max_active // 2 - self.active_bulk)
             if room <= 0:
                 break
             load = functools.partial(
-                store.load_due, now=self.clock(), limit=room, retry_limit=retry_room
+                store.load_due,
+                now=self.clock(),
+                limit=room,
+                retry_limit=retry_room,
+                bulk_limit=bulk_room,
             )
             jobs, self._spool_has_due = await self.writer.submit(load)
             for job in jobs:
                 self.active += 1
                 self.active_retries += job.is_retry
+                self.active_bulk += job.bulk
                 self._route(job)
             if not self._spool_has_due or not jobs:
                 break
 
+    def _queues(self) -> list[deque[Job] | list[Job]]:
+        """Where jobs wait in memory: each site's two queues, and the routing lists."""
+        sites = [q for site in self.sites.values() for q in (site.queue, site.bulk)]
+        return [*sites, *self.routing.values()]
+
     def queued(self) -> set[int]:
         """The messages of the jobs waiting in memory (not those on a connection now)."""
-        queues = [site.queue for site in self.sites.values()] + list(self.routing.values())
-        return {job.msg_id for queue in queues for job in queue}
+        return {job.msg_id for queue in self._queues() for job in queue}
 
     def drop(self, active: set[int]) -> None:
         """Keep, of the jobs waiting in memory, only the recipients still ACTIVE in the spool
         (relayctl moved the others out); a job left with none leaves memory."""
-        for queue in [site.queue for site in self.sites.values()] + list(self.routing.values()):
+        for queue in self._queues():
             kept = []
             for job in queue:
                 retry = job.is_retry
@@ -624,6 +702,7 @@ class Scheduler:
                 if not job.recipients:
                     self.active -= 1
                     self.active_retries -= retry
+                    self.active_bulk -= job.bulk
                     if job.body is not None:
                         self.kept -= len(job.body)
                     continue

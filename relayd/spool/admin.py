@@ -114,8 +114,8 @@ def messages(
 def message(conn: sqlite3.Connection, queue_id: str) -> tuple[Row, list[Row]]:
     """A message's envelope (with its body) and its recipients with their last attempt."""
     cur = conn.execute(
-        "SELECT id, queue_id, sender, received_at, client, helo, origin, size, smtputf8, body"
-        " FROM messages WHERE queue_id = ?",
+        "SELECT id, queue_id, sender, received_at, client, helo, origin, stream, size, smtputf8,"
+        " body FROM messages WHERE queue_id = ?",
         (queue_id,),
     )
     msg = _row(cur, cur.fetchone())

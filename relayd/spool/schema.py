@@ -115,7 +115,7 @@ CREATE TABLE webhooks (
 # Version 4: deliverability. A message's stream, its lane in the scheduler: 'transactional'
 # (never waits behind bulk mail) or 'bulk'. The suppression list: an address (lower case) is
 # not mailed in a scope: '*' for all senders, 'domain:D' for mail from sender domain D,
-# 'key:NAME' for one API key or login; reason 'bounce', 'complaint', 'unsubscribe' or
+# 'key:NAME' or 'auth:NAME' for one API key or login; reason 'bounce', 'complaint', 'unsubscribe' or
 # 'manual', the bounce class and the reply or report that caused it, the message it came from,
 # and when it lapses (NULL: never; bounce entries lapse, complaints and unsubscribes do not).
 # The blacklist watch: one row per listing of a source IP on a DNS blacklist zone, from the
@@ -123,7 +123,9 @@ CREATE TABLE webhooks (
 # the last look at each (ip, zone): status 'listed' or 'clean' from the last answer ('' before
 # any), when it was answered and last asked, the query errors since that answer and the last.
 # The spool's secrets, made with it: "tokens" signs return paths and unsubscribe links, so a
-# restored backup still knows the links it sent.
+# restored backup still knows the links it sent. A recipient's ``bulk`` is its message's
+# stream again (1: bulk), in the due indexes, so that the loader takes transactional mail first
+# without reading past a bulk backlog.
 _V4 = """
 ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
 CREATE TABLE suppressions (
@@ -165,6 +167,11 @@ CREATE TABLE listing_checks (
     error TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (ip, zone)
 ) WITHOUT ROWID;
+ALTER TABLE recipients ADD COLUMN bulk INTEGER NOT NULL DEFAULT 0;
+DROP INDEX recipients_fresh;
+DROP INDEX recipients_deferred;
+CREATE INDEX recipients_fresh ON recipients(bulk, next_attempt) WHERE state = 0;
+CREATE INDEX recipients_deferred ON recipients(bulk, next_attempt) WHERE state = 1;
 """
 
 

@@ -14,7 +14,7 @@ import msgspec
 
 from relayd.events.records import Event
 from relayd.model.address import domain_of
-from relayd.model.message import Job, NewMessage, Recipient, Result, State
+from relayd.model.message import BULK, Job, NewMessage, Recipient, Result, State
 from relayd.spool import webhooks
 from relayd.spool.schema import OWED
 
@@ -59,8 +59,8 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
     pieces = size > BLOB_PIECES
     cur = conn.execute(
         "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin,"
-        " smtputf8, envid, ret, meta, body)"
-        f" VALUES (?,?,?,?,?,?,?,?,?,?,?,{'zeroblob(?)' if pieces else '?'})",
+        " smtputf8, envid, ret, meta, stream, body)"
+        f" VALUES (?,?,?,?,?,?,?,?,?,?,?,?,{'zeroblob(?)' if pieces else '?'})",
         (
             msg.queue_id,
             msg.sender,
@@ -73,6 +73,7 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
             msg.envid,
             msg.ret,
             msg.meta,
+            msg.stream,
             size if pieces else msg.body,
         ),
     )
@@ -85,12 +86,13 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
     due = max(now, msg.send_at)
     notify = msg.notify or [0] * len(msg.recipients)
     orcpt = msg.orcpt or [None] * len(msg.recipients)
+    bulk = int(msg.stream == BULK)
     msg.ids = []
     for rcpt, flags, original in zip(msg.recipients, notify, orcpt, strict=True):
         cur = conn.execute(
-            "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt, notify, orcpt)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (msg.msg_id, rcpt, domain_of(rcpt), int(state), due, flags, original),
+            "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt, notify, orcpt,"
+            " bulk) VALUES (?,?,?,?,?,?,?,?)",
+            (msg.msg_id, rcpt, domain_of(rcpt), int(state), due, flags, original, bulk),
         )
         msg.ids.append(cur.lastrowid or 0)
     return msg
@@ -112,26 +114,44 @@ def reset_active(conn: sqlite3.Connection) -> int:
     return cur.rowcount
 
 
+# What the loader takes first: (bulk, state) in the order of the due indexes' keys.
+_LOAD_ORDER = [(b, s) for b in (0, 1) for s in (State.PENDING, State.DEFERRED)]
+
+
 def load_due(
-    conn: sqlite3.Connection, now: float, limit: int, retry_limit: int
+    conn: sqlite3.Connection,
+    now: float,
+    limit: int,
+    retry_limit: int,
+    bulk_limit: int | None = None,
 ) -> tuple[list[Job], bool]:
-    """Take due recipients into memory, marking them ACTIVE so the next load skips them;
-    never-tried mail first, so a deferred backlog cannot starve new mail. Also says whether
-    a limit was reached (more may be due)."""
+    """Take due recipients into memory, marking them ACTIVE so the next load skips them:
+    transactional mail before bulk mail (at most ``bulk_limit`` of it), so that a bulk backlog
+    cannot keep transactional mail in the spool; in each stream never-tried mail first (retries:
+    at most ``retry_limit``), so that a deferred backlog cannot starve new mail. Also says
+    whether a limit was reached (more may be due). No ``bulk_limit``: as ``limit``."""
+    bulk_limit = limit if bulk_limit is None else bulk_limit
     rows: list[tuple] = []
     more = False
-    for state, cap in ((State.PENDING, limit), (State.DEFERRED, retry_limit)):
-        cap = min(cap, limit - len(rows))
+    retries = bulk = 0
+    for lane, state in _LOAD_ORDER:
+        cap = limit - len(rows)
+        if state is State.DEFERRED:
+            cap = min(cap, retry_limit - retries)
+        if lane:
+            cap = min(cap, bulk_limit - bulk)
         if cap <= 0:
             more = True
             continue
         found = conn.execute(
             f"SELECT id, msg_id, rcpt, domain, attempts, notify, orcpt FROM recipients "
-            f"WHERE state = {int(state)} AND next_attempt <= ? "
+            f"WHERE state = {int(state)} AND bulk = {lane} AND next_attempt <= ? "
             f"ORDER BY next_attempt LIMIT ?",
             (now, cap),
         ).fetchall()
         more = more or len(found) == cap
+        retries += len(found) if state is State.DEFERRED else 0
+        bulk += len(found) * lane
         rows += found
     if not rows:
         return [], more
@@ -145,7 +165,7 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
     for chunk in chunks(msg_ids, 500):
         marks = ",".join("?" * len(chunk))
         for m in conn.execute(
-            f"SELECT id, queue_id, sender, received_at, smtputf8, size, envid, meta"
+            f"SELECT id, queue_id, sender, received_at, smtputf8, size, envid, meta, stream"
             f" FROM messages "
             f"WHERE id IN ({marks})",
             chunk,
@@ -157,7 +177,7 @@ def _jobs(conn: sqlite3.Connection, rows: list[tuple]) -> list[Job]:
         job = jobs.get((msg_id, domain))
         if job is None:
             job = jobs[(msg_id, domain)] = Job(
-                msg_id, m[1], m[2], domain, m[3], bool(m[4]), None, [], m[5], m[6], m[7]
+                msg_id, m[1], m[2], domain, m[3], bool(m[4]), None, [], m[5], m[6], m[7], m[8]
             )
         job.recipients.append(Recipient(rid, rcpt, attempts, notify, orcpt))
     return list(jobs.values())

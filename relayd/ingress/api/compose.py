@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from relayd.ingress import metadata
 from relayd.ingress.api.schema import Address, Recipient, Send
 from relayd.ingress.credentials import Credential
 from relayd.ingress.smtp import valid_address
@@ -33,6 +34,7 @@ _FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, and a sane leng
 # Set by relayd for every message: a request may not name them among its extra headers.
 _OWN_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id"}
 _OWN_HEADERS |= {"mime-version", "content-type", "content-transfer-encoding", "received"}
+_OWN_HEADERS.add(metadata.STREAM_HEADER.lower())  # the request's field "stream" says it
 
 # The minimal template language of the sending API: Jinja2's sandbox, immutable (no template
 # can change the data it is given); HTML parts autoescaped. Campaigns bring the full engine.
@@ -237,8 +239,12 @@ class _Builder:
             text = headers.to_crlf(str(rendered["raw"]).encode("utf-8"))
             if not text.endswith(b"\r\n"):
                 text += b"\r\n"
+            try:  # a raw message may name its stream as an SMTP client would
+                named, text = metadata.extract_stream(text)
+            except metadata.MetadataError as exc:
+                raise Invalid("raw", exc.reply.split(" ", 2)[2]) from None  # without the codes
         else:
-            text = self._mime(queue_id, to, cc, rendered)
+            text, named = self._mime(queue_id, to, cc, rendered), None
         head = headers.trace_headers(text, hostname, self.client, "", utf8, queue_id, "HTTP")
         return NewMessage(
             queue_id,
@@ -252,6 +258,7 @@ class _Builder:
             head=head,
             meta=meta,
             send_at=send_at,
+            stream=self.req.stream or named or self.cred.stream,
         )
 
     def carrier(

@@ -6,7 +6,7 @@ switch without changing their code."""
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -53,6 +53,7 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     substitutions: dict[str, Any] = {}
     send_at: str | float | None = None
     raw: str | None = None
+    stream: Literal["transactional", "bulk"] | None = None  # None: the key's (Credential.stream)
 
 
 # -- KumoMTA's inject/v1 (https://docs.kumomta.com/reference/http/api_inject_v1/) -----------
