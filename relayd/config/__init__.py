@@ -7,13 +7,14 @@ silently falls back to a default is how reputations get burnt.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,16 +238,68 @@ class Routes:
         return self.hosts.get(domain) or self.hosts.get("*")
 
 
+PROVIDER_LANE = "provider:"  # a lane of the scheduler's: a provider's site, "provider:NAME"
+
+
+@dataclass(frozen=True)
+class Provider:
+    """[shaping.providers.NAME]: every domain one of whose MX hosts matches ``mx`` (shell-style
+    patterns, lower case) is in the provider's one site, under these limits."""
+
+    name: str
+    mx: tuple[str, ...]
+    shaping: Shaping
+    match: re.Pattern[str]  # the patterns as one regular expression over a host name
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """One rule of a shaping rules file: a reply from a site of ``provider`` ("*": any site)
+    that all its patterns match (as a bounce rule's: ``code`` and ``enhanced`` whole, ``text``
+    searched for, case-insensitively; RE2) holds the source that got it: ``suspend`` (no
+    connection from it to the site) or ``rate`` (its rate to the site times ``factor``, its
+    connections at most ``connections``), for ``duration`` seconds."""
+
+    name: str
+    provider: str
+    code: str | None
+    enhanced: str | None
+    text: str | None
+    action: str  # "suspend" or "rate"
+    duration: float
+    factor: float = 1.0
+    connections: int | None = None
+
+
 @dataclass(frozen=True)
 class ShapingRules:
-    """[shaping]: the default limits, and the domains with limits of their own."""
+    """[shaping]: the default limits, the domains and the providers with limits of their own,
+    and the rules of adaptive shaping (the local file's first: the first match wins)."""
 
     default: Shaping
     domains: dict[str, Shaping]
+    providers: dict[str, Provider] = field(default_factory=dict)
+    rules: tuple[AdaptiveRule, ...] = ()
+    adaptive: bool = True  # false: replies are not matched against the rules
+    rules_file: Path | None = None
+    local_rules_file: Path | None = None
 
     def for_lane(self, lane: str) -> Shaping:
-        """The limits of a lane: a domain of [shaping.domains], or "" for the default."""
+        """The limits of a lane: a domain of [shaping.domains], a provider of
+        [shaping.providers] ("provider:NAME"), or "" for the default."""
+        if lane.startswith(PROVIDER_LANE):
+            provider = self.providers.get(lane[len(PROVIDER_LANE) :])
+            return provider.shaping if provider else self.default
         return self.domains.get(lane, self.default) if lane else self.default
+
+    def provider_of(self, hosts: Iterable[str]) -> str:
+        """The first provider (in the file's order) with a pattern matching one of ``hosts``
+        (MX host names, lower case); "" for none."""
+        names = list(hosts)
+        for name, provider in self.providers.items():
+            if any(provider.match.fullmatch(host) for host in names):
+                return name
+        return ""
 
 
 @dataclass(frozen=True)
@@ -793,6 +846,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         dom.lower(): _shaping(domains_sec.table(dom), default, pools) for dom in domains_sec.data
     }
     domains_sec.finish()
+    shaping_rules = _adaptive(shaping_sec, default, domains, pools)
     shaping_sec.finish()
 
     retry_sec = top.table("retry")
@@ -863,7 +917,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
             max_active=max_active,
         ),
         routes=Routes(routes),
-        shaping=ShapingRules(default, domains),
+        shaping=shaping_rules,
         retry=retry,
         pools=pools,
         events=Events(events_retention),
@@ -992,3 +1046,133 @@ def _reputation(sec: _Section) -> Reputation:
     reputation = Reputation(sec.get("enabled", True, bool), tuple(zones), interval, on_listing)
     sec.finish()
     return reputation
+
+
+# The providers in force when the file has no [shaping.providers] table: the large mailbox
+# providers, each one receiving system whatever domain's MX names it (conf/relayd.toml).
+DEFAULT_PROVIDERS = {
+    "google": ("*.google.com", "*.googlemail.com"),
+    "microsoft": ("*.mail.protection.outlook.com", "*.olc.protection.outlook.com"),
+    "yahoo": ("*.yahoodns.net", "*.yahoo.com"),
+    "apple": ("*.mail.icloud.com",),
+}
+DEFAULT_SHAPING_RULES = DEFAULT_PATH.parent / "shaping_rules.toml"  # the shipped rules
+ADAPTIVE_ACTIONS = ("suspend", "rate")
+HOLD_MAX = 7 * 86400.0  # the longest hold a rule may ask for (seconds)
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_MX_PATTERN = re.compile(r"^[a-z0-9*?\[\]!._-]+$")
+
+
+def _adaptive(
+    sec: _Section, default: Shaping, domains: dict[str, Shaping], pools: dict[str, Any]
+) -> ShapingRules:
+    """The rest of [shaping]: the providers, and the adaptive rules that name them."""
+    providers: dict[str, Provider] = {}
+    if "providers" in sec.data:
+        prov_sec = sec.table("providers")
+        for name in prov_sec.data:
+            providers[name] = _provider(prov_sec, name, default, pools)
+        prov_sec.finish()
+    else:
+        for name, mx in DEFAULT_PROVIDERS.items():
+            providers[name] = Provider(name, mx, default, _host_match(mx))
+    adaptive = sec.get("adaptive", True, bool)
+    shipped = _file(sec, "rules_file") or DEFAULT_SHAPING_RULES
+    local = _file(sec, "local_rules_file")
+    rules = [
+        *(_adaptive_rules(local, providers, True) if local else ()),
+        *_adaptive_rules(shipped, providers, False),
+    ]
+    seen: dict[str, str] = {}
+    for path, key, rule in rules:
+        if rule.name in seen:
+            raise ConfigError(path, key, f"{rule.name!r} is the name of {seen[rule.name]} too")
+        seen[rule.name] = f"{path}: {key.removesuffix('.name')}"
+    return ShapingRules(
+        default,
+        domains,
+        providers,
+        tuple(rule for _, _, rule in rules),
+        adaptive,
+        shipped,
+        local,
+    )
+
+
+def _provider(sec: _Section, name: str, default: Shaping, pools: dict[str, Any]) -> Provider:
+    if not _PROVIDER_NAME.match(name):
+        raise ConfigError(
+            sec.path, sec.key(name), "a provider's name is lower-case letters, digits, - and _"
+        )
+    table = sec.table(name)
+    mx: list[str] = []
+    for i, raw in enumerate(table.get("mx", [], list)):
+        pattern = raw.lower().rstrip(".") if isinstance(raw, str) else ""
+        if not _MX_PATTERN.match(pattern) or not re.search(r"[a-z0-9]", pattern):
+            raise ConfigError(
+                sec.path,
+                f"{table.key('mx')}[{i}]",
+                f"not a host name pattern like '*.google.com': {raw!r}",
+            )
+        mx.append(pattern)
+    if not mx:
+        raise ConfigError(
+            sec.path, table.key("mx"), "needs at least one pattern, like '*.google.com'"
+        )
+    return Provider(name, tuple(mx), _shaping(table, default, pools), _host_match(mx))
+
+
+def _host_match(patterns: Iterable[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _adaptive_rules(
+    path: Path, providers: dict[str, Provider], local: bool
+) -> list[tuple[Path, str, AdaptiveRule]]:
+    """The rules of one shaping rules file, in order; a mistake names the file and the rule. A
+    rule of the shipped file for a provider the config does not have is left out (the operator
+    may have removed it); in the operator's own file that is a mistake."""
+    top = _Section(path, "", _read_toml(path))
+    rules = []
+    for i, item in enumerate(top.get("rules", [], list)):
+        sec = _Section(path, f"rules[{i}]", item)
+        name = sec.get("name", "", str)
+        if not name.strip():
+            raise ConfigError(path, sec.key("name"), "needs a name (it is in the events)")
+        provider = sec.get("provider", "", str)
+        known = provider == "*" or provider in providers
+        if not known and (local or not provider):
+            have = ", ".join(providers) or "none"
+            raise ConfigError(
+                path,
+                sec.key("provider"),
+                f"must be '*' or a provider of [shaping.providers] ({have}), got {provider!r}",
+            )
+        patterns = _pattern(sec, "code"), _pattern(sec, "enhanced"), _pattern(sec, "text")
+        if all(p is None for p in patterns):
+            raise ConfigError(path, sec.prefix, "needs at least one of code, enhanced and text")
+        action = _choice(sec, "action", "", ADAPTIVE_ACTIONS)
+        if "duration" not in sec.data:
+            raise ConfigError(path, sec.key("duration"), "needs a duration, like '30m'")
+        duration = sec.duration("duration", 0)
+        if duration > HOLD_MAX:
+            raise ConfigError(path, sec.key("duration"), "must be at most 7d")
+        factor, connections = 1.0, None
+        if action == "rate":
+            factor = sec.factor("factor", 1.0, 0.0, 1.0)
+            if "connections" in sec.data:
+                connections = sec.positive_int("connections", 1, maximum=1000)
+            if factor == 0.0 or (factor == 1.0 and connections is None):
+                raise ConfigError(
+                    path, sec.key("factor"), "needs a factor above 0 and below 1, or connections"
+                )
+        else:
+            extra = [k for k in ("factor", "connections") if k in sec.data]
+            if extra:
+                raise ConfigError(path, sec.key(extra[0]), "only for action = 'rate'")
+        sec.finish()
+        if known:
+            rule = AdaptiveRule(name, provider, *patterns, action, duration, factor, connections)
+            rules.append((path, sec.key("name"), rule))
+    top.finish()
+    return rules

@@ -41,7 +41,7 @@ from relayd.mime import dkim
 from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, State
 from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
-from relayd.spool import admin, listings, suppression
+from relayd.spool import admin, holds, listings, suppression
 from relayd.spool.suppression import REASONS
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
@@ -766,6 +766,80 @@ def render_ip_check(result: Row) -> str:
     )
 
 
+def shaping_list(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """Adaptive shaping as configured, and the holds in force."""
+    cfg = args.cfg.shaping
+    files = [str(p) for p in (cfg.local_rules_file, cfg.rules_file) if p is not None]
+    return {
+        "adaptive": cfg.adaptive,
+        "rules": len(cfg.rules),
+        "rules_files": files,
+        "providers": {name: list(p.mx) for name, p in cfg.providers.items()},
+        "holds": holds.listing(conn, time.time()),
+    }
+
+
+def shaping_clear(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """End holds at once; the running relayd learns it from the operator event (a stopped one
+    reads the holds left in force when it starts)."""
+    ids = []
+    for raw in args.ids:
+        if not raw.isdigit():
+            raise CtlError(f"shaping clear: {raw!r} is not a hold id (see relayctl shaping list)")
+        ids.append(int(raw))
+    cleared = holds.clear(conn, time.time(), ids, args.site, args.all)
+    if not cleared:
+        what = "" if args.all else f" {args.site!r}" if args.site else f" {', '.join(args.ids)}"
+        raise CtlError(f"shaping clear: no hold in force{' at' if args.site else ''}{what}")
+    return {"action": holds.CLEAR, "cleared": cleared}
+
+
+def _hold_action(h: Row) -> str:
+    if h["action"] != "rate":
+        return h["action"]
+    parts = [f"rate x{h['factor']:g}"]
+    if "rate_per_min" in h:
+        parts.append(f"({h['rate_per_min']:g}/min)")
+    if "connections" in h:
+        parts.append(f"<= {h['connections']} conn")
+    return " ".join(parts)
+
+
+def render_shaping_list(result: Row) -> str:
+    state = "on" if result["adaptive"] else "off (shaping.adaptive = false: no new holds)"
+    providers = "; ".join(f"{n} {', '.join(mx)}" for n, mx in result["providers"].items())
+    files = ", ".join(result["rules_files"])
+    lines = [
+        f"adaptive shaping: {state}; {result['rules']} rule(s) from {files}",
+        f"providers: {providers or 'none'}",
+    ]
+    if not result["holds"]:
+        return "\n".join([*lines, "no hold in force"])
+    rows = [
+        [
+            h["hold"],
+            h["site"],
+            h["source_ip"] or "(system)",
+            _hold_action(h),
+            h["since"],
+            h["until"],
+            h["rule"],
+            f"{h['code']} {h['response']}".replace("\n", " "),
+        ]
+        for h in result["holds"]
+    ]
+    head = ["ID", "SITE", "SOURCE", "ACTION", "SINCE", "UNTIL", "RULE", "REPLY"]
+    return "\n".join([*lines, "", table(rows, head)])
+
+
+def render_shaping_clear(result: Row) -> str:
+    done = [
+        f"{h['hold']} ({h['action']} {h['source_ip'] or '(system)'} at {h['site']})"
+        for h in result["cleared"]
+    ]
+    return f"cleared {len(done)} hold(s): {', '.join(done)}"
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text.removesuffix("s"))
@@ -958,6 +1032,17 @@ def parser() -> argparse.ArgumentParser:
     i = ips.add_parser("check", parents=[common], help="ask the running relayd to look up now")
     i.add_argument("ips", nargs="*", metavar="IP", help="source addresses (default: all)")
     i.set_defaults(run=ip_check, render=render_ip_check, write=True)
+
+    p = sub.add_parser("shaping", parents=[common], help="adaptive shaping's holds on sources")
+    acts = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    h = acts.add_parser("list", parents=[common], help="holds in force: suspensions, slowed rates")
+    h.set_defaults(run=shaping_list, render=render_shaping_list, write=False)
+    h = acts.add_parser("clear", parents=[common], help="end holds now (the daemon follows)")
+    target = h.add_mutually_exclusive_group(required=True)
+    target.add_argument("ids", nargs="*", default=[], metavar="ID")
+    target.add_argument("--site", help="every hold at this site (a provider, or MX hosts)")
+    target.add_argument("--all", action="store_true", help="every hold in force")
+    h.set_defaults(run=shaping_clear, render=render_shaping_clear, write=True)
 
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -29,6 +29,8 @@ class Type(StrEnum):
     UNSUBSCRIBE = "unsubscribed"  # a recipient's one-click or mailto unsubscribe
     LISTING = "blacklisted"  # a source IP appeared on a DNS blacklist
     DELISTING = "delisted"  # ... and left it
+    SHAPING = "shaping"  # adaptive shaping holds a source at a site: suspended, or slowed
+    SHAPING_ENDED = "shaping_ended"  # ... and lets it go: lapsed, or cleared by the operator
 
 
 @dataclass(slots=True)

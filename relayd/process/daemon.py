@@ -42,6 +42,7 @@ from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
 from relayd.events import log as events
 from relayd.events.log import log
+from relayd.events.records import Event
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.ingress.suppression import Lookup
@@ -208,13 +209,14 @@ class QueueProcess:
             self.writer, self.scheduler, self.signer, server.hostname, _space(server), self.clock
         )
         await self.reputation.load()  # before the first connection picks a source
+        await self.scheduler.load_holds()  # adaptive shaping's holds of the last run, too
         self.scheduler.start(self.intake.dsn)
         self.control = Control(
             self.writer,
             self.scheduler,
             config.events.retention,
             self.clock,
-            requests=self.reputation.request,
+            requests=self._requests,
         )
         self.control_task = loop.create_task(self.control.run())
         self.reputation_task = loop.create_task(self.reputation.run())
@@ -229,6 +231,11 @@ class QueueProcess:
         submit = self.intake.submit
         self.link = IngressLink(submit, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+
+    def _requests(self, events: list[Event]) -> None:
+        """relayctl's requests, read from the operator events: ip check, shaping clear."""
+        self.reputation.request(events)
+        self.scheduler.clear_holds(events)
 
     def _blacklist_resolver(self) -> Resolver:
         """A resolver for one round of blacklist lookups, on the nameservers of the config in

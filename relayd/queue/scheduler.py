@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relayd.config import (
+    PROVIDER_LANE,
     Delivery,
     Pools,
     Retry,
@@ -51,13 +52,15 @@ from relayd.config import (
 from relayd.delivery.client import ConnectFailure, Connection
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
+from relayd.events.records import Event
 from relayd.model.address import domain_of
 from relayd.model.message import BULK, TRANSACTIONAL, Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
 from relayd.outcomes import commit, decide
 from relayd.outcomes.classify import Classifier
 from relayd.shaping import Gcra, Rotation, Throttle, ThrottleFactory
-from relayd.spool import schema, store
+from relayd.shaping.adaptive import RATE, SUSPEND, SYSTEM, Hold, Holds, Rules
+from relayd.spool import holds, schema, store
 from relayd.spool.writer import Writer
 
 POLL_INTERVAL = 1.0  # seconds between spool scans when nothing pokes the loader
@@ -67,6 +70,8 @@ IN_FLIGHT = 32 << 20  # bytes of text that connections may hold at once (read, b
 STREAM = 256 * 1024  # a text larger than this is streamed from the spool, not read whole
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, backing off
 BULK_AHEAD = 4  # slots of one rate that bulk jobs may hold booked at once
+LAPSE_POLL = 1.0  # seconds between looks for holds of adaptive shaping whose end has come
+PROVIDER_CACHE = 10_000  # MX host sets whose provider is remembered
 
 Connect = Callable[..., Awaitable[Connection]]
 # Whether a pool's source address may take new connections now (the blacklist watch keeps a
@@ -172,6 +177,8 @@ class Site:
     per_source: Counter[str] = field(default_factory=Counter)
     limiter: Throttle | None = None
     source_limiters: dict[str, Throttle] = field(default_factory=dict)
+    name: str = ""  # what adaptive shaping holds sources at: its provider, or its MX hosts
+    provider: str = ""  # the provider of [shaping.providers] its MX hosts match, or ""
 
 
 class Scheduler:
@@ -210,6 +217,10 @@ class Scheduler:
         self.stopping = False
         self._poke = asyncio.Event()
         self._spool_has_due = True  # until a load comes back short: then only new work sets it
+        self.held = Holds()  # adaptive shaping's holds in force
+        self.rules = Rules(config.shaping.rules)
+        self._holds_loaded = False
+        self._providers: dict[str, str] = {}  # a route's site -> its provider ("": none)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -274,6 +285,7 @@ class Scheduler:
         """Begin loading; ``dsn`` is intake's door, through which the DSNs owed go."""
         self.dsn = dsn
         self._spawn(self._loader())
+        self._spawn(self._lapse_loop())
 
     async def stop(self, timeout: float) -> None:
         """Finish transactions in flight (up to ``timeout``), give the rest back to the spool."""
@@ -304,6 +316,8 @@ class Scheduler:
     def reload(self, config: Settings) -> None:
         self.config = config
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
+        self.rules = Rules(config.shaping.rules)
+        self._providers.clear()
         for site in self.sites.values():
             site.limiter, site.source_limiters = None, {}
             self._configure(site)
@@ -337,18 +351,36 @@ class Scheduler:
             self._enqueue(site, job)
 
     def _site(self, route: Route, domain: str) -> Site:
-        """The site of ``domain``'s jobs: its MX hosts, and its lane on them. Domains sharing
-        MX hosts share the default limits there; a domain with a table of its own under
-        [shaping.domains] has its own lane, so its limits hold whatever else goes to the
-        same hosts and whichever domain got there first."""
-        lane = domain if domain in self.config.shaping.domains else ""
-        key = f"{route.site}|{lane}"
+        """The site of ``domain``'s jobs: its provider or its MX hosts, and its lane there.
+        Domains sharing MX hosts share the default limits there; domains whose MX hosts match
+        a provider's patterns ([shaping.providers]) share the provider's one site and its
+        limits, whatever their MX hosts. A connection goes to the MX hosts of the domain that
+        routed last and carries any of the site's mail: a provider's hosts take mail for each
+        of its domains. A domain with a table of its own under [shaping.domains] has its own
+        lane, so its limits hold whatever else goes to the same hosts and whichever domain got
+        there first."""
+        provider = self._provider(route)
+        if domain in self.config.shaping.domains:
+            lane = domain
+        else:
+            lane = f"{PROVIDER_LANE}{provider}" if provider else ""
+        name = provider or route.site
+        key = f"{name}|{lane}"
         site = self.sites.get(key)
         if site is None:
-            site = self.sites[key] = Site(key, lane, route)
+            site = self.sites[key] = Site(key, lane, route, name=name, provider=provider)
             self._configure(site)
         site.route = route
         return site
+
+    def _provider(self, route: Route) -> str:
+        found = self._providers.get(route.site)
+        if found is None:
+            if len(self._providers) >= PROVIDER_CACHE:
+                self._providers.clear()
+            hosts = (h.host for tier in route.tiers for h in tier)
+            found = self._providers[route.site] = self.config.shaping.provider_of(hosts)
+        return found
 
     def _configure(self, site: Site) -> None:
         shaping = self.config.shaping.for_lane(site.lane)
@@ -392,6 +424,7 @@ class Scheduler:
         ):
             source = self._pick_source(site, shaping)
             if source is False:
+                self._postpone_if_held(site, shaping)
                 return
             site.connections += 1
             site.starting += 1
@@ -402,13 +435,15 @@ class Scheduler:
     def _pick_source(self, site: Site, shaping: Shaping) -> Source | bool | None:
         """A source below its connection limit; None for the system's default; False: none."""
         rotation = self.rotations.get(shaping.pool)
+        held = self.held
         if rotation is None:
-            return None
+            return False if held.blocks(site.name, None, site.connections) else None
         usable = self.usable_source
         picked = rotation.pick(
             lambda s: (
                 site.per_source[s.address] < shaping.max_connections_per_source
                 and usable(shaping.pool, s.address)
+                and not held.blocks(site.name, s.address, site.per_source[s.address])
             )
         )
         return picked if picked is not None else False
@@ -435,6 +470,8 @@ class Scheduler:
         first = True
         try:
             for _ in range(shaping.max_messages_per_connection):
+                if self.held.find(site.name, source.address if source else None, SUSPEND):
+                    break  # adaptive shaping suspended the source: it sends no more there
                 job = await self._next_job(site, shaping)
                 if first:
                     site.starting -= 1
@@ -460,6 +497,7 @@ class Scheduler:
                     await self._throttle(site, shaping, source, job.bulk)
                     pairs = await self._send(conn, job)
                     self._finish(job, pairs, conn.mx, conn.source_ip)
+                    self._adapt(site, source, conn.source_ip, pairs)
                     if conn.broken:
                         break
                 finally:
@@ -531,6 +569,13 @@ class Scheduler:
                     shaping.max_rate_per_source, self.monotonic
                 )
             rates.append((source.address, limiter))
+        address = source.address if source is not None else None
+        rated = self.held.find(site.name, address, RATE)
+        if rated is not None and rated.rate is not None:  # adaptive shaping slowed the source
+            if rated.limiter is None:
+                rated.limiter = self.throttle(rated.rate, self.monotonic)
+            rates.append((f"hold:{rated.source_ip}", rated.limiter))
+        self.held.sent(site.name, address or SYSTEM, self.monotonic())
         if not bulk:
             wait = max((limiter.reserve() for _, limiter in rates), default=0.0)
             if wait > 0:
@@ -551,7 +596,9 @@ class Scheduler:
         """No host of the site took a new connection. While other connections to it work, the
         site is only full: the job goes back to them, and no new connection is tried for a
         second. With none open the site is down: defer this job and those queued behind it, as
-        Postfix does for a dead destination, rather than paying a connect timeout for each."""
+        Postfix does for a dead destination, rather than paying a connect timeout for each.
+        The refusal's reply (to the greeting, EHLO) is matched by adaptive shaping once."""
+        self._adapt(site, source, "", [(0, Reply(exc.code, exc.reply))])
         if site.open > 0:
             (site.bulk if job.bulk else site.queue).appendleft(job)
             site.cooldown_until = self.monotonic() + 1.0
@@ -640,6 +687,133 @@ class Scheduler:
         assert self.dsn is not None
         op = commit.settle_op(msg_ids, self.clock(), self.config.retry.delay_warning, self.dsn)
         return self.writer.submit(op)
+
+    # -- adaptive shaping ---------------------------------------------------------------
+
+    def _adapt(
+        self, site: Site, source: Source | None, local_ip: str, replies: list[tuple[int, Reply]]
+    ) -> None:
+        """Match a site's failure replies against the rules of adaptive shaping; a match holds
+        the source that got it (a new hold is stored with its event, a renewed one updated)."""
+        shaping = self.config.shaping
+        if not (self.rules and shaping.adaptive):
+            return
+        seen: set[Reply] = set()
+        for _, reply in replies:
+            if reply.code < 400 or reply in seen:
+                continue
+            seen.add(reply)
+            rule = self.rules.match(site.provider, reply.code, reply.text)
+            if rule is None:
+                continue
+            limits = shaping.for_lane(site.lane)
+            metered = source.address if source is not None else SYSTEM
+            base = (limits.max_rate_per_source if source is not None else None) or limits.max_rate
+            base = base or self.held.sent_rate(site.name, metered, self.monotonic())
+            held_as = source.address if source is not None else (local_ip or SYSTEM)
+            now = self.clock()
+            change = self.held.apply(rule, site.name, held_as, reply.code, reply.text, now, base)
+            if change is None:
+                continue
+            hold, new = change
+            if new:
+                self._spawn(self._open_hold(hold))
+            elif hold.id:
+                renew = functools.partial(holds.renew, hold_id=hold.id, until=hold.until)
+                self._spawn(self._store("shaping", renew))
+
+    async def _open_hold(self, hold: Hold) -> None:
+        event = await self._store("shaping", functools.partial(holds.open_hold, hold=hold))
+        hold.id = event.data["hold"]
+        emit([event])
+
+    async def _store(self, task: str, op: Callable[[sqlite3.Connection], Any]) -> Any:
+        """One spool operation of adaptive shaping, tried until it is stored."""
+        failures = 0
+        while True:
+            try:
+                return await self.writer.submit(op)
+            except Exception as exc:
+                await backoff(task, failures, exc)
+                failures += 1
+
+    async def load_holds(self) -> None:
+        """The holds an earlier run stored: in force before the first connection."""
+        if not self._holds_loaded:
+            for hold in await self.writer.submit(holds.active):
+                self.held.add(hold)
+            self._holds_loaded = True
+
+    async def _lapse_loop(self) -> None:
+        await keep_running("shaping", self._lapse, lambda: not self.stopping)
+
+    async def _lapse(self) -> None:
+        """End the holds whose end has come (their events), and let their sites go on."""
+        await self.load_holds()
+        now = self.clock()
+        ended = self.held.lapse(now, self.monotonic())
+        stored = [h.id for h in ended if h.id]
+        if stored:
+            end = functools.partial(holds.end, ids=stored, now=now, how=holds.LAPSED)
+            emit(await self._store("shaping", end))
+        self._kick_sites({h.site for h in ended})
+        await asyncio.sleep(LAPSE_POLL)
+
+    def clear_holds(self, events: list[Event]) -> None:
+        """Operator events (relayd.queue.control): relayctl shaping clear ended these holds
+        in the spool (and made the mail they postponed due); they end here too."""
+        for event in events:
+            if event.data.get("action") == holds.CLEAR:
+                gone = self.held.remove(event.data.get("holds") or ())
+                self._kick_sites({h.site for h in gone})
+
+    def _kick_sites(self, names: set[str]) -> None:
+        if names:
+            for site in [s for s in self.sites.values() if s.name in names]:
+                self._kick(site)
+
+    def _postpone_if_held(self, site: Site, shaping: Shaping) -> None:
+        """No source may open a connection to the site, and none is open: when suspensions
+        are why (every source the site may use is suspended there), its queued mail goes back
+        to the spool, due when the first of them ends, rather than filling memory meanwhile."""
+        if site.connections or not (site.queue or site.bulk):
+            return
+        rotation = self.rotations.get(shaping.pool)
+        if rotation is None:
+            found = [self.held.find(site.name, None, SUSPEND)]
+        else:
+            usable = [s for s in rotation.sources if self.usable_source(shaping.pool, s.address)]
+            found = [self.held.find(site.name, s.address, SUSPEND) for s in usable]
+        suspended = [h for h in found if h is not None]
+        if not suspended or len(suspended) < len(found):
+            return
+        until = min(h.until for h in suspended)
+        jobs = [*site.queue, *site.bulk]
+        site.queue.clear()
+        site.bulk.clear()
+        for job in jobs:
+            self.active -= 1
+            self.active_retries -= job.is_retry
+            self.active_bulk -= job.bulk
+            if job.body is not None:
+                self.kept -= len(job.body)
+                job.body = None
+        domains = sorted({job.domain for job in jobs})
+        op = functools.partial(
+            holds.postpone,
+            rcpt_ids=[r.id for job in jobs for r in job.recipients],
+            until=until,
+            hold_ids=[h.id for h in suspended if h.id],
+            domains=domains,
+        )
+        self._spawn(self._store("postpone", op))
+        log.info(
+            "shaping_postponed",
+            site=site.name,
+            domains=domains,
+            messages=len(jobs),
+            until=holds.iso(until),
+        )
 
     # -- background loops ---------------------------------------------------------------
 

@@ -126,6 +126,12 @@ CREATE TABLE webhooks (
 # restored backup still knows the links it sent. A recipient's ``bulk`` is its message's
 # stream again (1: bulk), in the due indexes, so that the loader takes transactional mail first
 # without reading past a bulk backlog.
+# Adaptive shaping's holds: a source address held at a site (a provider's name, or a domain's MX
+# hosts) by a rule of the shaping rules, from since to until; action 'suspend' or 'rate' (factor,
+# the slowed rate as rate_count per rate_period seconds, connections at most); the reply that
+# caused it; ended_at and ended ('lapsed', 'cleared') once over (NULL: in force). Ids are never
+# reused (relayctl shaping clear names them). hold_domains: the domains whose mail a hold
+# postponed in the spool, so that clearing it makes that mail due at once.
 _V4 = """
 ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
 CREATE TABLE suppressions (
@@ -172,6 +178,29 @@ DROP INDEX recipients_fresh;
 DROP INDEX recipients_deferred;
 CREATE INDEX recipients_fresh ON recipients(bulk, next_attempt) WHERE state = 0;
 CREATE INDEX recipients_deferred ON recipients(bulk, next_attempt) WHERE state = 1;
+CREATE TABLE holds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    source_ip TEXT NOT NULL,
+    action TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    code INTEGER NOT NULL,
+    reply TEXT NOT NULL,
+    factor REAL NOT NULL DEFAULT 1,
+    rate_count REAL,
+    rate_period REAL,
+    connections INTEGER,
+    since REAL NOT NULL,
+    until REAL NOT NULL,
+    ended_at REAL,
+    ended TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX holds_open ON holds(site) WHERE ended_at IS NULL;
+CREATE TABLE hold_domains (
+    hold_id INTEGER NOT NULL REFERENCES holds(id) ON DELETE CASCADE,
+    domain TEXT NOT NULL,
+    PRIMARY KEY (hold_id, domain)
+) WITHOUT ROWID;
 """
 
 
