@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -533,3 +534,29 @@ def test_shaping_clear_refuses_what_names_no_hold(relay):
     ):
         result = r.ctl("shaping", *args, check=False)
         assert result.returncode != 0 and problem in result.stderr, result.stderr
+
+
+def test_local_rules_are_reloaded_on_sighup_and_a_bad_one_is_refused(relay, fake_mx, dns_server):
+    """A rule of one's own for every site ("*"), added on SIGHUP, holds a source at a site of
+    no provider (its MX hosts); a broken file is refused naming the file and the rule, and the
+    rules in use stay."""
+    mx = fake_mx("127.0.0.26", rcpt_reply="451 4.7.1 Too many connections from your host")
+    mx_zone(dns_server, "plain.test", (10, "mx.plain.test", "127.0.0.26"))
+    r = relay({"shaping": {"local_rules_file": "mine.toml"}}, start=False)
+    local = r.workdir / "mine.toml"
+    local.write_text("")
+    r.start()
+    local.write_text("[[rules]]\nname = 'busy'\nprovider = '*'\ntext = 'too many ('\n")
+    r.signal(signal.SIGHUP)
+    (refused,) = r.wait_event("reload_refused")
+    assert f"{local}: rules[0].text: not a regular expression" in refused["error"]
+    local.write_text(
+        "[[rules]]\nname = 'busy'\nprovider = '*'\ncode = 451\ntext = 'too many connections'\n"
+        "action = 'rate'\nconnections = 1\nduration = '10m'\n"
+    )
+    r.signal(signal.SIGHUP)
+    r.wait_event("reloaded")
+    send(r.port, ["ann@plain.test"])
+    (event,) = r.wait_event("shaping")
+    assert (event["rule"], event["action"], event["connections"]) == ("busy", "rate", 1)
+    assert event["site"] == f"mx.plain.test:{mx.port}"

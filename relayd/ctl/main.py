@@ -41,6 +41,7 @@ from relayd.mime import dkim
 from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, State
 from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
+from relayd.shaping.adaptive import split
 from relayd.spool import admin, holds, listings, suppression
 from relayd.spool.suppression import REASONS
 
@@ -824,7 +825,7 @@ def render_shaping_list(result: Row) -> str:
             h["since"],
             h["until"],
             h["rule"],
-            f"{h['code']} {h['response']}".replace("\n", " "),
+            " ".join(filter(None, (str(h["code"]), *split(h["response"])))),
         ]
         for h in result["holds"]
     ]
