@@ -12,8 +12,15 @@ the bytes of text in flight are bounded (``Budget``). Only a fresh small message
 straight from intake keeps its text for its first attempt, within ``KEEP_TOTAL`` bytes.
 
 Jobs are routed to sites (the set of MX hosts a domain resolves to; domains sharing MX hosts
-share a site and its limits). A site opens connections up to its limits, each from a source
-address picked by weighted rotation, and each carries jobs until its message cap or idleness.
+share a site and its limits; domains whose MX hosts match a provider's patterns share the
+provider's site). A site opens connections up to its limits, each from a source address picked
+by weighted rotation, and each carries jobs until its message cap or idleness.
+
+Adaptive shaping: a site's failure replies are matched against the shaping rules; a match holds
+the source that got it at the site (suspended: no connection from it there, its open ones stop;
+or slowed: a rate and a connection cap of its own there) until the hold ends or relayctl clears
+it. Each hold is stored with its event. Mail that no source may send now goes back to the spool,
+due when the first hold that stops it ends, rather than fill memory meanwhile.
 
 Streams: each job is transactional or bulk, and transactional mail never waits behind bulk mail.
 A site queues the two apart; a connection taking its next job takes a transactional one first;

@@ -11,7 +11,7 @@ without I/O: the scheduler stores each change with its event and enforces the ho
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,8 +164,9 @@ class Holds:
     def __init__(self) -> None:
         self._sites: dict[str, dict[tuple[str, str], Hold]] = {}
         self._meters: dict[tuple[str, str], Meter] = {}
+        self._pruned = 0.0  # when quiet meters were last forgotten (monotonic)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Hold]:
         return (h for held in self._sites.values() for h in held.values())
 
     def find(self, site: str, source: str | None, action: str) -> Hold | None:
@@ -228,8 +229,10 @@ class Holds:
         """Take out the holds whose end has come; forget meters gone quiet."""
         ended = [h for h in self if h.until <= now]
         self._take(ended)
-        for key in [k for k, m in self._meters.items() if m.idle(monotonic)]:
-            del self._meters[key]
+        if monotonic - self._pruned >= WINDOW:
+            self._pruned = monotonic
+            for key in [k for k, m in self._meters.items() if m.idle(monotonic)]:
+                del self._meters[key]
         return ended
 
     def remove(self, ids: Iterable[int]) -> list[Hold]:
