@@ -296,6 +296,21 @@ def test_a_return_path_elsewhere_is_checked_for_spf_and_alignment(tmp_path, dns_
     assert report.failed
 
 
+def test_two_spf_records_fail_and_an_include_that_servfails_is_an_error(tmp_path, dns_server):
+    cfg = _config(tmp_path, pools())
+    dns_server.add("two.test", "TXT", f"v=spf1 ip4:{MTA1} -all")
+    dns_server.add("two.test", "TXT", f"v=spf1 ip6:{MTA1_V6} -all")
+    dns_server.add("broken.test", "TXT", "v=spf1 include:_spf.broken.test -all")
+    dns_server.set_servfail("_spf.broken.test")
+    two = [i for i in check_domain(cfg, "two.test", _dns(dns_server)).items if i.check == "spf"]
+    assert two[0].status is Status.FAIL and "multiple SPF" in two[0].detail  # checkdmarc's
+    assert all(i.status is Status.FAIL for i in two[1:])  # permerror, for pyspf too
+    broken = check_domain(cfg, "broken.test", _dns(dns_server))
+    spf = [i for i in broken.items if i.check == "spf"]
+    assert [i.status for i in spf[1:]] == [Status.ERROR, Status.ERROR]
+    assert "SERVFAIL" in spf[1].detail and spf[1].fix == ""
+
+
 def test_p_none_is_a_warning_and_a_policy_that_does_not_parse_a_failure(tmp_path, dns_server):
     cfg = _config(tmp_path, pools())
     dns_server.add("_dmarc.one.test", "TXT", "v=DMARC1; p=none")

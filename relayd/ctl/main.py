@@ -1014,7 +1014,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="DOMAIN",
         help="domain of the envelope sender, when not DOMAIN (SPF is checked there)",
     )
-    p.set_defaults(run=check_domain, render=report.render, needs="config", status=_check_status)
+    p.set_defaults(
+        run=check_domain, render=report.render, needs="config", exit_status=_check_status
+    )
     return top
 
 
@@ -1046,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     exported = getattr(args, "action", "") == "export" and args.file == "-"
     if text:  # after a CSV export to stdout, its summary goes to stderr
         print(text, file=sys.stderr if exported else sys.stdout)
-    return args.status(result) if hasattr(args, "status") else 0
+    return args.exit_status(result) if hasattr(args, "exit_status") else 0
 
 
 if __name__ == "__main__":

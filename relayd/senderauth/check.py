@@ -167,7 +167,7 @@ def _spf(run: _Run, sources: list[Source]) -> list[Item]:
     result = checkdmarc.spf.check_spf(domain, resolver=run.dns.resolver, timeout=run.dns.timeout)
     record = result.get("record") or records[0]
     if not result["valid"]:
-        detail = f"{record!r} does not hold: {result['error']}"
+        detail = f"{record!r} is not valid: {result['error']}"
         items.append(run.add("spf", domain, Status.FAIL, detail))
     else:
         lookups = result.get("dns_lookups")
