@@ -158,6 +158,7 @@ def _api_settings(config: configuration.Config) -> ApiSettings:
         config.ingress.max_message_size,
         config.api.max_body_size,
         config.webhooks,
+        config,
     )
 
 

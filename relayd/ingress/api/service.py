@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from relayd.config import Webhooks
+from relayd.config import Config, Webhooks
 from relayd.events.log import log
 from relayd.events.records import Type
 from relayd.ingress import suppression as suppressions
@@ -39,6 +39,7 @@ from relayd.ingress.credentials import Credential, Directory
 from relayd.ingress.suppression import Lookup
 from relayd.model.message import Answer, Guard, NewMessage
 from relayd.receipts import endpoints
+from relayd.senderauth.report import domain_name
 from relayd.spool import admin, schema, suppression
 from relayd.spool import api as queries
 from relayd.spool.space import FreeSpace, is_full
@@ -48,6 +49,7 @@ PROBLEM = "application/problem+json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _MESSAGE = re.compile(r"^/v1/messages/([0-9A-Fa-f]{1,32})$")
 _WEBHOOK = re.compile(r"^/v1/webhooks/(\d{1,18})(?:/(rotate|enable|disable))?$")
+_DOMAIN_CHECK = re.compile(r"^/v1/domains/([^/]{1,253})/check$")
 _SUPPRESSION = re.compile(r"^/v1/suppressions/([^/]{1,254})$")
 MAX_SUPPRESSIONS = 10_000  # entries one POST may add
 _EVENT_TYPES = {t.value for t in Type}
@@ -109,6 +111,7 @@ class Settings:
     max_message_size: int
     max_body_size: int
     webhooks: Webhooks
+    config: Config  # what a domain check reads: pools, shaping lanes, DKIM keys, [dns]
 
 
 class Api:
@@ -128,6 +131,8 @@ class Api:
         self.reader = _Reader(spool)
         self.suppressions = Lookup(spool, clock)  # asked in the compose thread
         self.compose_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-compose")
+        # domain checks block on DNS for seconds (checkdmarc and pyspf are blocking libraries)
+        self.check_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-check")
         self.document = json.dumps(openapi.document()).encode()
 
     def reload(self, settings: Settings, directory: Directory, space: FreeSpace) -> None:
@@ -135,6 +140,7 @@ class Api:
 
     def close(self) -> None:
         self.compose_pool.shutdown()
+        self.check_pool.shutdown(cancel_futures=True)
         self.reader.close()
         self.suppressions.close()
 
@@ -169,6 +175,9 @@ class Api:
             return await self._webhooks(req, self._key(req, "webhooks"))
         if path == "/v1/suppressions" or _SUPPRESSION.match(path):
             return await self._suppressions(req, self._key(req, "suppressions"))
+        if m := _DOMAIN_CHECK.match(path):
+            _allow(method, "GET")
+            return await self._check_domain(req, self._key(req, "read"), m.group(1))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
@@ -448,6 +457,28 @@ class Api:
         if "admin" not in cred.scopes and scope not in mine:
             raise Refused(403, "Forbidden", f"key {cred.name} may not change {scope}", field)
 
+    # -- sender authentication ------------------------------------------------------------
+
+    async def _check_domain(self, req: Request, cred: Credential, raw: str) -> Reply:
+        """``relayctl check-domain``'s report, for a domain the key may send as (or any, with
+        the admin scope): it shows the pools' addresses and the DKIM selectors."""
+        domain = _domain_param(raw, "domain")
+        given = req.query.get("return_path_domain")
+        return_path = _domain_param(given, "return_path_domain") if given is not None else ""
+        if "admin" not in cred.scopes and not cred.may_send_as(f"postmaster@{domain}"):
+            raise Refused(403, "Forbidden", f"key {cred.name} may not send as {domain}", "domain")
+        # checkdmarc and pyspf cost the ingress process memory: loaded on the first check
+        from relayd.senderauth import check, lookup
+
+        cfg = self.settings.config
+        lookups = lookup.Dns.from_config(cfg.dns)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            self.check_pool, check.check_domain, cfg, domain, lookups, return_path
+        )
+        log.info("domain_checked", key=cred.name, domain=domain, status=found.status.value)
+        return Reply(200, json.dumps(found.as_json()).encode())
+
 
 def _scope(text: str, field: str) -> str:
     try:
@@ -576,6 +607,13 @@ def _int_param(query: dict[str, str], name: str, default: int, low: int, high: i
     if not low <= value <= high:
         raise Refused(422, "Invalid request", f"must be from {low} to {high}", name)
     return value
+
+
+def _domain_param(raw: str, name: str) -> str:
+    try:
+        return domain_name(raw)
+    except ValueError as exc:
+        raise Refused(422, "Invalid request", str(exc), name) from None
 
 
 def _iso(ts: float) -> str:
