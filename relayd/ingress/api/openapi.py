@@ -328,8 +328,60 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/unsubscribe/{token}": _unsubscribe(),
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
+            },
+        },
+    }
+
+
+# The bodies RFC 8058's POST comes in: a form, URL-encoded, or multipart as some clients send it.
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _unsubscribe() -> dict[str, Any]:
+    """The links of bulk mail: no API key (the signed token is the credential)."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    form = {
+        "type": "object",
+        "properties": {"List-Unsubscribe": {"const": "One-Click"}},
+        "required": ["List-Unsubscribe"],
+    }
+    return {
+        "description": "One-click unsubscribe (RFC 8058), where List-Unsubscribe leads: the"
+        " path is that of [unsubscribe] url (here its example, /unsubscribe/), followed by the"
+        " token. Mail clients and recipients call it, without an API key.",
+        "parameters": [
+            {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "get": {
+            "summary": "A page saying which address would be unsubscribed from whom, with the"
+            " button that posts; changes nothing (HEAD too)",
+            "security": [],
+            "responses": {
+                "200": {"description": "the page", "content": html},
+                "400": {"description": "the link is forged, altered or expired", "content": html},
+            },
+        },
+        "post": {
+            "summary": "Unsubscribe: an `unsubscribed` event and a suppression entry in the"
+            " token's scope that never lapses; again: 200, nothing more",
+            "security": [],
+            "requestBody": {
+                "required": True,
+                "content": {kind: {"schema": form} for kind in FORMS},
+            },
+            "responses": {
+                "200": {"description": "unsubscribed (a page saying so)", "content": html},
+                "400": {
+                    "description": "a forged, altered or expired token (`field` token), or"
+                    " another body (`field` List-Unsubscribe)",
+                    "content": problem,
+                },
+                "405": {"description": "neither GET, HEAD nor POST", "content": problem},
+                "415": {"description": "not a form", "content": problem},
             },
         },
     }
