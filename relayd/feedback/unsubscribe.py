@@ -21,9 +21,10 @@ from relayd.model.address import domain_of
 from relayd.model.message import NewMessage
 from relayd.spool import store, suppression
 
-# A List-Unsubscribe field of the sender's own, in the header section (any case; RFC 5322's
-# obsolete syntax allows blanks before the colon).
-_FIELD = re.compile(rb"(?:\A|\n)list-unsubscribe[ \t]*:", re.IGNORECASE)
+# A List-Unsubscribe field of the sender's own, in the lowered header section after a "\n"
+# (RFC 5322's obsolete syntax allows blanks before the colon). A literal first: sre's fast
+# prefix search, ten times an IGNORECASE pattern's speed.
+_FIELD = re.compile(rb"\nlist-unsubscribe[ \t]*:")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,}")  # what Tokens.unsubscribe makes: unpadded base64url
 _ASKED = re.compile(rf"^\s*(?:unsubscribe\s+)?({_TOKEN.pattern})\s*$", re.IGNORECASE)
 ACCOUNTS = ("key:", "auth:")  # the origins that name a credential's account
@@ -56,7 +57,7 @@ class Links:
         else:
             end = text.find(b"\r\n\r\n")  # no boundary: all header; the fields go first
             head, at = (end + 2, end + 2) if end >= 0 else (len(text), 0)
-        if _FIELD.search(text, 0, head):
+        if _FIELD.search(b"\n" + text[:head].lower()):
             log.debug("list_unsubscribe_kept", queue_id=msg.queue_id, sender=msg.sender)
             return
         token = self.tokens.unsubscribe(msg.queue_id, msg.recipients[0], self.scope_of(msg), now)

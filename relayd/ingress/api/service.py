@@ -165,8 +165,9 @@ class Api:
     async def _route(self, req: Request) -> Reply:
         path, method = req.path, req.method
         links = self.settings.config.unsubscribe
-        if links.enabled and path.startswith(links.path) and len(path) > len(links.path):
-            return await self._unsubscribe(req, path.removeprefix(links.path))  # no API key
+        token = path.removeprefix(links.path) if links.enabled else ""
+        if token and "/" not in token:  # a link's last segment (the path's own): no API key
+            return await self._unsubscribe(req, token)
         if path == "/v1/openapi.json":
             _allow(method, "GET")
             return Reply(200, self.document)
