@@ -490,9 +490,11 @@ class Api:
             whom = page.whom(scope, found.sender, hostname)
             return Reply(200, page.confirm(rcpt, whom, done), "text/html", page.HEADERS)
         _one_click(req)
-        event = await self.reader.write(
-            unsubscribe.record, self.tokens, token, now, max_age, "one-click"
-        )
+        event = None  # a click again (clients and scanners repeat): no write lock taken
+        if not await self.reader.run(unsubscribe.unsubscribed, rcpt, scope):
+            event = await self.reader.write(
+                unsubscribe.record, self.tokens, token, now, max_age, "one-click"
+            )
         if event is not None:  # committed: its log line (None: it was done before)
             emit([event])
         sender = event.data.get("sender") if event is not None else None
