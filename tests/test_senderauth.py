@@ -105,13 +105,28 @@ def by_check(doc: dict[str, Any], check: str) -> list[dict[str, Any]]:
     return [i for i in doc["items"] if i["check"] == check]
 
 
+def test_one_click_unsubscribe_passes_once_relayd_adds_the_fields(relay, zones):
+    listeners = [
+        {"address": f"127.0.0.1:{free_port()}", "kind": "relay"},
+        {"address": f"127.0.0.1:{free_port()}", "kind": "http"},
+    ]
+    url = "https://mail.good.test/unsubscribe/"
+    extra = {**pools(), "listeners": listeners, "unsubscribe": {"url": url}}
+    out = run_check(relay, zones, "good.test", "--json", extra=extra)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (item,) = [
+        i for i in json.loads(out.stdout)["items"] if i["subject"] == "one-click unsubscribe"
+    ]
+    assert item["status"] == "pass" and url in item["detail"] and "stream bulk" in item["detail"]
+
+
 def test_a_domain_with_every_record_right_passes_and_relayctl_exits_0(relay, zones):
     out = run_check(relay, zones, "good.test", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     doc = json.loads(out.stdout)
     assert doc["domain"] == "good.test" and doc["return_path_domain"] == "good.test"
     failing = [i for i in doc["items"] if i["status"] != "pass"]
-    # relayd has no [unsubscribe] yet: the one item that warns
+    # [unsubscribe] is off by default: the one item that warns
     assert [(i["check"], i["subject"]) for i in failing] == [
         ("bulk-sender", "one-click unsubscribe")
     ]

@@ -455,17 +455,21 @@ def _bulk_sender(run: _Run, auth: list[Item], dmarc: list[Item], ptr: list[Item]
 
     summary("SPF and DKIM pass", auth, "every source passes SPF; every DKIM key is published")
     summary("DMARC published and aligned", dmarc, "DMARC record and alignment pass")
-    # [unsubscribe] (RFC 8058 List-Unsubscribe and List-Unsubscribe-Post, added by relayd)
-    # comes with the one-click unsubscribe work; until its table is in the config, the
-    # application has to add the header fields itself.
-    if getattr(run.cfg, "unsubscribe", None):
-        run.add("bulk-sender", "one-click unsubscribe", Status.PASS, "[unsubscribe] configured")
+    # [unsubscribe]: relayd adds RFC 8058's List-Unsubscribe and List-Unsubscribe-Post
+    unsubscribe = run.cfg.unsubscribe
+    if unsubscribe.enabled and unsubscribe.streams:
+        detail = (
+            f"[unsubscribe] url = {unsubscribe.url!r}: relayd adds the fields to one-recipient"
+            f" mail of stream {' and '.join(unsubscribe.streams)}"
+        )
+        run.add("bulk-sender", "one-click unsubscribe", Status.PASS, detail)
     else:
         detail = (
-            "not configured: relayd adds no List-Unsubscribe / List-Unsubscribe-Post"
-            " (RFC 8058); bulk mail must carry them, from the application"
+            "[unsubscribe] url is not set: relayd adds no List-Unsubscribe /"
+            " List-Unsubscribe-Post (RFC 8058); bulk mail must carry them, from the application"
         )
-        run.add("bulk-sender", "one-click unsubscribe", Status.WARN, detail)
+        fix = '[unsubscribe] url = "https://HOST/unsubscribe/" (an http or https listener)'
+        run.add("bulk-sender", "one-click unsubscribe", Status.WARN, detail, fix)
     if run.cfg.delivery.starttls == "may":
         detail = "delivery.starttls = may: TLS whenever the receiver offers it"
         run.add("bulk-sender", "TLS to recipients", Status.PASS, detail)
