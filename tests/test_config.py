@@ -261,3 +261,75 @@ def test_transactional_connections_is_a_count_kept_from_bulk_mail(tmp_path):
     assert shaping.domains["a.test"].bulk_connections == 1  # inherited 5 of 3: bulk keeps one
     assert shaping.domains["b.test"].bulk_connections == 20
     assert load(ROOT / "conf" / "relayd.toml").shaping.default.transactional_connections == 2
+
+
+_HTTP = '[[listeners]]\naddress = "127.0.0.1:8025"\nkind = "http"\n'
+
+
+def test_unsubscribe_is_off_by_default_and_documented_at_its_defaults(tmp_path):
+    default = load(_write(tmp_path, "")).unsubscribe
+    assert not default.enabled
+    assert (default.scope, default.max_age, default.streams) == (
+        "sender_domain",
+        365 * 86400,
+        ("bulk",),
+    )
+    config = load(ROOT / "conf" / "relayd.toml")
+    assert config.unsubscribe == default
+    section = (ROOT / "conf" / "relayd.toml").read_text().split("[unsubscribe]", 1)[1]
+    for name in default.__dataclass_fields__:
+        assert f"\n{name} = " in section, name
+    text = (
+        f'{_HTTP}[unsubscribe]\nurl = "https://mail.example.com/u/"\n'
+        'mailto = "u@bounces.example.com"\nscope = "key"\nmax_age = "30d"\n'
+        'streams = ["bulk", "transactional"]\n'
+    )
+    on = load(_write(tmp_path, text)).unsubscribe
+    assert on.enabled and on.path == "/u/" and on.mailto == "u@bounces.example.com"
+    assert (on.scope, on.max_age, on.streams) == ("key", 30 * 86400, ("bulk", "transactional"))
+    for url in ("http://127.0.0.1:8025/unsubscribe/", "http://[::1]/u/", "http://localhost/"):
+        assert load(_write(tmp_path, f'{_HTTP}[unsubscribe]\nurl = "{url}"\n')).unsubscribe.enabled
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ('url = "http://mail.example.com/u/"', "unsubscribe.url", "must be https://"),
+        ('url = "mailto:u@example.com"', "unsubscribe.url", "must be an https:// URL with a host"),
+        ('url = "https:///u/"', "unsubscribe.url", "with a host"),
+        ('url = "https://a@mail.example.com/u/"', "unsubscribe.url", "with a host"),
+        ('url = "https://mail.example.com:x/u/"', "unsubscribe.url", "not a URL"),
+        ('url = "https://mail.example.com/u/?list=1"', "unsubscribe.url", "no query or fragment"),
+        ('url = "https://mail.example.com/u/#"', "unsubscribe.url", "no query or fragment"),
+        ('url = "https://mail.example.com/u"', "unsubscribe.url", "must end in '/'"),
+        ('url = "https://mail.example.com"', "unsubscribe.url", "must end in '/'"),
+        ('url = "https://mail.example.com/a%20b/"', "unsubscribe.url", "use only"),
+        ('url = "https://mail.example.com/v1/u/"', "unsubscribe.url", "not be under /v1/"),
+        ('url = "https://mail.example.com/api/"', "unsubscribe.url", "not be under /v1/"),
+        (f'url = "https://mail.example.com/{"u" * 200}/"', "unsubscribe.url", "at most 200"),
+        ("url = 1", "unsubscribe.url", "must be a str"),
+        ('mailto = "unsubscribe"', "unsubscribe.mailto", "not an address"),
+        ('mailto = "un subscribe@b.example.com"', "unsubscribe.mailto", "not an address"),
+        ('mailto = "u?x=1@b.example.com"', "unsubscribe.mailto", "not an address"),
+        ('mailto = "u@b example.com"', "unsubscribe.mailto", "not an address"),
+        (f'mailto = "{"u" * 120}@b.example.com"', "unsubscribe.mailto", "at most 128"),
+        ('scope = "sender"', "unsubscribe.scope", "global, sender_domain, key"),
+        ('max_age = "12h"', "unsubscribe.max_age", "from 1d to 365d, got 12h"),
+        ('max_age = "366d"', "unsubscribe.max_age", "at most 365d"),
+        ('streams = "bulk"', "unsubscribe.streams", "must be a list"),
+        ('streams = ["news"]', "unsubscribe.streams[0]", "'transactional' or 'bulk'"),
+        ('streams = ["bulk", "bulk"]', "unsubscribe.streams[1]", "listed twice"),
+        ('ttl = "1d"', "unsubscribe.ttl", "unknown key"),
+    ],
+)
+def test_unsubscribe_mistakes_are_refused(tmp_path, line, key, problem):
+    base = 'url = "https://mail.example.com/u/"\n' if not line.startswith("url") else ""
+    text = f"{_HTTP}[unsubscribe]\n{base}{line}\n"
+    assert problem in _refused(tmp_path, text, key)
+
+
+def test_unsubscribe_needs_a_listener_for_its_links_and_a_url_for_its_mailto(tmp_path):
+    text = '[unsubscribe]\nurl = "https://mail.example.com/u/"\n'
+    assert "needs an http or https listener" in _refused(tmp_path, text, "unsubscribe.url")
+    text = f'{_HTTP}[unsubscribe]\nmailto = "u@bounces.example.com"\n'
+    assert "needs unsubscribe.url" in _refused(tmp_path, text, "unsubscribe.mailto")

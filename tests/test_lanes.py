@@ -6,7 +6,6 @@ key's or login's default) and for transactional mail overtaking a bulk backlog e
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import smtplib
@@ -15,84 +14,24 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.fakemx import FakeMX, Received
+from support.queue import Clock, run_queue, until
 from support.util import free_port, listening, mx_zone, wait_until
 
-from relayd import config as configuration
-from relayd.delivery.dns import Resolver
 from relayd.ingress import metadata
 from relayd.ingress.credentials import Credential, load_credentials, save_credentials
-from relayd.mime.dkim import Signer
 from relayd.model.ids import new_queue_id
 from relayd.model.message import BULK, TRANSACTIONAL, NewMessage
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import BULK_AHEAD, Scheduler, Settings
-from relayd.spool import schema, store
-from relayd.spool.space import FreeSpace
-from relayd.spool.writer import Writer
+from relayd.queue.scheduler import BULK_AHEAD, Scheduler
+from relayd.spool import store
 
-START = 1_800_000_000.0
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) -> None:
-    """Poll with a deadline, yielding to the loop that does the work."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-Body = Callable[[Intake, Scheduler, Clock, Path], Awaitable[None]]
-
-
-def run_queue(tmp_path: Path, mx: FakeMX, toml: str, body: Body) -> None:
-    """The queue process's parts in one loop, on ``toml`` (added to a config routed to ``mx``)."""
-    path = tmp_path / "relayd.toml"
-    path.write_text(
-        "[server]\nspool_path = 'spool.sqlite'\nmin_free_space = '0'\n"
-        f"[routes]\n'*' = '{mx.host}:{mx.port}'\n"
-        "[retry]\nfirst = '1h'\nmax_interval = '1h'\njitter = 0.0\nmax_age = '5d'\n" + toml
-    )
-    config = configuration.load(path)
-    spool = config.server.spool_path
-    schema.prepare(spool)
-    clock = Clock()
-    settings = Settings(
-        "relay.test", config.delivery, config.routes, config.shaping, config.retry, {}
-    )
-
-    async def main() -> None:
-        writer = Writer(spool, asyncio.get_running_loop())
-        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
-        scheduler = Scheduler(settings, writer, resolver, clock)
-        space = FreeSpace(spool, 0)
-        intake = Intake(writer, scheduler, Signer(config.dkim, path), "relay.test", space, clock)
-        scheduler.start(intake.dsn)
-        try:
-            await body(intake, scheduler, clock, spool)
-        finally:
-            await scheduler.stop(5)
-            intake.close()
-            writer.close()
-
-    asyncio.run(main())
 
 
 def message(rcpt: str, stream: str, received_at: float) -> NewMessage:
@@ -141,7 +80,7 @@ def test_a_connection_takes_queued_transactional_mail_before_bulk_mail_queued_ea
             await intake.submit(msgs)
             await until(lambda: len(mx.messages) == 7, "all seven messages")
 
-        run_queue(tmp_path, mx, "[shaping.default]\nmax_connections = 1\n", body)
+        run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 1\n")
         assert order(mx) == ["t0", "t1", "b0", "b1", "b2", "b3", "b4"]
         assert mx.max_concurrent_connections == 1
     finally:
@@ -168,7 +107,7 @@ def test_bulk_mail_holds_its_share_of_connections_and_transactional_mail_takes_t
             assert bulk_before(mx, "t0") <= 2  # only what was on the wire already
             await until(lambda: len(mx.messages) == 9, "the rest of the bulk mail")
 
-        run_queue(tmp_path, mx, toml, body)
+        run_queue(tmp_path, mx, body, toml)
         assert mx.max_concurrent_connections == 3
     finally:
         mx.stop()
@@ -191,7 +130,7 @@ def test_a_transactional_message_books_the_sites_rate_ahead_of_a_bulk_backlog(tm
             assert bulk_before(mx, "t0") <= delivered + BULK_AHEAD + 2  # 2: while it connects
             assert mx.max_concurrent_connections == 19  # 18 for bulk: more than BULK_AHEAD
 
-        run_queue(tmp_path, mx, toml, body)
+        run_queue(tmp_path, mx, body, toml)
     finally:
         mx.stop()
 
@@ -217,7 +156,7 @@ def test_the_loader_takes_a_due_transactional_retry_before_a_bulk_backlog_in_the
             await until(lambda: "t0" in order(mx), "the transactional retry")
             assert bulk_before(mx, "t0") <= delivered + 3
 
-        run_queue(tmp_path, mx, toml, body)
+        run_queue(tmp_path, mx, body, toml)
     finally:
         mx.stop()
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import re2
 
@@ -421,6 +422,38 @@ REPUTATION_ACTIONS = ("report", "remove")
 
 
 @dataclass(frozen=True)
+class Unsubscribe:
+    """[unsubscribe]: one-click unsubscribe (RFC 8058). The links that bulk mail carries, and
+    the route on relayd's HTTP listeners that they lead to (relayd.feedback.unsubscribe)."""
+
+    url: str  # the public base URL, ending in "/": the token follows; "" = off
+    mailto: str  # an address for unsubscribe mail, "" = none
+    scope: str  # "sender_domain", "global" or "key": whose mail an unsubscribe stops
+    max_age: float  # seconds a link works
+    streams: tuple[str, ...]  # the streams whose mail gets the headers
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def path(self) -> str:
+        """The URL's path, as relayd's HTTP listener sees it (a reverse proxy keeps it)."""
+        return urlsplit(self.url).path
+
+
+# An unsubscribe URL's path: the characters that reach the route as written (the HTTP server
+# decodes %XX), ending in "/", outside the API's own routes.
+_URL_PATH = re.compile(r"^/(?:[A-Za-z0-9._~-]+/)*$")
+_API_PATHS = ("/v1/", "/api/")
+_LOOPBACK_NAMES = ("localhost",)
+_MAILTO_LOCAL = re.compile(r"^[A-Za-z0-9._+-]+$")  # nothing a mailto: URI would have to escape
+# At most this long, so that a List-Unsubscribe line stays within RFC 5322's 998 characters
+# with the longest token (a 256-character recipient and a 253-character sender domain).
+URL_MAX, MAILTO_MAX = 200, 128
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -443,6 +476,7 @@ class Config:
     suppression: Suppression
     bounces: Bounces
     reputation: Reputation
+    unsubscribe: Unsubscribe
 
 
 class _Section:
@@ -882,6 +916,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     sup_sec.finish()
     bounces = _bounces(top.table("bounces"))
     reputation = _reputation(top.table("reputation"))
+    unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     top.finish()
 
     return Config(
@@ -926,6 +961,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         suppression=suppression,
         bounces=bounces,
         reputation=reputation,
+        unsubscribe=unsubscribe,
     )
 
 
@@ -1176,3 +1212,77 @@ def _adaptive_rules(
             rules.append((path, sec.key("name"), rule))
     top.finish()
     return rules
+
+
+def _unsubscribe(sec: _Section, listeners: list[Listener]) -> Unsubscribe:
+    url = sec.get("url", "", str)
+    if url:
+        problem = _unsubscribe_url_problem(url)
+        if problem:
+            raise ConfigError(sec.path, sec.key("url"), f"{problem}, got {url!r}")
+        if not any(lsn.kind in HTTP_KINDS for lsn in listeners):
+            raise ConfigError(
+                sec.path,
+                sec.key("url"),
+                'needs an http or https listener ([[listeners]] kind = "https"), where the'
+                " links lead",
+            )
+    mailto = sec.get("mailto", "", str)
+    if mailto:
+        local, _, domain = mailto.rpartition("@")
+        if not _MAILTO_LOCAL.match(local) or not _HOSTNAME.match(domain):
+            raise ConfigError(sec.path, sec.key("mailto"), f"not an address: {mailto!r}")
+        if len(mailto) > MAILTO_MAX:
+            raise ConfigError(sec.path, sec.key("mailto"), f"at most {MAILTO_MAX} characters")
+        if not url:
+            raise ConfigError(
+                sec.path, sec.key("mailto"), "needs unsubscribe.url: the one-click link comes first"
+            )
+    scope = _choice(sec, "scope", "sender_domain", SUPPRESSION_SCOPES)
+    max_age = sec.duration("max_age", "365d")
+    if max_age < 86400:
+        raise ConfigError(
+            sec.path, sec.key("max_age"), f"must be from 1d to 365d, got {_human(max_age)}"
+        )
+    streams: list[str] = []
+    for i, name in enumerate(sec.get("streams", ["bulk"], list)):
+        key = f"{sec.key('streams')}[{i}]"
+        if name not in ("transactional", "bulk"):
+            raise ConfigError(sec.path, key, f"must be 'transactional' or 'bulk', got {name!r}")
+        if name in streams:
+            raise ConfigError(sec.path, key, f"{name!r} is listed twice")
+        streams.append(name)
+    sec.finish()
+    return Unsubscribe(url, mailto, scope, max_age, tuple(streams))
+
+
+def _unsubscribe_url_problem(url: str) -> str:
+    """What is wrong with an unsubscribe base URL, or ""."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a port that is no number raises here
+    except ValueError:
+        return "not a URL"
+    host = parts.hostname or ""
+    if parts.scheme not in ("https", "http") or not host or parts.username is not None or port == 0:
+        return "must be an https:// URL with a host, like 'https://mail.example.com/unsubscribe/'"
+    if parts.scheme == "http" and not _loopback(host):
+        return "must be https:// (RFC 8058; http:// only for a loopback host, as tests use)"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "must have no query or fragment: the token is appended to it"
+    if not _URL_PATH.match(parts.path):
+        return "its path must end in '/' (the token follows) and use only A-Z a-z 0-9 . _ ~ -"
+    if parts.path.startswith(_API_PATHS):
+        return "its path must not be under /v1/ or /api/, the API's own routes"
+    if len(url) > URL_MAX:
+        return f"must be at most {URL_MAX} characters"
+    return ""
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -41,6 +41,7 @@ from relayd.mime import dkim
 from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, State
 from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
+from relayd.senderauth import report
 from relayd.shaping.adaptive import split
 from relayd.spool import admin, holds, listings, suppression
 from relayd.spool.suppression import REASONS
@@ -841,6 +842,31 @@ def render_shaping_clear(result: Row) -> str:
     return f"cleared {len(done)} hold(s): {', '.join(done)}"
 
 
+# -- sender authentication -----------------------------------------------------------------
+
+
+def check_domain(cfg: configuration.Config, args: argparse.Namespace) -> Row:
+    """SPF, DKIM, DMARC, PTR, MTA-STS, TLS-RPT for one domain, through the [dns] resolver."""
+    from relayd.senderauth import check, lookup  # checkdmarc and pyspf: only for this command
+
+    found = check.check_domain(
+        cfg, args.domain, lookup.Dns.from_config(cfg.dns), args.return_path_domain or ""
+    )
+    return found.as_json()
+
+
+def _domain(text: str) -> str:
+    try:
+        return report.domain_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _check_status(result: Row) -> int:
+    """check-domain's exit status: 1 when an item fails or could not be checked."""
+    return 1 if result["status"] in ("fail", "error") else 0
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text.removesuffix("s"))
@@ -1061,6 +1087,22 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
     k.add_argument("--out-dir", default=".", help="where to write DOMAIN.SELECTOR.key")
     k.set_defaults(run=dkim_keygen, render=render_files, needs=None)
+
+    p = sub.add_parser(
+        "check-domain",
+        parents=[common],
+        help="SPF, DKIM, DMARC, PTR, MTA-STS, TLS-RPT of a sending domain (exit 1: a failure)",
+    )
+    p.add_argument("domain", type=_domain, metavar="DOMAIN", help="the From domain")
+    p.add_argument(
+        "--return-path-domain",
+        type=_domain,
+        metavar="DOMAIN",
+        help="domain of the envelope sender, when not DOMAIN (SPF is checked there)",
+    )
+    p.set_defaults(
+        run=check_domain, render=report.render, needs="config", exit_status=_check_status
+    )
     return top
 
 
@@ -1092,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
     exported = getattr(args, "action", "") == "export" and args.file == "-"
     if text:  # after a CSV export to stdout, its summary goes to stderr
         print(text, file=sys.stderr if exported else sys.stdout)
-    return 0
+    return args.exit_status(result) if hasattr(args, "exit_status") else 0
 
 
 if __name__ == "__main__":

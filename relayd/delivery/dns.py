@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -19,6 +20,7 @@ import dns.resolver
 
 from relayd.config import HostPort
 
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
 NEGATIVE_TTL = 300.0  # NXDOMAIN/NODATA cached this long at most
 TEMPFAIL_TTL = 5.0  # SERVFAIL/timeouts: short, so the next attempt asks again
 
@@ -67,6 +69,20 @@ class Route:
         return order
 
 
+def make_resolver(nameservers: tuple[HostPort, ...], timeout: float, kind: type[R]) -> R:
+    """A dnspython resolver (``kind``: the async one for delivery, the blocking one for
+    relayctl check-domain) asking [dns] nameservers, or the system's when there are none."""
+    if nameservers:
+        resolver = kind(configure=False)
+        resolver.port = nameservers[0].port  # before nameservers: they copy it
+        resolver.nameservers = [ns.host for ns in nameservers]
+    else:
+        resolver = kind()
+    resolver.lifetime = timeout
+    resolver.timeout = timeout
+    return resolver
+
+
 class Resolver:
     def __init__(
         self,
@@ -74,14 +90,7 @@ class Resolver:
         timeout: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if nameservers:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.port = nameservers[0].port  # before nameservers: they copy it
-            self._resolver.nameservers = [ns.host for ns in nameservers]
-        else:
-            self._resolver = dns.asyncresolver.Resolver()
-        self._resolver.lifetime = timeout
-        self._resolver.timeout = timeout
+        self._resolver = make_resolver(nameservers, timeout, dns.asyncresolver.Resolver)
         self._clock = clock
         self._cache: dict[tuple[str, int], tuple[float, list | LookupFailure]] = {}
         self._routes: dict[tuple[str, int, HostPort | None], tuple[float, Route]] = {}

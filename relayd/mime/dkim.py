@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _kind(key: object) -> str:
     return f"an unsupported ({type(key).__name__.removesuffix('PrivateKey')})"
 
 
-def _load_key(path: Path, algorithm: str, config_path: Path, where: str) -> PrivateKey:
+def load_key(path: Path, algorithm: str, config_path: Path, where: str) -> PrivateKey:
     """Read and check one PEM private key, phrasing every failure for the operator."""
     try:
         data = path.read_bytes()
@@ -159,13 +160,29 @@ def _fold(lines: list[str], atoms: list[str]) -> None:
         sep = ""
 
 
+def signing_domain(
+    from_domain: str, domains: Collection[str], parent_fallback: bool, default: str
+) -> str | None:
+    """The d= domain for mail from ``from_domain``, among the domains with keys: its own, else
+    (with parent_fallback) its nearest parent's, else ``default``'s; None: unsigned."""
+    if from_domain in domains:
+        return from_domain
+    if parent_fallback:
+        labels = from_domain.split(".")
+        for i in range(1, len(labels)):
+            parent = ".".join(labels[i:])
+            if parent in domains:
+                return parent
+    return default if default in domains else None
+
+
 class Signer:
     """Signs messages with the keys of their From domain (or a fallback domain's keys)."""
 
     def __init__(self, cfg: Dkim, config_path: Path) -> None:
         keys: dict[str, list[_Key]] = {}
         for k in cfg.keys:
-            private = _load_key(k.key_file, k.algorithm, config_path, f"{k.key}.key_file")
+            private = load_key(k.key_file, k.algorithm, config_path, f"{k.key}.key_file")
             keys.setdefault(k.domain, []).append(_Key(k.selector, k.algorithm, private))
         self._keys = {domain: tuple(ks) for domain, ks in keys.items()}
         self._default = cfg.default_domain
@@ -181,15 +198,7 @@ class Signer:
     def _domain(self, from_domain: str | None) -> str | None:
         if from_domain is None:
             return None
-        if from_domain in self._keys:
-            return from_domain
-        if self._parent_fallback:
-            labels = from_domain.split(".")
-            for i in range(1, len(labels)):
-                parent = ".".join(labels[i:])
-                if parent in self._keys:
-                    return parent
-        return self._default if self._default in self._keys else None
+        return signing_domain(from_domain, self._keys, self._parent_fallback, self._default)
 
     @property
     def enabled(self) -> bool:
@@ -273,15 +282,8 @@ def keygen(domain: str, selector: str, algorithm: str, out_dir: Path) -> tuple[P
     kind = algorithm.removesuffix("-sha256")
     if kind == "rsa":
         private = rsa.generate_private_key(public_exponent=65537, key_size=MIN_RSA_BITS)
-        public = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
     elif kind == "ed25519":
         private = ed25519.Ed25519PrivateKey.generate()
-        # RFC 8463 4.2: p= is the raw 32-byte public key, not a SubjectPublicKeyInfo
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
     else:
         raise ValueError(f"algorithm must be rsa or ed25519, not {algorithm!r}")
     pem = private.private_bytes(
@@ -297,7 +299,32 @@ def keygen(domain: str, selector: str, algorithm: str, out_dir: Path) -> tuple[P
     except BaseException:
         path.unlink()
         raise
-    p = base64.b64encode(public).decode("ascii")
-    strings = [f"v=DKIM1; k={kind}; p="] + [p[i : i + 255] for i in range(0, len(p), 255)]
+    return path, zone_line(domain, selector, private)
+
+
+def key_type(private: PrivateKey) -> str:
+    """The k= tag of the key's record: "rsa" or "ed25519"."""
+    return "rsa" if isinstance(private, rsa.RSAPrivateKey) else "ed25519"
+
+
+def public_value(private: PrivateKey) -> str:
+    """The p= tag of the key's record (base64): what a verifier checks signatures with."""
+    if isinstance(private, rsa.RSAPrivateKey):
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    else:  # RFC 8463 4.2: p= is the raw 32-byte public key, not a SubjectPublicKeyInfo
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    return base64.b64encode(public).decode("ascii")
+
+
+def zone_line(domain: str, selector: str, private: PrivateKey) -> str:
+    """The zone-file line publishing the key; its TXT value is split into quoted strings of at
+    most 255 characters, the most a DNS character-string holds."""
+    p = public_value(private)
+    head = f"v=DKIM1; k={key_type(private)}; p="
+    strings = [head] + [p[i : i + 255] for i in range(0, len(p), 255)]
     quoted = " ".join(f'"{s}"' for s in strings)
-    return path, f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvloop
@@ -43,6 +44,8 @@ from relayd.delivery.dns import Resolver
 from relayd.events import log as events
 from relayd.events.log import log
 from relayd.events.records import Event
+from relayd.feedback.tokens import Tokens
+from relayd.feedback.unsubscribe import Links
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.ingress.suppression import Lookup
@@ -159,11 +162,25 @@ def _api_settings(config: configuration.Config) -> ApiSettings:
         config.ingress.max_message_size,
         config.api.max_body_size,
         config.webhooks,
+        config,
     )
 
 
 def _space(server: configuration.Server) -> FreeSpace:
     return FreeSpace(server.spool_path, server.min_free_space, server.max_spool_size)
+
+
+def _tokens(spool: Path) -> Tokens:
+    """Signed with the spool's own secret: a restored backup still knows the links it sent."""
+    conn = schema.reader(spool)
+    try:
+        return Tokens(schema.secret(conn, "tokens"))
+    finally:
+        conn.close()
+
+
+def _links(config: configuration.Unsubscribe, tokens: Tokens) -> Links | None:
+    return Links(config, tokens) if config.enabled else None
 
 
 class QueueProcess:
@@ -205,8 +222,15 @@ class QueueProcess:
             self.clock,
             usable_source=self.reputation.usable,
         )
+        self.tokens = _tokens(server.spool_path)
         self.intake = Intake(
-            self.writer, self.scheduler, self.signer, server.hostname, _space(server), self.clock
+            self.writer,
+            self.scheduler,
+            self.signer,
+            server.hostname,
+            _space(server),
+            self.clock,
+            _links(config.unsubscribe, self.tokens),
         )
         await self.reputation.load()  # before the first connection picks a source
         await self.scheduler.load_holds()  # adaptive shaping's holds of the last run, too
@@ -289,7 +313,9 @@ class QueueProcess:
             log.warning("reload_partial", reason="listeners and spool_path need a restart")
         events.configure(new.server.log_level)
         self.config, self.signer = new, signer
-        self.intake.reload(signer, new.server.hostname, _space(new.server))
+        self.intake.reload(
+            signer, new.server.hostname, _space(new.server), _links(new.unsubscribe, self.tokens)
+        )
         self.control.retention = new.events.retention
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
@@ -433,6 +459,7 @@ class IngressProcess:
                 self.link.store,
                 _space(cfg.server),
                 cfg.server.spool_path,
+                _tokens(cfg.server.spool_path),  # the unsubscribe links
             )
             self.http = HttpServer(self.api, cfg.api.max_body_size, cfg.server.shutdown_timeout)
             await self.http.start(http)

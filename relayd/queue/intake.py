@@ -13,6 +13,7 @@ from typing import Protocol
 
 from relayd.events.log import emit, log
 from relayd.events.records import Event, Type, receipt_keys
+from relayd.feedback.unsubscribe import Links
 from relayd.mime import dsn
 from relayd.mime.dkim import Signer
 from relayd.model.address import domain_of
@@ -41,13 +42,18 @@ class Intake:
         hostname: str,
         space: FreeSpace,
         clock: Callable[[], float],
+        links: Links | None = None,
     ) -> None:
         self.writer, self.admission, self.signer = writer, admission, signer
         self.hostname, self.space, self.clock = hostname, space, clock
+        self.links = links  # List-Unsubscribe of bulk mail ([unsubscribe]); None: off
         self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
 
-    def reload(self, signer: Signer, hostname: str, space: FreeSpace) -> None:
+    def reload(
+        self, signer: Signer, hostname: str, space: FreeSpace, links: Links | None = None
+    ) -> None:
         self.signer, self.hostname, self.space = signer, hostname, space
+        self.links = links
 
     def close(self) -> None:
         self.signing.shutdown()
@@ -64,6 +70,10 @@ class Intake:
             fut: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
             fut.set_exception(self.space.refusal())
             return fut
+        if self.links is not None:  # before signing: the signature covers the fields
+            now = self.clock()
+            for msg in msgs:
+                self.links.add(msg, now)
         if self.signer.enabled:
             return asyncio.ensure_future(self._sign_and_insert(msgs, guard))
         return self._insert(msgs, guard)

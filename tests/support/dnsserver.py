@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import socket
 import socketserver
 import struct
@@ -11,9 +12,9 @@ import threading
 from collections.abc import Callable
 from types import TracebackType
 
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord
+from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSRecord
 
-_RDATA: dict[str, Callable[[str], object]] = {"A": A, "AAAA": AAAA, "CNAME": CNAME}
+_RDATA: dict[str, Callable[[str], object]] = {"A": A, "AAAA": AAAA, "CNAME": CNAME, "PTR": PTR}
 _Answer = Callable[[bytes, bool], bytes | None]
 
 
@@ -138,6 +139,10 @@ class TestDNSServer:
         rr = _make_rr(key, rtype.upper(), value, ttl)
         with self._lock:
             self._records.setdefault(key, []).append(rr)
+
+    def add_ptr(self, ip: str, host: str, ttl: int = 60) -> None:
+        """Reverse DNS for an address: add_ptr("192.0.2.1", "mta1.example.test")."""
+        self.add(ipaddress.ip_address(ip).reverse_pointer, "PTR", host, ttl)
 
     def remove(self, name: str, rtype: str | None = None) -> None:
         """Remove all records of name, or only those of rtype."""

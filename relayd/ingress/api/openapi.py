@@ -44,6 +44,53 @@ _RESULT = {
 }
 
 
+_STATUS = {
+    "enum": ["pass", "warn", "fail", "error"],
+    "description": "error: not checked, a DNS lookup failed (timeout, SERVFAIL)",
+}
+_DOMAIN_CHECK = {
+    "type": "object",
+    "description": "relayctl check-domain --json: one item per thing checked, in order",
+    "properties": {
+        "domain": {"type": "string"},
+        "return_path_domain": {"type": "string", "description": "where SPF was checked"},
+        "status": {**_STATUS, "description": "the worst item's"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "check": {
+                        "enum": [
+                            "sources",
+                            "spf",
+                            "dkim",
+                            "dmarc",
+                            "alignment",
+                            "ptr",
+                            "mta-sts",
+                            "tls-rpt",
+                            "bulk-sender",
+                        ]
+                    },
+                    "subject": {"type": "string", "description": "an address, a DNS name"},
+                    "status": _STATUS,
+                    "detail": {"type": "string"},
+                    "fix": {
+                        "type": ["string", "null"],
+                        "description": "the DNS record to publish (zone-file line), or the"
+                        " command or config change",
+                    },
+                },
+                "required": ["check", "subject", "status", "detail", "fix"],
+            },
+        },
+    },
+    "required": ["domain", "return_path_domain", "status", "counts", "items"],
+}
+
+
 def _problems(*codes: int) -> dict[str, Any]:
     ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     texts = {
@@ -67,7 +114,7 @@ def document() -> dict[str, Any]:
     )
     ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
     endpoint = {"description": "the endpoint with its health (state, backlog, failures, dropped)"}
-    components.update(Problem=_PROBLEM, Result=_RESULT)
+    components.update(Problem=_PROBLEM, Result=_RESULT, DomainCheck=_DOMAIN_CHECK)
     bearer = [{"apiKey": []}]
     json_body = lambda schema: {  # noqa: E731
         "required": True,
@@ -250,8 +297,91 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/domains/{domain}/check": {
+                "get": {
+                    "summary": "SPF, DKIM, DMARC, PTR, MTA-STS and TLS-RPT of a sending domain,"
+                    " and the bulk-sender checklist (scope read; a domain the key may send as)",
+                    "parameters": [
+                        {
+                            "name": "domain",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "return_path_domain",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "the envelope sender's domain, when not `domain`",
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the report; `status` fail or error: not ready",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/DomainCheck"}
+                                }
+                            },
+                        },
+                        **_problems(401, 403, 422),
+                    },
+                }
+            },
+            "/unsubscribe/{token}": _unsubscribe(),
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
+            },
+        },
+    }
+
+
+# The bodies RFC 8058's POST comes in: a form, URL-encoded, or multipart as some clients send it.
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _unsubscribe() -> dict[str, Any]:
+    """The links of bulk mail: no API key (the signed token is the credential)."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    form = {
+        "type": "object",
+        "properties": {"List-Unsubscribe": {"const": "One-Click"}},
+        "required": ["List-Unsubscribe"],
+    }
+    return {
+        "description": "One-click unsubscribe (RFC 8058), where List-Unsubscribe leads: the"
+        " path is that of [unsubscribe] url (here its example, /unsubscribe/), followed by the"
+        " token. Mail clients and recipients call it, without an API key.",
+        "parameters": [
+            {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "get": {
+            "summary": "A page saying which address would be unsubscribed from whom, with the"
+            " button that posts; changes nothing (HEAD too)",
+            "security": [],
+            "responses": {
+                "200": {"description": "the page", "content": html},
+                "400": {"description": "the link is forged, altered or expired", "content": html},
+            },
+        },
+        "post": {
+            "summary": "Unsubscribe: an `unsubscribed` event and a suppression entry in the"
+            " token's scope that never lapses; again: 200, nothing more",
+            "security": [],
+            "requestBody": {
+                "required": True,
+                "content": {kind: {"schema": form} for kind in FORMS},
+            },
+            "responses": {
+                "200": {"description": "unsubscribed (a page saying so)", "content": html},
+                "400": {
+                    "description": "a forged, altered or expired token (`field` token), or"
+                    " another body (`field` List-Unsubscribe)",
+                    "content": problem,
+                },
+                "405": {"description": "neither GET, HEAD nor POST", "content": problem},
+                "415": {"description": "not a form", "content": problem},
             },
         },
     }

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import hashlib
 import json
 import math
@@ -15,14 +17,18 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import msgspec
 
-from relayd.config import Webhooks
-from relayd.events.log import log
+from relayd.config import Config, Webhooks
+from relayd.events.log import emit, log
 from relayd.events.records import Type
+from relayd.feedback import page, unsubscribe
+from relayd.feedback.tokens import BadToken, Tokens
 from relayd.ingress import suppression as suppressions
 from relayd.ingress.api import openapi
 from relayd.ingress.api.compose import Invalid, Limits, Outcome, compose
@@ -39,6 +45,7 @@ from relayd.ingress.credentials import Credential, Directory
 from relayd.ingress.suppression import Lookup
 from relayd.model.message import Answer, Guard, NewMessage
 from relayd.receipts import endpoints
+from relayd.senderauth.report import domain_name
 from relayd.spool import admin, schema, suppression
 from relayd.spool import api as queries
 from relayd.spool.space import FreeSpace, is_full
@@ -48,6 +55,7 @@ PROBLEM = "application/problem+json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _MESSAGE = re.compile(r"^/v1/messages/([0-9A-Fa-f]{1,32})$")
 _WEBHOOK = re.compile(r"^/v1/webhooks/(\d{1,18})(?:/(rotate|enable|disable))?$")
+_DOMAIN_CHECK = re.compile(r"^/v1/domains/([^/]{1,253})/check$")
 _SUPPRESSION = re.compile(r"^/v1/suppressions/([^/]{1,254})$")
 MAX_SUPPRESSIONS = 10_000  # entries one POST may add
 _EVENT_TYPES = {t.value for t in Type}
@@ -109,6 +117,7 @@ class Settings:
     max_message_size: int
     max_body_size: int
     webhooks: Webhooks
+    config: Config  # what a domain check reads: pools, shaping lanes, DKIM keys, [dns]
 
 
 class Api:
@@ -121,13 +130,16 @@ class Api:
         store: Store,
         space: FreeSpace,
         spool: Path,
+        tokens: Tokens,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings, self.directory, self.store, self.space = settings, directory, store, space
-        self.clock = clock
+        self.tokens, self.clock = tokens, clock
         self.reader = _Reader(spool)
         self.suppressions = Lookup(spool, clock)  # asked in the compose thread
         self.compose_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-compose")
+        # domain checks block on DNS for seconds (checkdmarc and pyspf are blocking libraries)
+        self.check_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-check")
         self.document = json.dumps(openapi.document()).encode()
 
     def reload(self, settings: Settings, directory: Directory, space: FreeSpace) -> None:
@@ -135,6 +147,7 @@ class Api:
 
     def close(self) -> None:
         self.compose_pool.shutdown()
+        self.check_pool.shutdown(cancel_futures=True)
         self.reader.close()
         self.suppressions.close()
 
@@ -151,6 +164,10 @@ class Api:
 
     async def _route(self, req: Request) -> Reply:
         path, method = req.path, req.method
+        links = self.settings.config.unsubscribe
+        token = path.removeprefix(links.path) if links.enabled else ""
+        if token and "/" not in token:  # a link's last segment (the path's own): no API key
+            return await self._unsubscribe(req, token)
         if path == "/v1/openapi.json":
             _allow(method, "GET")
             return Reply(200, self.document)
@@ -169,6 +186,9 @@ class Api:
             return await self._webhooks(req, self._key(req, "webhooks"))
         if path == "/v1/suppressions" or _SUPPRESSION.match(path):
             return await self._suppressions(req, self._key(req, "suppressions"))
+        if m := _DOMAIN_CHECK.match(path):
+            _allow(method, "GET")
+            return await self._check_domain(req, self._key(req, "read"), m.group(1))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
@@ -443,10 +463,119 @@ class Api:
         log.info("suppression_removed", key=cred.name, rcpt=address, scope=scope)
         return Reply(200, json.dumps({"removed": 1, "email": address, "scope": scope}).encode())
 
+    # -- one-click unsubscribe (RFC 8058) ---------------------------------------------------
+
+    async def _unsubscribe(self, req: Request, token: str) -> Reply:
+        """The links of bulk mail ([unsubscribe]), taken without an API key: the signed token
+        is the credential. POST unsubscribes (in one short write transaction, idempotent);
+        GET and HEAD show what a POST would do, and never change anything."""
+        if req.method not in ("GET", "HEAD", "POST"):
+            raise Refused(
+                405,
+                "Method not allowed",
+                "POST List-Unsubscribe=One-Click to unsubscribe (RFC 8058); GET shows the page",
+                headers={"Allow": "GET, HEAD, POST"},
+            )
+        now, max_age = self.clock(), self.settings.config.unsubscribe.max_age
+        try:
+            queue_id, rcpt, scope = self.tokens.unsubscribed(token, now, max_age)
+        except BadToken as exc:
+            log.info("unsubscribe_refused", client=req.client, error=str(exc))
+            if req.method == "POST":
+                raise Refused(400, "Bad request", str(exc), "token") from None
+            return Reply(400, page.invalid(str(exc)), "text/html", page.HEADERS)
+        hostname = self.settings.hostname
+        if req.method != "POST":
+            found, done = await self.reader.run(_unsubscribe_state, queue_id, rcpt, scope)
+            whom = page.whom(scope, found.sender, hostname)
+            return Reply(200, page.confirm(rcpt, whom, done), "text/html", page.HEADERS)
+        _one_click(req)
+        event = None  # a click again (clients and scanners repeat): no write lock taken
+        if not await self.reader.run(unsubscribe.unsubscribed, rcpt, scope):
+            event = await self.reader.write(
+                unsubscribe.record, self.tokens, token, now, max_age, "one-click"
+            )
+        if event is not None:  # committed: its log line (None: it was done before)
+            emit([event])
+        sender = event.data.get("sender") if event is not None else None
+        whom = page.whom(scope, sender, hostname)
+        return Reply(200, page.done(rcpt, whom), "text/html", page.HEADERS)
+
     @staticmethod
     def _may_manage(cred: Credential, scope: str, mine: list[str], field: str) -> None:
         if "admin" not in cred.scopes and scope not in mine:
             raise Refused(403, "Forbidden", f"key {cred.name} may not change {scope}", field)
+
+    # -- sender authentication ------------------------------------------------------------
+
+    async def _check_domain(self, req: Request, cred: Credential, raw: str) -> Reply:
+        """``relayctl check-domain``'s report, for a domain the key may send as (or any, with
+        the admin scope): it shows the pools' addresses and the DKIM selectors."""
+        domain = _domain_param(raw, "domain")
+        given = req.query.get("return_path_domain")
+        return_path = _domain_param(given, "return_path_domain") if given is not None else ""
+        if "admin" not in cred.scopes and not cred.may_send_as(f"postmaster@{domain}"):
+            raise Refused(403, "Forbidden", f"key {cred.name} may not send as {domain}", "domain")
+        # checkdmarc and pyspf cost the ingress process memory: loaded on the first check
+        from relayd.senderauth import check, lookup
+
+        cfg = self.settings.config
+        lookups = lookup.Dns.from_config(cfg.dns)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            self.check_pool, check.check_domain, cfg, domain, lookups, return_path
+        )
+        log.info("domain_checked", key=cred.name, domain=domain, status=found.status.value)
+        return Reply(200, json.dumps(found.as_json()).encode())
+
+
+def _unsubscribe_state(
+    conn: Any, queue_id: str, rcpt: str, scope: str
+) -> tuple[unsubscribe.Original, bool]:
+    """For the page: the original message (its sender), and whether it is done already."""
+    return unsubscribe.original(conn, queue_id), unsubscribe.unsubscribed(conn, rcpt, scope)
+
+
+def _one_click(req: Request) -> None:
+    """RFC 8058's body, List-Unsubscribe=One-Click, as a form: URL-encoded, or multipart as
+    some clients send it."""
+    ctype = req.headers.get("content-type", "")
+    kind = ctype.partition(";")[0].strip().lower()
+    if kind not in openapi.FORMS:
+        raise Refused(
+            415,
+            "Unsupported media type",
+            "send List-Unsubscribe=One-Click as application/x-www-form-urlencoded"
+            " (or multipart/form-data), as RFC 8058 says",
+            "content-type",
+            headers={"Accept-Post": ", ".join(openapi.FORMS)},
+        )
+    if kind == openapi.FORMS[0]:
+        values = parse_qs(req.body.decode("latin-1"), keep_blank_values=True)
+        given = values.get("List-Unsubscribe", [])
+    else:
+        given = _multipart_values(ctype, req.body, "List-Unsubscribe")
+    if given != ["One-Click"]:
+        raise Refused(
+            400,
+            "Bad request",
+            f"the body must be List-Unsubscribe=One-Click (RFC 8058), got {given or 'none'}",
+            "List-Unsubscribe",
+        )
+
+
+def _multipart_values(ctype: str, body: bytes, name: str) -> list[str]:
+    """The values of a multipart/form-data field (RFC 7578), read by the email package."""
+    head = f"Content-Type: {ctype}\r\n\r\n".encode("latin-1", "replace")
+    form = email.message_from_bytes(head + body, _class=EmailMessage, policy=email.policy.HTTP)
+    values = []
+    for part in form.iter_parts() if form.is_multipart() else ():
+        if part.get_param("name", header="content-disposition") == name:
+            try:
+                values.append(str(part.get_content()))
+            except (LookupError, ValueError):  # an unknown charset, a broken encoding
+                values.append("?")
+    return values
 
 
 def _scope(text: str, field: str) -> str:
@@ -576,6 +705,13 @@ def _int_param(query: dict[str, str], name: str, default: int, low: int, high: i
     if not low <= value <= high:
         raise Refused(422, "Invalid request", f"must be from {low} to {high}", name)
     return value
+
+
+def _domain_param(raw: str, name: str) -> str:
+    try:
+        return domain_name(raw)
+    except ValueError as exc:
+        raise Refused(422, "Invalid request", str(exc), name) from None
 
 
 def _iso(ts: float) -> str:
