@@ -333,3 +333,53 @@ def test_unsubscribe_needs_a_listener_for_its_links_and_a_url_for_its_mailto(tmp
     assert "needs an http or https listener" in _refused(tmp_path, text, "unsubscribe.url")
     text = f'{_HTTP}[unsubscribe]\nmailto = "u@bounces.example.com"\n'
     assert "needs unsubscribe.url" in _refused(tmp_path, text, "unsubscribe.mailto")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[return_path]\ndomain = "bad domain"\n', "return_path.domain", "not a domain"),
+        ('[return_path]\nlocal = "a+b"\n', "return_path.local", "without '+'"),
+        ('[return_path]\nlocal = ""\n', "return_path.local", "1 to 34 characters"),
+        (f'[return_path]\nlocal = "{"b" * 35}"\n', "return_path.local", "1 to 34 characters"),
+        ('[return_path]\ncomplaints = ["fbl+x"]\n', "return_path.complaints[0]", "without '+'"),
+        ('[return_path]\ncomplaints = ["fbl", "FBL"]\n', "return_path.complaints[1]", "twice"),
+        ('[return_path]\ncomplaints = ["bounces"]\n', "return_path.complaints[0]", "twice"),
+        ("[return_path]\ncomplaints = [1]\n", "return_path.complaints[0]", "local part"),
+        ('[return_path]\nmax_report_size = "1TB"\n', "return_path.max_report_size", "at most"),
+        ('[return_path]\nfeedback_id = "{campaign}"\n', "return_path.feedback_id", "{meta.KEY}"),
+        ('[return_path]\nfeedback_id = "a b"\n', "return_path.feedback_id", "printable"),
+        ('[return_path]\nfeedback_id = "{meta.}"\n', "return_path.feedback_id", "fields"),
+        (f'[return_path]\nfeedback_id = "{"x" * 201}"\n', "return_path.feedback_id", "200"),
+        ("[return_path]\nverp = true\n", "return_path.verp", "unknown key"),
+        ('[suppression]\ncomplaint_scope = "world"\n', "suppression.complaint_scope", "one of"),
+        (
+            '[[listeners]]\naddress = "127.0.0.1:2525"\nkind = "bounce"\n',
+            "listeners[0].kind",
+            "needs return_path.domain",
+        ),
+    ],
+)
+def test_the_return_path_table_is_checked(tmp_path, text, key, problem):
+    assert problem in _refused(tmp_path, text, key)
+
+
+def test_a_bounce_listener_with_its_domain_loads(tmp_path):
+    config = load(
+        _write(
+            tmp_path,
+            '[[listeners]]\naddress = "0.0.0.0:25"\nkind = "bounce"\n'
+            '[return_path]\ndomain = "Bounce.Example.COM."\ncomplaints = ["FBL", "abuse"]\n'
+            'feedback_id = "{meta.campaign}:{account}:{sender_domain}:relayd"\n',
+        )
+    )
+    assert config.listeners[0].kind == "bounce"  # no [tls] needed: STARTTLS only when given
+    paths = config.return_path
+    assert (paths.domain, paths.local, paths.complaints) == (
+        "bounce.example.com",
+        "bounces",
+        ("fbl", "abuse"),
+    )
+    assert paths.max_report_size == 10 * 1024**2
+    assert config.suppression.complaint_scope == "sender_domain"
+    assert load(_write(tmp_path, "")).return_path.domain == ""  # off by default

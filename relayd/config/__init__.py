@@ -131,7 +131,7 @@ DKIM_HEADERS = (
     "Sender",
     "Feedback-ID",
 )
-LISTENER_KINDS = ("relay", "submission", "smtps", "http", "https")
+LISTENER_KINDS = ("relay", "submission", "smtps", "http", "https", "bounce")
 HTTP_KINDS = ("http", "https")  # the sending API; the others speak SMTP
 
 
@@ -338,6 +338,7 @@ class Suppression:
     smtp: str  # "refuse": RCPT gets 550 5.7.1; "drop": accepted, not sent, a suppressed event
     bounce_ttl: float  # how long a hard bounce's entry lasts; 0: hard bounces add none
     bounce_scope: str  # "global", "sender_domain" or "key": whose mail a hard bounce stops
+    complaint_scope: str  # the same, for a feedback-loop complaint
 
 
 SUPPRESSION_SCOPES = ("global", "sender_domain", "key")
@@ -393,6 +394,24 @@ class Bounces:
     local_classes_file: Path | None
     rules: tuple[BounceRule, ...]
     suppress_classes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ReturnPath:
+    """[return_path]: the per-message return path (VERP) of asynchronous bounces, the
+    addresses of the bounce listener, and the Feedback-ID field of outgoing mail."""
+
+    domain: str  # "" = off: mail keeps its sender as MAIL FROM
+    local: str  # bounces+TOKEN@domain
+    complaints: tuple[str, ...]  # local parts at domain that take feedback (ARF) reports
+    max_report_size: int  # the bounce listener's message size limit
+    feedback_id: str  # a template of FEEDBACK_FIELD fields and text; "" = no Feedback-ID
+
+
+# a field of return_path.feedback_id: {sender_domain}, {account} or {meta.KEY}
+FEEDBACK_FIELD = re.compile(r"\{(sender_domain|account|meta\.[A-Za-z0-9_.-]{1,64})\}")
+_FEEDBACK_TEXT = re.compile(r"^[\x21-\x7a\x7c\x7e]*$")  # printable, no space, '{' or '}'
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+)*$")
 
 
 WEBHOOK_TIMEOUT_MAX = 300.0  # seconds: an endpoint's timeout, from the config or relayctl
@@ -477,6 +496,7 @@ class Config:
     bounces: Bounces
     reputation: Reputation
     unsubscribe: Unsubscribe
+    return_path: ReturnPath
 
 
 class _Section:
@@ -744,7 +764,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         raise ConfigError(path, "tls.min_version", "must be '1.2' or '1.3'")
     tls_sec.finish()
     for i, listener in enumerate(listeners):
-        if listener.kind not in ("relay", "http") and tls.cert_file is None:
+        if listener.kind not in ("relay", "http", "bounce") and tls.cert_file is None:
             raise ConfigError(
                 path, f"listeners[{i}].kind", f"a {listener.kind} listener needs tls.cert_file"
             )
@@ -912,11 +932,18 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         smtp=_choice(sup_sec, "smtp", "refuse", ("refuse", "drop")),
         bounce_ttl=sup_sec.duration("bounce_ttl", "30d", allow_zero=True),
         bounce_scope=_choice(sup_sec, "bounce_scope", "global", SUPPRESSION_SCOPES),
+        complaint_scope=_choice(sup_sec, "complaint_scope", "sender_domain", SUPPRESSION_SCOPES),
     )
     sup_sec.finish()
     bounces = _bounces(top.table("bounces"))
     reputation = _reputation(top.table("reputation"))
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
+    return_path = _return_path(top.table("return_path"))
+    for i, listener in enumerate(listeners):
+        if listener.kind == "bounce" and not return_path.domain:
+            raise ConfigError(
+                path, f"listeners[{i}].kind", "a bounce listener needs return_path.domain"
+            )
     top.finish()
 
     return Config(
@@ -962,7 +989,48 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         bounces=bounces,
         reputation=reputation,
         unsubscribe=unsubscribe,
+        return_path=return_path,
     )
+
+
+def _return_path(sec: _Section) -> ReturnPath:
+    domain = sec.get("domain", "", str).lower().rstrip(".")
+    if domain and not _HOSTNAME.match(domain):
+        raise ConfigError(sec.path, sec.key("domain"), f"not a domain: {domain!r}")
+    local = sec.get("local", "bounces", str)
+    # the token takes 30 of the 64 octets of a local part (RFC 5321 4.5.3.1.1): "+" and 29
+    if not _LOCAL_PART.match(local) or len(local) > 34:
+        raise ConfigError(
+            sec.path,
+            sec.key("local"),
+            f"must be a local part of 1 to 34 characters without '+', got {local!r}",
+        )
+    complaints: list[str] = []
+    for i, name in enumerate(sec.get("complaints", ["fbl"], list)):
+        key = f"{sec.key('complaints')}[{i}]"
+        if not isinstance(name, str) or not _LOCAL_PART.match(name) or len(name) > 64:
+            raise ConfigError(sec.path, key, f"must be a local part without '+', got {name!r}")
+        if name.lower() == local.lower() or name.lower() in complaints:
+            raise ConfigError(sec.path, key, f"{name!r} is named twice (or is return_path.local)")
+        complaints.append(name.lower())
+    template = sec.get("feedback_id", "", str)
+    text = FEEDBACK_FIELD.sub("", template)
+    if len(template) > 200 or not _FEEDBACK_TEXT.match(text):
+        raise ConfigError(
+            sec.path,
+            sec.key("feedback_id"),
+            "must be at most 200 printable characters: text, ':' and the fields {sender_domain},"
+            f" {{account}} and {{meta.KEY}}, got {template!r}",
+        )
+    paths = ReturnPath(
+        domain=domain,
+        local=local,
+        complaints=tuple(complaints),
+        max_report_size=sec.size("max_report_size", "10MB"),
+        feedback_id=template,
+    )
+    sec.finish()
+    return paths
 
 
 def _choice(sec: _Section, name: str, default: str, choices: tuple[str, ...]) -> str:
