@@ -235,9 +235,12 @@ class Connection:
                 return cls(client, extensions, mx, local, command_timeout)
         raise last
 
-    async def send(self, job: Job, text: bytes | sqlite3.Blob) -> list[tuple[int, Reply]]:
+    async def send(
+        self, job: Job, text: bytes | sqlite3.Blob, mail_from: str | None = None
+    ) -> list[tuple[int, Reply]]:
         """One transaction for ``job`` with its ``text`` (in memory, or a spool handle to stream
-        it from in pieces): (recipient row id, outcome) for each recipient."""
+        it from in pieces): (recipient row id, outcome) for each recipient. ``mail_from`` is
+        the return path to give (relayd's own, VERP), when not the job's sender."""
         try:
             options = ""
             if job.smtputf8:
@@ -248,7 +251,8 @@ class Connection:
             if "8bitmime" in self.extensions and not _isascii(text):
                 options += " BODY=8BITMIME"
             encoding = "utf-8" if job.smtputf8 else "ascii"
-            commands = [f"MAIL FROM:<{job.sender}>{options}\r\n".encode(encoding)]
+            sender = job.sender if mail_from is None else mail_from
+            commands = [f"MAIL FROM:<{sender}>{options}\r\n".encode(encoding)]
             commands += [f"RCPT TO:<{r.rcpt}>\r\n".encode(encoding) for r in job.recipients]
             commands.append(b"DATA\r\n")
         except UnicodeEncodeError as exc:  # ingress lets no such address through

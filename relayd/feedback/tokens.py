@@ -73,6 +73,32 @@ class Tokens:
         return hmac.new(self._secret, kind + body, hashlib.sha256).digest()[:_TAG]
 
 
+class ReturnPaths:
+    """The return path relayd gives the mail it delivers, and the reading of one that comes
+    back to the bounce listener (return_path.domain, return_path.local)."""
+
+    def __init__(self, tokens: Tokens, local: str, domain: str) -> None:
+        self.tokens, self.local, self.domain = tokens, local, domain
+
+    def mail_from(self, queue_id: str, sender: str) -> str:
+        """A message's MAIL FROM: its own return path; the sender itself when VERP is off,
+        and the null sender for DSNs (nothing may answer a bounce)."""
+        if not sender or not self.domain:
+            return sender
+        return self.tokens.return_path(queue_id, self.local, self.domain)
+
+    def queue_id_of(self, address: str) -> str | None:
+        """The queue id a return path of ours names; None when the address does not have
+        that form (local+TOKEN@domain); raises BadToken when it has, but with a bad token."""
+        local, _, domain = address.rpartition("@")
+        base, plus, token = local.partition("+")
+        if not self.domain or domain.lower().rstrip(".") != self.domain or not plus:
+            return None
+        if base.lower() != self.local.lower():
+            return None
+        return self.tokens.message_of(token)
+
+
 def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).decode().rstrip("=").lower()
 

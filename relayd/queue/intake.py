@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import re
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from relayd.config import FEEDBACK_FIELD
 from relayd.events.log import emit, log
 from relayd.events.records import Event, Type, receipt_keys
 from relayd.feedback.unsubscribe import Links
-from relayd.mime import dsn
+from relayd.mime import dsn, headers
 from relayd.mime.dkim import Signer
 from relayd.model.address import domain_of
 from relayd.model.ids import new_queue_id
@@ -43,17 +46,24 @@ class Intake:
         space: FreeSpace,
         clock: Callable[[], float],
         links: Links | None = None,
+        feedback_id: str = "",
     ) -> None:
         self.writer, self.admission, self.signer = writer, admission, signer
         self.hostname, self.space, self.clock = hostname, space, clock
         self.links = links  # List-Unsubscribe of bulk mail ([unsubscribe]); None: off
+        self.feedback_id = feedback_id  # return_path.feedback_id
         self.signing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
 
     def reload(
-        self, signer: Signer, hostname: str, space: FreeSpace, links: Links | None = None
+        self,
+        signer: Signer,
+        hostname: str,
+        space: FreeSpace,
+        links: Links | None = None,
+        feedback_id: str = "",
     ) -> None:
         self.signer, self.hostname, self.space = signer, hostname, space
-        self.links = links
+        self.links, self.feedback_id = links, feedback_id
 
     def close(self) -> None:
         self.signing.shutdown()
@@ -74,6 +84,9 @@ class Intake:
             now = self.clock()
             for msg in msgs:
                 self.links.add(msg, now)
+        if self.feedback_id:
+            for msg in msgs:
+                add_feedback_id(msg, self.feedback_id)
         if self.signer.enabled:
             return asyncio.ensure_future(self._sign_and_insert(msgs, guard))
         return self._insert(msgs, guard)
@@ -154,6 +167,34 @@ class Intake:
             signed = self.signer.sign(msg.body, now)
             msg.signed, msg.body = len(signed) > len(msg.body), signed
         return store_message(conn, msg)
+
+
+def add_feedback_id(msg: NewMessage, template: str) -> None:
+    """Gmail's feedback loop reports complaints per Feedback-ID: the field is made from the
+    template (config.FEEDBACK_FIELD: {sender_domain}, {account}, {meta.KEY}) before signing,
+    so that the signature covers it; a message that has one keeps its own. Each field's value
+    keeps letters, digits, ".", "_" and "-" (others become "-"), at most 64 of them."""
+    head, body = headers.split(bytes(msg.body))
+    if not msg.recipients or headers.values(headers.fields(head), b"feedback-id"):
+        return
+    meta = json.loads(msg.meta) if msg.meta else {}
+    kind, _, name = msg.origin.partition(":")
+    known = {
+        "sender_domain": domain_of(msg.sender) if msg.sender else "",
+        "account": name if kind in ("key", "auth") else "",
+    }
+
+    def field(m: re.Match[str]) -> str:
+        key = m.group(1)
+        value = known[key] if key in known else meta.get(key.removeprefix("meta."), "")
+        return _UNSAFE.sub("-", str(value))[:64]
+
+    value = FEEDBACK_FIELD.sub(field, template)
+    field_line = f"Feedback-ID: {value}\r\n\r\n".encode()
+    msg.body = (head + b"\r\n" if head else b"") + field_line + body
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:

@@ -211,6 +211,8 @@ class Scheduler:
         self.connect = connect
         self.throttle = throttle
         self.dsn: commit.DsnDoor | None = None  # intake's door, handed in by start()
+        # MAIL FROM for (queue id, sender): the daemon sets relayd's return paths (VERP)
+        self.return_path: Callable[[str, str], str] = lambda queue_id, sender: sender
         self.sites: dict[str, Site] = {}
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
@@ -544,7 +546,7 @@ class Scheduler:
             if text is None:  # the message left the spool (relayctl delete): nothing to send
                 gone = Reply(421, "4.3.0 message no longer in the spool")
                 return [(r.id, gone) for r in job.recipients]
-            return await conn.send(job, text)
+            return await conn.send(job, text, self.return_path(job.queue_id, job.sender))
         finally:
             if blob is not None:
                 blob.close()
