@@ -10,7 +10,8 @@ and metadata header fields (``metadata``) are taken out of the text into the mes
 as is ``X-Relayd-Stream``, the message's stream (transactional or bulk).
 
 Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
-``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH).
+``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH);
+``bounce`` is served by relayd.feedback.listener's handler, on these sessions, without AUTH.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ class RelaySMTP(SMTP):
             timeout=config.session_timeout,
             tls_context=None if implicit else tls,
             require_starttls=listener.kind == "submission",
-            auth_required=listener.kind != "relay",
+            auth_required=listener.kind not in ("relay", "bounce"),
             auth_require_tls=not implicit,
             authenticator=_never_called,
             loop=handler.loop,  # spares aiosmtpd's get_event_loop() under a warnings filter
@@ -206,8 +207,9 @@ class RelaySMTP(SMTP):
 
     def _tables(self) -> None:
         self._smtp_methods = _Commands(self)
+        mechanisms = {} if self.listener.kind == "bounce" else _MECHANISMS  # no AUTH there
         self._auth_methods = {
-            name: _AuthMechAttr(MethodType(f, self), True) for name, f in _MECHANISMS.items()
+            name: _AuthMechAttr(MethodType(f, self), True) for name, f in mechanisms.items()
         }
         self._handle_hooks = self.handler.hooks
         self._ehlo_hook_ver = "new"  # IngressHandler.handle_EHLO takes five arguments

@@ -44,7 +44,7 @@ from relayd.delivery.dns import Resolver
 from relayd.events import log as events
 from relayd.events.log import log
 from relayd.events.records import Event
-from relayd.feedback.tokens import Tokens
+from relayd.feedback.tokens import ReturnPaths, Tokens
 from relayd.feedback.unsubscribe import Links
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
@@ -64,6 +64,8 @@ from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
+    from relayd.feedback.listener import BounceHandler
+    from relayd.feedback.record import Policy
     from relayd.ingress.api.server import HttpServer
     from relayd.ingress.api.service import Api
     from relayd.ingress.api.service import Settings as ApiSettings
@@ -171,7 +173,8 @@ def _space(server: configuration.Server) -> FreeSpace:
 
 
 def _tokens(spool: Path) -> Tokens:
-    """Signed with the spool's own secret: a restored backup still knows the links it sent."""
+    """Signed with the spool's own secret: a restored backup still knows the links and return
+    paths it gave."""
     conn = schema.reader(spool)
     try:
         return Tokens(schema.secret(conn, "tokens"))
@@ -181,6 +184,23 @@ def _tokens(spool: Path) -> Tokens:
 
 def _links(config: configuration.Unsubscribe, tokens: Tokens) -> Links | None:
     return Links(config, tokens) if config.enabled else None
+
+
+def _return_paths(tokens: Tokens, config: configuration.Config) -> ReturnPaths:
+    return ReturnPaths(tokens, config.return_path.local, config.return_path.domain)
+
+
+def _report_policy(config: configuration.Config) -> Policy:
+    from relayd.feedback.record import Policy
+
+    sup = config.suppression
+    return Policy(sup.bounce_ttl, sup.bounce_scope, sup.complaint_scope, config.server.hostname)
+
+
+def _no_class(code: int, text: str) -> str:
+    """The bounce class of an asynchronous bounce: none yet (relayd.outcomes.classify's
+    Classifier.classify takes this place when it lands)."""
+    return ""
 
 
 class QueueProcess:
@@ -231,9 +251,11 @@ class QueueProcess:
             _space(server),
             self.clock,
             _links(config.unsubscribe, self.tokens),
+            config.return_path.feedback_id,
         )
         await self.reputation.load()  # before the first connection picks a source
         await self.scheduler.load_holds()  # adaptive shaping's holds of the last run, too
+        self.scheduler.return_path = _return_paths(self.tokens, config).mail_from
         self.scheduler.start(self.intake.dsn)
         self.control = Control(
             self.writer,
@@ -314,8 +336,13 @@ class QueueProcess:
         events.configure(new.server.log_level)
         self.config, self.signer = new, signer
         self.intake.reload(
-            signer, new.server.hostname, _space(new.server), _links(new.unsubscribe, self.tokens)
+            signer,
+            new.server.hostname,
+            _space(new.server),
+            _links(new.unsubscribe, self.tokens),
+            new.return_path.feedback_id,
         )
+        self.scheduler.return_path = _return_paths(self.tokens, new).mail_from
         self.control.retention = new.events.retention
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
@@ -411,6 +438,7 @@ class IngressProcess:
         self.link_socket = link
         self.servers: list[asyncio.Server] = []
         self.handler: IngressHandler | None = None
+        self.bounces: BounceHandler | None = None  # with a bounce listener
         self.api: Api | None = None  # with an API listener
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
@@ -429,17 +457,38 @@ class IngressProcess:
         if self.stopping:
             return
         cfg = self.config
+        lookup = Lookup(cfg.server.spool_path)
         self.handler = IngressHandler(
             cfg.ingress,
             cfg.auth,
             cfg.server.hostname,
             _space(cfg.server),
             self.accept,
-            Lookup(cfg.server.spool_path),
+            lookup,
             cfg.suppression.smtp,
         )
-        smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in HTTP_KINDS]
+        own = (*HTTP_KINDS, "bounce")  # served by their own handlers
+        smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in own]
         self.servers = await start_listeners(self.handler, self.tls, smtp)
+        bounce = [(lsn, socks) for lsn, socks in self.bound if lsn.kind == "bounce"]
+        if bounce:  # its own handler: its own connection limits, apart from the applications'
+            # imported here, with a bounce listener only (flufl.bounce: ~1 MB a process)
+            from relayd.feedback.listener import BounceHandler
+
+            self.tokens = _tokens(cfg.server.spool_path)
+            self.bounces = BounceHandler(
+                cfg.ingress,
+                cfg.auth,
+                cfg.server.hostname,
+                _space(cfg.server),
+                lookup,
+                cfg.return_path,
+                _return_paths(self.tokens, cfg),
+                _report_policy(cfg),
+                cfg.server.spool_path,
+                _no_class,
+            )
+            self.servers += await start_listeners(self.bounces, self.tls, bounce)
         http = [
             (sock, self.tls if lsn.kind == "https" else None)
             for lsn, socks in self.bound
@@ -487,6 +536,16 @@ class IngressProcess:
             )
             if self.api is not None:
                 self.api.reload(_api_settings(new), self.handler.users, _space(new.server))
+        if self.bounces is not None:
+            self.bounces.reload_reports(
+                new.ingress,
+                new.auth,
+                new.server.hostname,
+                _space(new.server),
+                new.return_path,
+                _return_paths(self.tokens, new),
+                _report_policy(new),
+            )
         return ""
 
     async def _watch_queue(self) -> None:
@@ -504,6 +563,8 @@ class IngressProcess:
             server.close()
         deadline = time.monotonic() + (self.config.server.shutdown_timeout if grace else 0)
         sessions = self.handler.sessions if self.handler else set()
+        if self.bounces is not None:
+            sessions = sessions | self.bounces.sessions
         while any(s.in_transaction for s in sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in list(sessions):
@@ -512,6 +573,8 @@ class IngressProcess:
             await self.http.close()
         if self.api is not None:
             self.api.close()
+        if self.bounces is not None:
+            self.bounces.close()
         while self.link.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.link.channel.close()
