@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import smtplib
 import sqlite3
 from email.message import EmailMessage
@@ -463,3 +464,31 @@ def test_with_tls_the_bounce_listener_offers_starttls_but_never_auth(relay, tmp_
         assert code == 250 and b"AUTH" not in features
         code, reply = client.docmd("AUTH", "PLAIN AGFwcABzZWNyZXQ=")
         assert (code, reply) == (504, b"5.5.4 Unrecognized authentication type")
+
+
+def test_relayds_own_dsns_still_go_to_the_sender_from_the_null_sender(
+    bouncing, fake_mx, dns_server
+):
+    r, _, mx, _ = bouncing
+    mx_zone(dns_server, "shop.test", (10, "mx.shop.test", "127.0.0.11"))
+    shop = fake_mx("127.0.0.11")
+    mx.rcpt_replies["bad@dest.test"] = "550 5.1.1 no such user"
+    code, reply = _submit(r.port, "bad@dest.test")
+    assert code == 250, reply
+    (dsn,) = shop.wait_for_messages(1)
+    assert dsn.mail_from == "" and dsn.rcpts == ["app@shop.test"]  # not the return path
+    assert b"Final-Recipient: rfc822; bad@dest.test" in dsn.data
+    assert b"Feedback-ID" not in dsn.data.partition(b"\r\n\r\n")[0]  # a DSN is no campaign
+
+
+def test_a_reload_applies_the_new_feedback_addresses(bouncing):
+    r, port, _, _ = bouncing
+    assert _report(port, "abuse@bounce.test", b"x")[0] == 550
+    text = r.config_path.read_text()
+    text = text.replace('["return_path"]\n', '["return_path"]\ncomplaints = ["fbl", "abuse"]\n')
+    r.config_path.write_text(text)
+    r.signal(signal.SIGHUP)
+    r.wait_event("reloaded")
+    code, reply = _report(port, "abuse@bounce.test", sample("autoreply.eml"))
+    assert code == 250, reply
+    r.wait_event("unrecognised_report", rcpt="abuse@bounce.test")
