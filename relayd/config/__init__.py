@@ -408,8 +408,8 @@ class ReturnPath:
     feedback_id: str  # a template of FEEDBACK_FIELD fields and text; "" = no Feedback-ID
 
 
-# a field of return_path.feedback_id: {sender_domain}, {account} or {meta.KEY}
-FEEDBACK_FIELD = re.compile(r"\{(sender_domain|account|meta\.[A-Za-z0-9_.-]{1,64})\}")
+# a field of return_path.feedback_id: {sender_domain}, {account}, {stream} or {meta.KEY}
+FEEDBACK_FIELD = re.compile(r"\{(sender_domain|account|stream|meta\.[A-Za-z0-9_.-]{1,64})\}")
 _FEEDBACK_TEXT = re.compile(r"^[\x21-\x7a\x7c\x7e]*$")  # printable, no space, '{' or '}'
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*/=?^_`{|}~-]+)*$")
 
@@ -1020,7 +1020,7 @@ def _return_path(sec: _Section) -> ReturnPath:
             sec.path,
             sec.key("feedback_id"),
             "must be at most 200 printable characters: text, ':' and the fields {sender_domain},"
-            f" {{account}} and {{meta.KEY}}, got {template!r}",
+            f" {{account}}, {{stream}} and {{meta.KEY}}, got {template!r}",
         )
     paths = ReturnPath(
         domain=domain,

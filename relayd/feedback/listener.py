@@ -27,7 +27,7 @@ from aiosmtpd.smtp import Envelope, Session
 from relayd.config import Auth, Ingress, ReturnPath
 from relayd.events.log import emit, log
 from relayd.feedback import record, reports
-from relayd.feedback.record import Classify, Outcome, Policy
+from relayd.feedback.record import Outcome, Policy
 from relayd.feedback.tokens import BadToken, ReturnPaths
 from relayd.ingress.smtp import IngressHandler, RelaySMTP, Suppressions, valid_address
 from relayd.model.message import NewMessage
@@ -52,14 +52,13 @@ class BounceHandler(IngressHandler):
         paths: ReturnPaths,
         policy: Policy,
         spool: Path,
-        classify: Classify,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
             _settings(ingress, settings), auth, hostname, space, self._report, suppressions, ""
         )
         self.settings, self.paths, self.policy = settings, paths, policy
-        self.spool, self.classify, self.clock = spool, classify, clock
+        self.spool, self.clock = spool, clock
         # parsing and the spool writes, on one thread (the connection is used by it only)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports")
         self.conn: sqlite3.Connection | None = None
@@ -152,7 +151,5 @@ class BounceHandler(IngressHandler):
         if self.conn is None:
             self.conn = admin.open_spool(self.spool, write=True)
         with admin.transaction(self.conn, True):
-            out = record.apply(
-                self.conn, report, to_queue_id, self.paths, self.policy, self.classify, now
-            )
+            out = record.apply(self.conn, report, to_queue_id, self.paths, self.policy, now)
         return report, out

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relayd.config import Suppression
 from relayd.events.records import Event, Type, receipt_keys
 from relayd.feedback.reports import (
     Complaint,
@@ -29,15 +29,14 @@ from relayd.feedback.reports import (
     address,
     addresses,
 )
-from relayd.feedback.reports import hard as hard_status
 from relayd.feedback.reports import header as fields_named
 from relayd.feedback.tokens import BadToken, ReturnPaths
 from relayd.model.address import domain_of
+from relayd.outcomes.classify import Classifier
+from relayd.outcomes.decide import hard_bounces
 from relayd.spool import api, store, suppression
 from relayd.spool.suppression import Entry
 
-# (SMTP code, reply text) -> bounce class ("" when unknown): relayd.outcomes.classify's
-Classify = Callable[[int, str], str]
 # feedback types that are a recipient's complaint (RFC 5965 3.1; unknown ones count as
 # "other"); "not-spam" (RFC 6430) is recorded but suppresses nothing, "auth-failure" (RFC
 # 6591, a DMARC failure report) is no complaint at all
@@ -47,11 +46,10 @@ _DETAIL_MAX = 1000  # characters of a report kept with its suppression entry
 
 @dataclass(frozen=True)
 class Policy:
-    """The settings a report is recorded under ([suppression], server.hostname)."""
+    """What a report is recorded under: the bounce classes, [suppression], server.hostname."""
 
-    bounce_ttl: float  # 0: hard bounces add no entry
-    bounce_scope: str  # "global", "sender_domain" or "key"
-    complaint_scope: str
+    classifier: Classifier  # a bounce's class, and whether it is hard
+    suppression: Suppression  # bounce_ttl, bounce_scope, complaint_scope
     hostname: str  # relayd's Received fields say "by HOSTNAME (relayd)"
 
 
@@ -97,7 +95,6 @@ def apply(
     to_queue_id: str | None,
     paths: ReturnPaths,
     policy: Policy,
-    classify: Classify,
     now: float,
 ) -> Outcome:
     """Record a report (``to_queue_id``: the message whose return path it came to, if it did)
@@ -111,7 +108,7 @@ def apply(
         if queue_id is None:
             out = Outcome(unmatched=["names no message relayd sent"])
         else:
-            out = delivery_report(report, queue_id, found, policy, classify, now)
+            out = delivery_report(report, queue_id, found, policy, now)
             if not report.recipients:
                 out.unmatched.append(f"{queue_id}: reports no failed or delayed recipient")
     _write(conn, out)
@@ -123,17 +120,17 @@ def delivery_report(
     queue_id: str,
     found: Original | None,
     policy: Policy,
-    classify: Classify,
     now: float,
 ) -> Outcome:
     """The events and entries of a DSN about ``queue_id`` (``found``: what relayd knows of
-    it)."""
+    it): a hard bounce's entry as an attempt's would be (decide.hard_bounces), for a
+    recipient the message had."""
     out = Outcome()
     if found is None:
         out.unmatched.append(f"{queue_id}: no record of the message (past events.retention?)")
+    hard = []
     for r in report.recipients:
         rcpt, ours = _recipient_of(r, found)
-        cls = classify(r.code, r.diagnostic)
         data: dict[str, Any] = {
             "sender": found.sender if found else "",
             "rcpt": rcpt,
@@ -143,27 +140,24 @@ def delivery_report(
             "status": r.status,
             "response": r.diagnostic,
             "async": True,
-            "class": cls,
+            "class": policy.classifier.classify(r.code, r.diagnostic),
             "format": report.format,
         }
         if rcpt != r.rcpt:
             data["final_rcpt"] = r.rcpt  # forwarded: the address that failed
-        if not ours:
-            out.unmatched.append(f"{rcpt}: not a recipient of {queue_id}: not suppressed")
-        if r.action == "failed" and hard_status(r.status) and policy.bounce_ttl and ours:
-            sender = found.sender if found else ""
-            scope = _scope(policy.bounce_scope, found, sender, suppression.GLOBAL)
-            if scope is None:
-                out.unmatched.append(f"{rcpt}: sender of {queue_id} unknown: not suppressed")
-            else:
-                detail = f"{r.code} {r.diagnostic}"[:_DETAIL_MAX]
-                expires = now + policy.bounce_ttl
-                out.entries.append(
-                    Entry(rcpt.lower(), scope, "bounce", now, expires, cls, detail, queue_id)
-                )
-                data["suppressed"] = scope
         kind = Type.BOUNCE if r.action == "failed" else Type.TRANSIENT_FAILURE
-        out.events.append(Event(kind, queue_id, now, data | (found.receipt if found else {})))
+        event = Event(kind, queue_id, now, data | (found.receipt if found else {}))
+        out.events.append(event)
+        if ours:
+            hard.append(event)
+        else:
+            out.unmatched.append(f"{rcpt}: not a recipient of {queue_id}: not suppressed")
+    origin = found.origin if found else ""
+    out.entries = hard_bounces(hard, policy.classifier, policy.suppression, lambda: origin, now)
+    scopes = {e.address: e.scope for e in out.entries}
+    for event in hard:
+        if event.data["rcpt"] in scopes:
+            event.data["suppressed"] = scopes[event.data["rcpt"]]
     return out
 
 
@@ -207,7 +201,7 @@ def complaint(
         # relayd no longer knowing the message, its From field tells the sender's domain
         header_from = addresses(fields_named(report.returned, "from"))
         by = found.sender if found else next(iter(header_from), "")
-        scope = _scope(policy.complaint_scope, found, by, None)
+        scope = _complaint_scope(policy.suppression.complaint_scope, found, by)
         if scope is None:
             out.unmatched.append(f"{rcpt}: sender of {queue_id} unknown: not suppressed")
         else:
@@ -243,17 +237,14 @@ def _recipient_of(r: Recipient, found: Original | None) -> tuple[str, bool]:
     return r.rcpt, False
 
 
-def _scope(setting: str, found: Original | None, sender: str, otherwise: str | None) -> str | None:
-    """[suppression] bounce_scope or complaint_scope as a scope: the whole list, the key or
-    login that sent the mail (``otherwise`` for mail that none sent), or the sender's domain;
-    None when that is not known."""
+def _complaint_scope(setting: str, found: Original | None, sender: str) -> str | None:
+    """[suppression] complaint_scope as a scope: the whole list, the key or login that sent the
+    mail, or (for mail that none sent, and by default) the sender's domain; None when that is
+    not known."""
     if setting == "global":
         return suppression.GLOBAL
-    if setting == "key":
-        if found is not None and found.origin.startswith(("key:", "auth:")):
-            return found.origin
-        if otherwise is not None:
-            return otherwise
+    if setting == "key" and found is not None and found.origin.startswith(("key:", "auth:")):
+        return found.origin
     return f"domain:{domain_of(sender)}" if sender else None
 
 

@@ -35,7 +35,9 @@ class Recipient:
     action: str  # "failed" or "delayed"
     status: str  # the enhanced status code (RFC 3463): "5.1.1"
     code: int  # the SMTP reply code of the diagnostic, else the one the status implies
-    diagnostic: str  # the Diagnostic-Code's text, or the line a non-standard bounce quotes
+    # the Diagnostic-Code (or the line a non-standard bounce quotes) as relayd keeps a reply's
+    # text: without the reply code, an enhanced status code first (the status's if it has none)
+    diagnostic: str
     remote_mta: str  # Remote-MTA, else the Reporting-MTA; "" when neither is given
 
 
@@ -104,12 +106,6 @@ def addresses(values: list[str]) -> list[str]:
     return [a for _, a in getaddresses(values) if "@" in a]
 
 
-def hard(status: str) -> bool:
-    """Whether a failure says the mailbox will not take mail: 5.1.x (bad address, mailbox,
-    domain) and 5.2.1 (mailbox disabled). A full mailbox or a policy refusal may pass."""
-    return status.startswith("5.1.") or status == "5.2.1"
-
-
 # -- RFC 3464 ---------------------------------------------------------------------------------
 
 
@@ -122,7 +118,7 @@ def _rfc3464(statuses: list[Message], parts: list[Message]) -> DeliveryReport:
             if block["final-recipient"] is None:
                 continue  # the per-message fields
             status_code = _status(_unfold(block["status"] or ""))
-            diagnostic = _one_reply(_typed(block["diagnostic-code"] or ""))
+            code, diagnostic = _one_reply(_typed(block["diagnostic-code"] or ""))
             status_code = status_code or _status(diagnostic)
             action = _unfold(block["action"] or "").lower().split(" ")[0]
             if not action and status_code[:1] in ("4", "5"):
@@ -136,8 +132,8 @@ def _rfc3464(statuses: list[Message], parts: list[Message]) -> DeliveryReport:
                     original=address(_unfold(block["original-recipient"] or "")),
                     action=action,
                     status=status_code,
-                    code=_code(diagnostic, status_code),
-                    diagnostic=diagnostic,
+                    code=code or _code(status_code),
+                    diagnostic=_kept(diagnostic, status_code),
                     remote_mta=_host(block["remote-mta"] or "") or reporting,
                 )
             )
@@ -159,24 +155,26 @@ def _status(text: str) -> str:
     return ".".join(m.groups()) if m else ""
 
 
-def _code(diagnostic: str, status: str) -> int:
-    """The reply code the diagnostic quotes first, else the class's usual one (550, 450)."""
-    m = _REPLY.match(diagnostic)
-    if m:
-        return int(m.group(1))
+def _code(status: str) -> int:
+    """The reply code a status's class usually comes with (550, 450)."""
     return {"2": 250, "4": 450, "5": 550}.get(status[:1], 0)
 
 
-def _one_reply(text: str) -> str:
-    """A multi-line reply quoted on one line ("550-5.1.1 a 550-5.1.1 b 550 5.1.1 c") as one
-    reply ("550 5.1.1 a b c")."""
-    m = re.match(r"([245]\d\d)[ -](?:([245]\.\d{1,3}\.\d{1,3}) +)?", text)
+def _one_reply(text: str) -> tuple[int, str]:
+    """The code and text of a reply quoted on one line, a multi-line one ("550-5.1.1 a
+    550-5.1.1 b 550 5.1.1 c") made one ((550, "5.1.1 a b c")); (0, text) without a code."""
+    m = re.match(r"([245]\d\d)(?:[ -]+|$)(?:([245]\.\d{1,3}\.\d{1,3})(?: +|$))?", text)
     if not m:
-        return text
+        return 0, text
     code, status = m.groups()
     again = re.compile(rf" {code}[ -](?:{re.escape(status)} +)?" if status else rf" {code}[ -]")
-    head = f"{code} {status} " if status else f"{code} "
-    return head + again.sub(" ", text[m.end() :])
+    rest = again.sub(" ", text[m.end() :])
+    return int(code), f"{status} {rest}".strip() if status else rest
+
+
+def _kept(text: str, status: str) -> str:
+    """A reply text as relayd keeps one (and its classifier reads it): the enhanced code first."""
+    return text if _STATUS.match(text) or not status else f"{status} {text}".rstrip()
 
 
 def _host(value: str) -> str:
@@ -204,13 +202,15 @@ def _other(
             rcpt = raw.decode("ascii")
             code, status, line = _quoted(text, rcpt)
             status = status or ("5.0.0" if action == "failed" else "4.0.0")
-            found.append(Recipient(rcpt, "", action, status, code or _code("", status), line, ""))
+            kept = _kept(line, status)
+            found.append(Recipient(rcpt, "", action, status, code or _code(status), kept, ""))
     return DeliveryReport("other", tuple(found), _returned(parts))
 
 
 def _quoted(text: str, rcpt: str) -> tuple[int, str, str]:
-    """(code, status, line) of the first SMTP reply quoted in the lines after the address (as
-    Exim, qmail and most others do: the address, then what its server said)."""
+    """(code, status, text) of the first SMTP reply quoted in the lines after the address (as
+    Exim, qmail and most others do: the address, then what its server said); the text is the
+    reply's when the line starts with its code, else the whole line."""
     at = text.lower().find(rcpt.lower())
     if at < 0:
         return 0, "", ""
@@ -218,7 +218,8 @@ def _quoted(text: str, rcpt: str) -> tuple[int, str, str]:
         status, reply = _STATUS.search(line), _REPLY.search(line)
         if status or reply:
             line = " ".join(line.split())[:500]
-            return int(reply.group(1)) if reply else 0, _status(line), line
+            code, rest = _one_reply(line)
+            return code or (int(reply.group(1)) if reply else 0), _status(line), rest
     return 0, "", ""
 
 

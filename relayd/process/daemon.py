@@ -193,14 +193,7 @@ def _return_paths(tokens: Tokens, config: configuration.Config) -> ReturnPaths:
 def _report_policy(config: configuration.Config) -> Policy:
     from relayd.feedback.record import Policy
 
-    sup = config.suppression
-    return Policy(sup.bounce_ttl, sup.bounce_scope, sup.complaint_scope, config.server.hostname)
-
-
-def _no_class(code: int, text: str) -> str:
-    """The bounce class of an asynchronous bounce: none yet (relayd.outcomes.classify's
-    Classifier.classify takes this place when it lands)."""
-    return ""
+    return Policy(Classifier(config.bounces), config.suppression, config.server.hostname)
 
 
 class QueueProcess:
@@ -486,7 +479,6 @@ class IngressProcess:
                 _return_paths(self.tokens, cfg),
                 _report_policy(cfg),
                 cfg.server.spool_path,
-                _no_class,
             )
             self.servers += await start_listeners(self.bounces, self.tls, bounce)
         http = [

@@ -171,7 +171,8 @@ class Intake:
 
 def add_feedback_id(msg: NewMessage, template: str) -> None:
     """Gmail's feedback loop reports complaints per Feedback-ID: the field is made from the
-    template (config.FEEDBACK_FIELD: {sender_domain}, {account}, {meta.KEY}) before signing,
+    template (config.FEEDBACK_FIELD: {sender_domain}, {account}, {stream}, {meta.KEY}) before
+    signing,
     so that the signature covers it; a message that has one keeps its own. Each field's value
     keeps letters, digits, ".", "_" and "-" (others become "-"), at most 64 of them."""
     head, body = headers.split(bytes(msg.body))
@@ -182,6 +183,7 @@ def add_feedback_id(msg: NewMessage, template: str) -> None:
     known = {
         "sender_domain": domain_of(msg.sender) if msg.sender else "",
         "account": name if kind in ("key", "auth") else "",
+        "stream": msg.stream,
     }
 
     def field(m: re.Match[str]) -> str:
