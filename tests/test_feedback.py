@@ -312,10 +312,13 @@ def bouncing(relay, dns_server, fake_mx, tmp_path):
     return r, port, mx, dnsfunc_for(line)
 
 
-def _submit(port: int, rcpt: str, sender: str = "app@shop.test") -> tuple[int, str]:
+def _submit(
+    port: int, rcpt: str, sender: str = "app@shop.test", stream: str = "transactional"
+) -> tuple[int, str]:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, rcpt, "spring sale"
     msg["X-Relayd-Meta"] = '{"campaign": "spring"}'
+    msg["X-Relayd-Stream"] = stream
     msg.set_content("hello\n")
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.ehlo("client.test")
@@ -403,10 +406,11 @@ def test_the_bounce_listener_takes_only_return_paths_and_feedback_addresses(boun
 
 def test_an_arf_report_is_a_complaint_suppressing_in_the_sender_domain(bouncing):
     r, port, mx, _ = bouncing
-    code, reply = _submit(r.port, "angry@dest.test")
+    code, reply = _submit(r.port, "angry@dest.test", stream="bulk")
     assert code == 250, reply
     queue_id = reply.rsplit(" ", 1)[1]
     (got,) = mx.wait_for_messages(1)
+    assert b"\r\nFeedback-ID: spring::bulk:shop.test\r\n" in got.data
     arf = sample("arf-rfc5965.eml")
     arf = arf.replace(
         b"<somespammer@example.net>\nOriginal-Rcpt-To: <user@example.com>",
@@ -423,6 +427,7 @@ def test_an_arf_report_is_a_complaint_suppressing_in_the_sender_domain(bouncing)
     )
     assert event["user_agent"] == "SomeGenerator/1.0" and event["source_ip"] == "192.0.2.1"
     assert event["suppressed"] == "domain:shop.test" and event["sender"] == "app@shop.test"
+    assert event["stream"] == "bulk" and event["meta"] == {"campaign": "spring"}
     (entry,) = json.loads(r.ctl("--json", "suppression", "list").stdout)["suppressions"]
     assert (entry["address"], entry["scope"], entry["reason"]) == (
         "angry@dest.test",

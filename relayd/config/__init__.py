@@ -338,7 +338,7 @@ class Suppression:
     smtp: str  # "refuse": RCPT gets 550 5.7.1; "drop": accepted, not sent, a suppressed event
     bounce_ttl: float  # how long a hard bounce's entry lasts; 0: hard bounces add none
     bounce_scope: str  # "global", "sender_domain" or "key": whose mail a hard bounce stops
-    complaint_scope: str  # the same, for a feedback-loop complaint
+    complaint_scope: str = "sender_domain"  # the same, for a feedback-loop complaint
 
 
 SUPPRESSION_SCOPES = ("global", "sender_domain", "key")

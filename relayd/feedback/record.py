@@ -61,7 +61,7 @@ class Original:
     sender: str
     origin: str  # "key:NAME", "auth:NAME", "trusted:IP", ...
     recipients: tuple[str, ...]
-    receipt: dict[str, Any]  # envid and meta, into the report's events
+    receipt: dict[str, Any]  # envid, meta and stream (receipt_keys), into the report's events
 
 
 @dataclass
@@ -79,7 +79,7 @@ def original(conn: sqlite3.Connection, queue_id: str) -> Original | None:
     for e in status["events"]:
         if e["type"] == Type.RECEPTION:
             rcpts = e.get("rcpt") or []
-            receipt = {k: e[k] for k in ("envid", "meta") if k in e}
+            receipt = {k: e[k] for k in ("envid", "meta", "stream") if k in e}
             return Original(
                 queue_id, e.get("sender", ""), e.get("origin", ""), tuple(rcpts), receipt
             )
@@ -128,7 +128,7 @@ def delivery_report(
     out = Outcome()
     if found is None:
         out.unmatched.append(f"{queue_id}: no record of the message (past events.retention?)")
-    hard = []
+    ours_only = []  # the events that may suppress
     for r in report.recipients:
         rcpt, ours = _recipient_of(r, found)
         data: dict[str, Any] = {
@@ -149,13 +149,15 @@ def delivery_report(
         event = Event(kind, queue_id, now, data | (found.receipt if found else {}))
         out.events.append(event)
         if ours:
-            hard.append(event)
+            ours_only.append(event)
         else:
             out.unmatched.append(f"{rcpt}: not a recipient of {queue_id}: not suppressed")
     origin = found.origin if found else ""
-    out.entries = hard_bounces(hard, policy.classifier, policy.suppression, lambda: origin, now)
+    out.entries = hard_bounces(
+        ours_only, policy.classifier, policy.suppression, lambda: origin, now
+    )
     scopes = {e.address: e.scope for e in out.entries}
-    for event in hard:
+    for event in ours_only:
         if event.data["rcpt"] in scopes:
             event.data["suppressed"] = scopes[event.data["rcpt"]]
     return out
