@@ -503,3 +503,45 @@ def test_a_reload_applies_the_new_feedback_addresses(bouncing):
     code, reply = _report(port, "abuse@bounce.test", sample("autoreply.eml"))
     assert code == 250, reply
     r.wait_event("unrecognised_report", rcpt="abuse@bounce.test")
+
+
+def test_an_unsubscribe_mail_to_the_mailto_address_unsubscribes(relay, dns_server, fake_mx):
+    mx_zone(dns_server, "dest.test", (10, "mx.dest.test", "127.0.0.10"))
+    mx = fake_mx()
+    port, http = free_port(), free_port()
+    r = relay(
+        {
+            "listeners": [
+                {"address": f"127.0.0.1:{free_port()}", "kind": "relay"},
+                {"address": f"127.0.0.1:{port}", "kind": "bounce"},
+                {"address": f"127.0.0.1:{http}", "kind": "http"},
+            ],
+            "return_path": {"domain": "bounce.test"},
+            "unsubscribe": {
+                "url": f"http://127.0.0.1:{http}/u/",
+                "mailto": "unsubscribe@bounce.test",
+            },
+        }
+    )
+    wait_until(lambda: listening(port), 10, "the bounce listener")
+    code, reply = _submit(r.port, "ann@dest.test", stream="bulk")
+    assert code == 250, reply
+    queue_id = reply.rsplit(" ", 1)[1]
+    (got,) = mx.wait_for_messages(1)
+    m = re.search(rb"<mailto:unsubscribe@bounce\.test\?subject=unsubscribe%20([\w-]+)>", got.data)
+    assert m, got.data
+    forged = f"Subject: unsubscribe {m.group(1).decode()[:-2]}xx\r\n\r\n".encode()
+    code, reply = _report(port, "unsubscribe@bounce.test", forged, sender="ann@dest.test")
+    assert code == 250, reply
+    (line,) = r.wait_event("report_unmatched", rcpt="unsubscribe@bounce.test")
+    assert line["why"].startswith("unsubscribe refused")
+    text = f"From: ann@dest.test\r\nSubject: unsubscribe {m.group(1).decode()}\r\n\r\n".encode()
+    code, reply = _report(port, "Unsubscribe@Bounce.test", text, sender="ann@dest.test")
+    assert code == 250, reply
+    (event,) = r.wait_event("unsubscribed", queue_id=queue_id)
+    assert (event["rcpt"], event["method"], event["scope"]) == (
+        "ann@dest.test",
+        "mail",
+        "domain:shop.test",
+    )
+    assert _submit(r.port, "ann@dest.test")[0] == 550  # suppressed for shop.test's mail

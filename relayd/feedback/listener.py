@@ -5,9 +5,10 @@ It is the SMTP ingress's session machinery and limits (RelaySMTP, IngressHandler
 connections, time, errors, enhanced codes) with its own policy: no AUTH and no relaying, for
 any client (trusted networks included); RCPT only for relayd's return paths
 (``local+TOKEN@domain`` with a token relayd signed) and the feedback addresses
-(return_path.complaints at that domain), one of them per transaction; and each message read
-as a report and recorded (relayd.feedback.record) in a short write transaction of its own,
-beside the queue process's writer, before the 250. A message that is no report (an
+(return_path.complaints at that domain) and unsubscribe.mailto, one of them per transaction;
+and each message read as a report and recorded (relayd.feedback.record; an unsubscribe mail
+by relayd.feedback.unsubscribe, as the one-click POST is) in a short write transaction of its
+own, beside the queue process's writer, before the 250. A message that is no report (an
 auto-reply, a human's answer) is accepted too, and logged as ``unrecognised_report``: a
 refusal would only bounce back to a null sender, or to the robot that sent it.
 """
@@ -21,12 +22,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from relayd.config import Auth, Ingress, ReturnPath
+from relayd.config import Auth, Ingress, ReturnPath, Unsubscribe
 from relayd.events.log import emit, log
-from relayd.feedback import record, reports
+from relayd.feedback import record, reports, unsubscribe
 from relayd.feedback.record import Outcome, Policy
 from relayd.feedback.tokens import BadToken, ReturnPaths
 from relayd.ingress.smtp import IngressHandler, RelaySMTP, Suppressions, valid_address
@@ -51,6 +53,7 @@ class BounceHandler(IngressHandler):
         settings: ReturnPath,
         paths: ReturnPaths,
         policy: Policy,
+        unsubscribing: Unsubscribe,
         spool: Path,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -58,6 +61,7 @@ class BounceHandler(IngressHandler):
             _settings(ingress, settings), auth, hostname, space, self._report, suppressions, ""
         )
         self.settings, self.paths, self.policy = settings, paths, policy
+        self.unsubscribing = unsubscribing
         self.spool, self.clock = spool, clock
         # parsing and the spool writes, on one thread (the connection is used by it only)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports")
@@ -72,9 +76,11 @@ class BounceHandler(IngressHandler):
         settings: ReturnPath,
         paths: ReturnPaths,
         policy: Policy,
+        unsubscribing: Unsubscribe,
     ) -> None:
         self.reload(_settings(ingress, settings), auth, hostname, space, "")
         self.settings, self.paths, self.policy = settings, paths, policy
+        self.unsubscribing = unsubscribing
 
     def close(self) -> None:
         self.worker.submit(self._close)
@@ -103,6 +109,17 @@ class BounceHandler(IngressHandler):
     ) -> str:
         if not valid_address(address, envelope.smtp_utf8):
             return "501 5.1.3 Bad recipient address syntax"
+        refusal = "" if self._mailto(address) else self._refusal(server, envelope, address)
+        if refusal:
+            return refusal
+        if envelope.rcpt_tos and address.lower() != envelope.rcpt_tos[0].lower():
+            return "452 4.5.3 One report recipient per transaction: send again for this one"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    def _refusal(self, server: RelaySMTP, envelope: Envelope, address: str) -> str:
+        """Why an address is not one of the return-path domain's that take reports; "" if it
+        is."""
         local, _, domain = address.rpartition("@")
         if domain.lower().rstrip(".") != self.paths.domain:
             log.info("relay_denied", client=server.client, rcpt=address, sender=envelope.mail_from)
@@ -117,10 +134,7 @@ class BounceHandler(IngressHandler):
             return f"550 5.1.1 <{address}>: Bad return path: not one relayd gave a message"
         if not ours and local.lower() not in self.settings.complaints:
             return f"550 5.1.1 <{address}>: No such mailbox: only return paths and feedback"
-        if envelope.rcpt_tos and address.lower() != envelope.rcpt_tos[0].lower():
-            return "452 4.5.3 One report recipient per transaction: send again for this one"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return ""
 
     # -- the report -------------------------------------------------------------------------
 
@@ -129,27 +143,50 @@ class BounceHandler(IngressHandler):
         whose id in "queued as" is the report's in the log."""
         loop = asyncio.get_running_loop()
         rcpt = msg.recipients[0]
-        report, out = await loop.run_in_executor(
+        why, out = await loop.run_in_executor(
             self.worker, self._record, bytes(msg.body), rcpt, self.clock()
         )
         keys = {"report_id": msg.queue_id, "client": msg.client, "sender": msg.sender}
-        if isinstance(report, reports.Unrecognised):
-            log.info("unrecognised_report", **keys, rcpt=rcpt, why=report.why)
+        if why:
+            log.info("unrecognised_report", **keys, rcpt=rcpt, why=why)
             return
         emit(out.events)
         for why in out.unmatched:
             log.info("report_unmatched", **keys, rcpt=rcpt, why=why)
 
-    def _record(self, text: bytes, rcpt: str, now: float) -> tuple[reports.Report, Outcome]:
+    def _record(self, text: bytes, rcpt: str, now: float) -> tuple[str, Outcome]:
+        """(why the message is no report, or ""; what it changed, committed)."""
+        if self._mailto(rcpt):
+            token = unsubscribe.token_of_mail(text)
+            if token is None:
+                return "an unsubscribe mail without an unsubscribe token", Outcome()
+            return "", self._commit(self._unsubscribe, token, now)
         report = reports.parse(text)
         if isinstance(report, reports.Unrecognised):
-            return report, Outcome()
+            return report.why, Outcome()
         try:
             to_queue_id = self.paths.queue_id_of(rcpt)
         except BadToken:  # return_path changed by a reload since RCPT
             to_queue_id = None
+        return "", self._commit(record.apply, report, to_queue_id, self.paths, self.policy, now)
+
+    def _commit(self, change: Callable[..., Outcome], *args: Any) -> Outcome:
         if self.conn is None:
             self.conn = admin.open_spool(self.spool, write=True)
         with admin.transaction(self.conn, True):
-            out = record.apply(self.conn, report, to_queue_id, self.paths, self.policy, now)
-        return report, out
+            return change(self.conn, *args)
+
+    def _unsubscribe(self, conn: sqlite3.Connection, token: str, now: float) -> Outcome:
+        """An unsubscribe by mail: the one-click POST's record; a bad token changes nothing."""
+        tokens, max_age = self.paths.tokens, self.unsubscribing.max_age
+        try:
+            event = unsubscribe.record(conn, tokens, token, now, max_age, "mail")
+        except BadToken as exc:
+            return Outcome(unmatched=[f"unsubscribe refused: {exc}"])
+        if event is None:
+            return Outcome(unmatched=["already unsubscribed in that scope"])
+        return Outcome(events=[event])
+
+    def _mailto(self, address: str) -> bool:
+        mailto = self.unsubscribing.mailto
+        return bool(mailto) and address.lower() == mailto.lower()

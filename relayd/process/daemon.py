@@ -478,6 +478,7 @@ class IngressProcess:
                 cfg.return_path,
                 _return_paths(self.tokens, cfg),
                 _report_policy(cfg),
+                cfg.unsubscribe,
                 cfg.server.spool_path,
             )
             self.servers += await start_listeners(self.bounces, self.tls, bounce)
@@ -537,6 +538,7 @@ class IngressProcess:
                 new.return_path,
                 _return_paths(self.tokens, new),
                 _report_policy(new),
+                new.unsubscribe,
             )
         return ""
 
