@@ -209,7 +209,7 @@ def by_envid(messages) -> dict[str, Message]:
 
 def test_failure_dsns_carry_envid_orcpt_and_ret_full_or_hdrs(relay, world):
     _, sender_mx = world
-    r = relay()
+    r = relay({"suppression": {"bounce_ttl": "0"}})  # gone@ bounces three times, on purpose
     orcpt = "ORCPT=rfc822;Gone+2Bapp@Example.test"
     for envid, ret in (("full+2B1", "RET=FULL"), ("hdrs+201", "RET=HDRS"), ("none", "")):
         dsn_mail("gone@example.test", f"{ret} ENVID={envid}", orcpt, r.port, ORIGINAL)
