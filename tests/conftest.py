@@ -214,6 +214,9 @@ def relay(
                 "idle_connection_time": "0.5s",
             },
             "retry": {"first": "1s", "max_interval": "2s", "jitter": 0.0},
+            # Tests mail the same unresolvable or refusing addresses again and again; the
+            # suppression tests turn hard-bounce entries back on where they test them.
+            "suppression": {"bounce_ttl": "0"},
         }
         process = RelayProcess(tmp_path, deep_merge(config, extra or {}))
         started.append(process)

@@ -306,6 +306,7 @@ def bouncing(relay, dns_server, fake_mx, tmp_path):
             ],
             "return_path": {"domain": "bounce.test", "feedback_id": TEMPLATE},
             "dkim": {"keys": [{"domain": "shop.test", "selector": "s1", "key_file": str(key)}]},
+            "suppression": {"bounce_ttl": "30d"},  # the default, which tests turn off
         }
     )
     wait_until(lambda: listening(port), 10, "the bounce listener")

@@ -209,7 +209,7 @@ def by_envid(messages) -> dict[str, Message]:
 
 def test_failure_dsns_carry_envid_orcpt_and_ret_full_or_hdrs(relay, world):
     _, sender_mx = world
-    r = relay({"suppression": {"bounce_ttl": "0"}})  # gone@ bounces three times, on purpose
+    r = relay()
     orcpt = "ORCPT=rfc822;Gone+2Bapp@Example.test"
     for envid, ret in (("full+2B1", "RET=FULL"), ("hdrs+201", "RET=HDRS"), ("none", "")):
         dsn_mail("gone@example.test", f"{ret} ENVID={envid}", orcpt, r.port, ORIGINAL)
@@ -240,7 +240,7 @@ def test_failure_dsns_carry_envid_orcpt_and_ret_full_or_hdrs(relay, world):
 
 def test_notify_success_gets_a_success_dsn_and_never_gets_none(relay, world):
     _, sender_mx = world
-    r = relay({"suppression": {"bounce_ttl": "0"}})  # gone@ bounces twice here, on purpose
+    r = relay()
     dsn_mail(
         "ok@example.test",
         "ENVID=ok-1",

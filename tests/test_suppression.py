@@ -236,7 +236,7 @@ def test_a_hard_bounce_suppresses_the_address_for_the_next_message(relay, dns_se
         "550 5.1.1 double-checking the recipient's email address for typos. - gsmtp"
     )
     fake_mx(rcpt_replies={"gone@dest.test": gmail, "full@dest.test": "452 4.2.2 over quota"})
-    r = relay()
+    r = relay({"suppression": {"bounce_ttl": "30d"}})  # the default, which tests turn off
     send(r.port, ["gone@dest.test", "full@dest.test"], sender="app@shop.test")
     r.wait_event("bounced", rcpt="gone@dest.test")
     r.wait_event("deferred", rcpt="full@dest.test")
