@@ -11,7 +11,7 @@ as is ``X-Relayd-Stream``, the message's stream (transactional or bulk).
 
 Listener kinds: ``relay`` (trusted networks; STARTTLS and AUTH offered when TLS is set up),
 ``submission`` (STARTTLS first, then AUTH before MAIL) and ``smtps`` (implicit TLS, then AUTH);
-``bounce`` is served by relayd.feedback.listener's handler, on these sessions, without AUTH.
+``bounce`` is served by relayd.ingress.bounce's handler, on these sessions, without AUTH.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
-    from relayd.feedback.listener import BounceHandler
+    from relayd.ingress.bounce import BounceHandler
     from relayd.feedback.record import Policy
     from relayd.ingress.api.server import HttpServer
     from relayd.ingress.api.service import Api
@@ -466,7 +466,7 @@ class IngressProcess:
         bounce = [(lsn, socks) for lsn, socks in self.bound if lsn.kind == "bounce"]
         if bounce:  # its own handler: its own connection limits, apart from the applications'
             # imported here, with a bounce listener only (flufl.bounce: ~1 MB a process)
-            from relayd.feedback.listener import BounceHandler
+            from relayd.ingress.bounce import BounceHandler
 
             self.tokens = _tokens(cfg.server.spool_path)
             self.bounces = BounceHandler(
