@@ -64,11 +64,11 @@ from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
-    from relayd.ingress.bounce import BounceHandler
     from relayd.feedback.record import Policy
     from relayd.ingress.api.server import HttpServer
     from relayd.ingress.api.service import Api
     from relayd.ingress.api.service import Settings as ApiSettings
+    from relayd.ingress.bounce import BounceHandler
 
 EX_SOFTWARE = 70  # the ingress process died: exit so that systemd restarts relayd
 EX_OSERR = 71
