@@ -295,11 +295,17 @@ def test_without_a_pool_the_check_assumes_server_hostname_and_says_so(tmp_path, 
     assert [i.status for i in ptr] == [Status.PASS]
 
 
-def test_a_return_path_elsewhere_is_checked_for_spf_and_alignment(tmp_path, dns_server):
+@pytest.mark.parametrize("given", ["argument", "verp"])
+def test_a_return_path_elsewhere_is_checked_for_spf_and_alignment(tmp_path, dns_server, given):
+    """Given as the argument, or relayd's own VERP return paths (return_path.domain)."""
     dns_server.add("bounces.example.net", "TXT", "v=spf1 ip4:192.0.2.10 -all")
     dns_server.add("_dmarc.shop.test", "TXT", "v=DMARC1; p=quarantine; aspf=s")
-    cfg = _config(tmp_path, pools())
-    report = check_domain(cfg, "shop.test", _dns(dns_server), "bounces.example.net")
+    if given == "verp":
+        cfg = _config(tmp_path, {**pools(), "return_path": {"domain": "bounces.example.net"}})
+        report = check_domain(cfg, "shop.test", _dns(dns_server))
+    else:
+        cfg = _config(tmp_path, pools())
+        report = check_domain(cfg, "shop.test", _dns(dns_server), "bounces.example.net")
     assert report.return_path_domain == "bounces.example.net"
     spf = [i for i in report.items if i.check == "spf"]
     assert spf[0].subject == "bounces.example.net"

@@ -79,12 +79,13 @@ def check_domain(
     now: float | None = None,
 ) -> Report:
     """Every check for mail From ``domain`` with a return path (envelope sender) at
-    ``return_path_domain`` (default: the same domain, which is what relayd sends with unless
-    the client gave another)."""
+    ``return_path_domain`` (default: return_path.domain when relayd sends with VERP return
+    paths, else the same domain, which is what relayd sends with unless the client gave
+    another)."""
     run = _Run(
         cfg,
         domain,
-        return_path_domain or domain,
+        return_path_domain or cfg.return_path.domain or domain,
         lookup,
         time.time() if now is None else now,
     )
