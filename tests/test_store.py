@@ -11,7 +11,7 @@ import sqlite3
 from relayd.events.records import Event, Type
 from relayd.model.message import NewMessage, State
 from relayd.process import handoff
-from relayd.spool import api, store
+from relayd.spool import api, holds, store
 
 NOW = 1_800_000_000.0
 
@@ -172,3 +172,19 @@ def test_an_idempotency_key_answers_again_for_a_day_and_refuses_another_request(
     later = NOW + api.IDEMPOTENCY_TIME + 1
     assert api.prune_idempotency(spool_conn, later) == 1  # the first; the other key's stays
     assert api.idempotent(spool_conn, other, later) is None  # a day on, the key is free again
+
+
+def test_adaptive_holds_that_ended_before_the_retention_are_pruned(spool_conn):
+    def hold(ended_at: float | None) -> None:
+        spool_conn.execute(
+            "INSERT INTO holds (site, source_ip, action, rule, code, reply, since, until,"
+            " ended_at) VALUES ('yahoo', '192.0.2.1', 'suspend', 'r', 421, 'x', ?, ?, ?)",
+            (NOW - 200, NOW - 100, ended_at),
+        )
+
+    hold(NOW - 100)  # ended long ago
+    hold(NOW - 5)  # ended within the retention
+    hold(None)  # in force
+    assert holds.prune(spool_conn, before=NOW - 50) == 1
+    left = spool_conn.execute("SELECT ended_at FROM holds ORDER BY id").fetchall()
+    assert left == [(NOW - 5,), (None,)]

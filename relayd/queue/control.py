@@ -12,7 +12,7 @@ from collections.abc import Callable
 from relayd.events.log import emit, log
 from relayd.events.records import Event
 from relayd.queue.scheduler import Scheduler, keep_running
-from relayd.spool import api, store, suppression
+from relayd.spool import api, holds, store, suppression
 from relayd.spool.writer import Writer
 
 POLL = 0.5  # seconds between looks at the outbox for relayctl's actions
@@ -78,11 +78,13 @@ class Control:
                 self.scheduler.poke()
 
     async def prune(self) -> None:
-        """Events older than the retention go, a bounded batch per transaction; so do the
-        API's idempotency records older than a day and lapsed suppression entries."""
+        """Events older than the retention go, a bounded batch per transaction; so do
+        adaptive holds that ended before it, the API's idempotency records older than a day
+        and lapsed suppression entries."""
         await self.writer.submit(functools.partial(api.prune_idempotency, now=self.clock()))
         await self.writer.submit(functools.partial(suppression.prune, now=self.clock()))
         before = self.clock() - self.retention
+        await self.writer.submit(functools.partial(holds.prune, before=before))
         pruned = 0
         while True:
             n = await self.writer.submit(functools.partial(store.prune_events, before=before))

@@ -99,6 +99,15 @@ def end(conn: sqlite3.Connection, ids: Iterable[int], now: float, how: str) -> l
     return events
 
 
+def prune(conn: sqlite3.Connection, before: float, limit: int = 5000) -> int:
+    """Remove a batch of holds that ended before ``before`` (their events tell the story for
+    as long as the event retention keeps them; so do these rows, then)."""
+    return conn.execute(
+        "DELETE FROM holds WHERE id IN (SELECT id FROM holds WHERE ended_at < ? LIMIT ?)",
+        (before, limit),
+    ).rowcount
+
+
 def active(conn: sqlite3.Connection) -> list[Hold]:
     """Every hold in force (or whose end came while relayd was stopped), oldest first."""
     return _holds(conn, "ended_at IS NULL", ())
