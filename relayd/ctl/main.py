@@ -944,7 +944,11 @@ def render_warmup(result: Row) -> str:
         volumes += [f"{p} {_volume(n)}" for p, n in row["per_provider"].items()]
         lines.append(f"  today ({result['today']}): {'; '.join(volumes)}")
         sent = [
-            [f"  {p['provider']}", f"{p['sent']} / {_volume(p['allowed'])}", "spent" * p["spent"]]
+            [
+                f"  {p['provider']}",
+                f"{p['sent']} / {_volume(p['allowed'])}",
+                "spent" if p["spent"] else "",
+            ]
             for p in row["providers"]
         ]
         lines.append(table(sent, ["  PROVIDER", "SENT / ALLOWED", ""]) if sent else "  none sent")
