@@ -10,41 +10,26 @@ import asyncio
 import json
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from structlog.testing import capture_logs
 from support.fakemx import FakeMX
+from support.queue import Body, Clock, run_queue, until
 from support.util import mx_zone, send, wait_until
 
-from relayd import config as configuration
 from relayd.config import WarmupSchedule
-from relayd.delivery.dns import Resolver
-from relayd.mime.dkim import Signer
 from relayd.model.ids import new_queue_id
 from relayd.model.message import NewMessage
-from relayd.outcomes.classify import Classifier
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import Scheduler, Settings
+from relayd.queue.scheduler import Scheduler
 from relayd.shaping.warmup import Plan, Warmup, day_number, next_day, utc_day
 from relayd.spool import schema, warmup
-from relayd.spool.space import FreeSpace
-from relayd.spool.writer import Writer
 
 DAY1 = date(2026, 12, 1)
 START = datetime(2026, 12, 1, 10, 0, tzinfo=UTC).timestamp()  # 10:00 UTC on day 1
 MIDNIGHT = datetime(2026, 12, 2, tzinfo=UTC).timestamp()  # day 2 begins
 WARM, OTHER = "127.0.0.2", "127.0.0.3"
-
-
-class Clock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- the arithmetic --------------------------------------------------------------------------
@@ -68,7 +53,7 @@ def test_a_plan_gives_each_provider_its_volume_of_the_day_and_none_past_its_list
 
 
 def test_the_counter_holds_back_until_loaded_counts_to_the_volume_and_starts_again_next_day():
-    clock = Clock()
+    clock = Clock(START)
     plan = Plan(WARM, "s", WarmupSchedule((3, 5), {}), None)  # day 1: the day first seen
     state = Warmup({WARM: plan}, clock)
     assert not state.allows(WARM, "p") and not state.spent(WARM, "p")  # not loaded yet
@@ -91,62 +76,19 @@ def test_the_counter_holds_back_until_loaded_counts_to_the_volume_and_starts_aga
 
 # -- the scheduler alone ---------------------------------------------------------------------
 
-Body = Callable[[Intake, Clock, Path], Awaitable[None]]
 
+def run(tmp_path: Path, mx: FakeMX, toml: str, body: Body, clock: Clock) -> None:
+    """The queue process's parts (support.queue) on ``toml``, the default shaping sending from
+    pool ``p`` one message per connection (each message a fresh pick of the rotation); ``body``
+    starts once the warm-up's counts are loaded from the spool (until then no source in
+    warm-up sends)."""
 
-def run_queue(tmp_path: Path, mx: FakeMX, toml: str, body: Body, clock: Clock) -> None:
-    """The queue process's parts in one loop, on ``toml`` added to a config routed to ``mx``
-    whose default shaping sends from pool ``p``, one message per connection (so that each
-    message is a fresh pick of the rotation)."""
-    path = tmp_path / "relayd.toml"
-    path.write_text(
-        "[server]\nspool_path = 'spool.sqlite'\nmin_free_space = '0'\n"
-        f"[routes]\n'*' = '{mx.host}:{mx.port}'\n"
-        "[retry]\nfirst = '1h'\nmax_interval = '1h'\njitter = 0.0\nmax_age = '5d'\n"
-        "[shaping.default]\npool = 'p'\nmax_messages_per_connection = 1\n" + toml
-    )
-    config = configuration.load(path)
-    spool = config.server.spool_path
-    schema.prepare(spool)
-    settings = Settings(
-        "relay.test",
-        config.delivery,
-        config.routes,
-        config.shaping,
-        config.retry,
-        config.pools,
-        Classifier(config.bounces),
-        config.suppression,
-        config.warmup,
-    )
+    async def loaded(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+        await until(lambda: scheduler.warmup.loaded, "the warm-up counts loaded")
+        await body(intake, scheduler, clock, spool)
 
-    async def main() -> None:
-        writer = Writer(spool, asyncio.get_running_loop())
-        resolver = Resolver(config.dns.nameservers, config.dns.timeout)
-        scheduler = Scheduler(settings, writer, resolver, clock)
-        space = FreeSpace(spool, 0)
-        intake = Intake(writer, scheduler, Signer(config.dkim, path), "relay.test", space, clock)
-        scheduler.start(intake.dsn)
-        try:
-            # what the spool holds first: until then no source in warm-up sends
-            await until(lambda: scheduler.warmup.loaded, "the warm-up counts loaded")
-            await body(intake, clock, spool)
-        finally:
-            await scheduler.stop(5)
-            intake.close()
-            writer.close()
-
-    asyncio.run(main())
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) -> None:
-    """Poll with a deadline, yielding to the loop that does the work."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    shaping = "[shaping.default]\npool = 'p'\nmax_messages_per_connection = 1\n"
+    run_queue(tmp_path, mx, loaded, shaping + toml, clock)
 
 
 def messages(n: int, clock: Clock, first: int = 0) -> list[NewMessage]:
@@ -199,13 +141,13 @@ def test_a_source_sends_its_days_volume_then_the_other_source_of_the_pool_takes_
     )
     try:
 
-        async def body(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(messages(10, clock))
             await until(lambda: len(mx.messages) == 10, "all ten messages")
             await until(lambda: stored_counts(spool), "the day's count saved")
 
         with capture_logs() as logged:
-            run_queue(tmp_path, mx, SCHEDULE + LANE + pool, body, Clock())
+            run(tmp_path, mx, SCHEDULE + LANE + pool, body, Clock(START))
         assert senders(mx) == {WARM: 3, OTHER: 7}
         assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest.test", "2026-12-01", 3)]
         [reached] = [line for line in logged if line["event"] == "warmup_quota_reached"]
@@ -219,7 +161,7 @@ def test_with_one_source_the_mail_past_the_volume_waits_for_the_next_day_unattem
     mx = FakeMX("127.0.0.10", 0).start()
     try:
 
-        async def body(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(messages(4, clock))
             await until(lambda: len(mx.messages) == 3, "the day's three messages")
             # the fourth goes back to the spool, due at midnight, never tried
@@ -230,7 +172,7 @@ def test_with_one_source_the_mail_past_the_volume_waits_for_the_next_day_unattem
             await until(lambda: not waiting(spool), "the spool to empty")
             await until(lambda: len(stored_counts(spool)) == 1, "day 2's count")
 
-        run_queue(tmp_path, mx, SCHEDULE + LANE + ONE_SOURCE, body, Clock())
+        run(tmp_path, mx, SCHEDULE + LANE + ONE_SOURCE, body, Clock(START))
         assert senders(mx) == {WARM: 4}
         # day 1's count is removed once day 2's is written
         assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest.test", "2026-12-02", 1)]
@@ -243,20 +185,20 @@ def test_the_days_counts_survive_a_restart_of_the_scheduler_on_the_same_spool(tm
     toml = SCHEDULE + LANE + ONE_SOURCE
     try:
 
-        async def first(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def first(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(messages(2, clock))
             await until(lambda: len(mx.messages) == 2, "two of the day's three")
 
-        async def second(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def second(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(messages(3, clock, first=2))
             await until(lambda: len(mx.messages) == 3, "the one left of the day's volume")
             await until(lambda: len(waiting(spool)) == 2, "the other two to wait")
             assert waiting(spool) == [(0, 0, MIDNIGHT)] * 2
 
-        run_queue(tmp_path, mx, toml, first, Clock())
+        run(tmp_path, mx, toml, first, Clock(START))
         spool = tmp_path / "spool.sqlite"
         assert stored_counts(spool) == [(WARM, "dest.test", "2026-12-01", 2)]  # saved at stop
-        run_queue(tmp_path, mx, toml, second, Clock(START + 3600))
+        run(tmp_path, mx, toml, second, Clock(START + 3600))
         assert stored_counts(spool) == [(WARM, "dest.test", "2026-12-01", 3)]
     finally:
         mx.stop()
@@ -274,7 +216,7 @@ def test_per_provider_volumes_and_the_day_relayd_first_sees_a_source(tmp_path):
     )
     try:
 
-        async def body(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             others = [
                 NewMessage(new_queue_id(), "a@s.test", [f"o{i}@other.test"], b"x\r\n",
                            "127.0.0.1", "t", "t", False, clock.now)
@@ -284,7 +226,7 @@ def test_per_provider_volumes_and_the_day_relayd_first_sees_a_source(tmp_path):
             await until(lambda: len(mx.messages) == 4, "one to dest.test, three to other.test")
             await until(lambda: len(waiting(spool)) == 2, "the rest to wait")
 
-        run_queue(tmp_path, mx, toml, body, Clock())
+        run(tmp_path, mx, toml, body, Clock(START))
         by_domain = Counter(m.rcpts[0].split("@")[1] for m in mx.messages)
         assert by_domain == {"dest.test": 1, "other.test": 3}
         with sqlite3.connect(tmp_path / "spool.sqlite") as db:
@@ -311,13 +253,13 @@ def test_a_source_past_its_last_day_has_no_quota_and_its_warm_up_is_reported_onc
 
     try:
 
-        async def body(intake: Intake, clock: Clock, spool: Path) -> None:
+        async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(messages(8, clock))
             await until(lambda: len(mx.messages) == 8, "all eight: no quota")
             await until(warmed, "the warmed event")
 
-        run_queue(tmp_path, mx, toml, body, Clock())
-        run_queue(tmp_path, mx, toml, lambda *_: asyncio.sleep(0), Clock())  # a restart
+        run(tmp_path, mx, toml, body, Clock(START))
+        run(tmp_path, mx, toml, lambda *_: asyncio.sleep(0), Clock(START))  # a restart
         assert warmed() == [
             {"source_ip": WARM, "schedule": "new", "warmup_start": "2026-11-29", "days": 2}
         ]
