@@ -109,8 +109,8 @@ def messages(n: int, clock: Clock, first: int = 0) -> list[NewMessage]:
 
 
 SCHEDULE = "[warmup.schedules.new]\ndays = [3, 5]\n"
-# dest.test has a shaping lane of its own, so its site's provider is "dest.test"
-LANE = "[shaping.domains.'dest.test']\npool = 'p'\n"
+# the fake MX is provider "dest" (the sites' provider: what warm-up volumes are counted for)
+PROVIDER = "[shaping.providers.dest]\nmx = ['127.0.0.10']\n"
 ONE_SOURCE = (
     f"[pools.p]\nsources = [{{ address = '{WARM}', warmup = 'new', warmup_start = {DAY1} }}]\n"
 )
@@ -147,11 +147,11 @@ def test_a_source_sends_its_days_volume_then_the_other_source_of_the_pool_takes_
             await until(lambda: stored_counts(spool), "the day's count saved")
 
         with capture_logs() as logged:
-            run(tmp_path, mx, SCHEDULE + LANE + pool, body, Clock(START))
+            run(tmp_path, mx, SCHEDULE + PROVIDER + pool, body, Clock(START))
         assert senders(mx) == {WARM: 3, OTHER: 7}
-        assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest.test", "2026-12-01", 3)]
+        assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest", "2026-12-01", 3)]
         [reached] = [line for line in logged if line["event"] == "warmup_quota_reached"]
-        assert (reached["source_ip"], reached["provider"]) == (WARM, "dest.test")
+        assert (reached["source_ip"], reached["provider"]) == (WARM, "dest")
         assert (reached["sent"], reached["allowed"]) == (3, 3)
     finally:
         mx.stop()
@@ -172,17 +172,17 @@ def test_with_one_source_the_mail_past_the_volume_waits_for_the_next_day_unattem
             await until(lambda: not waiting(spool), "the spool to empty")
             await until(lambda: len(stored_counts(spool)) == 1, "day 2's count")
 
-        run(tmp_path, mx, SCHEDULE + LANE + ONE_SOURCE, body, Clock(START))
+        run(tmp_path, mx, SCHEDULE + PROVIDER + ONE_SOURCE, body, Clock(START))
         assert senders(mx) == {WARM: 4}
         # day 1's count is removed once day 2's is written
-        assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest.test", "2026-12-02", 1)]
+        assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest", "2026-12-02", 1)]
     finally:
         mx.stop()
 
 
 def test_the_days_counts_survive_a_restart_of_the_scheduler_on_the_same_spool(tmp_path):
     mx = FakeMX("127.0.0.10", 0).start()
-    toml = SCHEDULE + LANE + ONE_SOURCE
+    toml = SCHEDULE + PROVIDER + ONE_SOURCE
     try:
 
         async def first(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
@@ -197,42 +197,71 @@ def test_the_days_counts_survive_a_restart_of_the_scheduler_on_the_same_spool(tm
 
         run(tmp_path, mx, toml, first, Clock(START))
         spool = tmp_path / "spool.sqlite"
-        assert stored_counts(spool) == [(WARM, "dest.test", "2026-12-01", 2)]  # saved at stop
+        assert stored_counts(spool) == [(WARM, "dest", "2026-12-01", 2)]  # saved at stop
         run(tmp_path, mx, toml, second, Clock(START + 3600))
-        assert stored_counts(spool) == [(WARM, "dest.test", "2026-12-01", 3)]
+        assert stored_counts(spool) == [(WARM, "dest", "2026-12-01", 3)]
     finally:
         mx.stop()
 
 
-def test_per_provider_volumes_and_the_day_relayd_first_sees_a_source(tmp_path):
+def test_a_provider_gets_its_own_volumes_from_the_day_relayd_first_sees_a_source(tmp_path):
     """No warmup_start: day 1 is the day the scheduler first sees the source, recorded in the
-    spool (a later start keeps it). dest.test has its own lower list; other.test (the route's
-    site) gets the schedule's days."""
+    spool (a later start keeps it). Provider dest has a list of its own: 1 on day 1, not the
+    schedule's 3."""
     mx = FakeMX("127.0.0.10", 0).start()
     toml = (
-        "[warmup.schedules.new]\ndays = [3, 5]\nper_provider = { 'dest.test' = [1, 2] }\n"
-        + LANE
+        "[warmup.schedules.new]\ndays = [3, 5]\nper_provider = { dest = [1, 2] }\n"
+        + PROVIDER
         + f"[pools.p]\nsources = [{{ address = '{WARM}', warmup = 'new' }}]\n"
     )
     try:
 
         async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
-            others = [
-                NewMessage(new_queue_id(), "a@s.test", [f"o{i}@other.test"], b"x\r\n",
-                           "127.0.0.1", "t", "t", False, clock.now)
-                for i in range(4)
-            ]  # fmt: skip
-            await intake.submit(messages(2, clock) + others)
-            await until(lambda: len(mx.messages) == 4, "one to dest.test, three to other.test")
-            await until(lambda: len(waiting(spool)) == 2, "the rest to wait")
+            await intake.submit(messages(3, clock))
+            await until(lambda: len(waiting(spool)) == 2, "two of the three to wait")
+            assert len(mx.messages) == 1
 
         run(tmp_path, mx, toml, body, Clock(START))
-        by_domain = Counter(m.rcpts[0].split("@")[1] for m in mx.messages)
-        assert by_domain == {"dest.test": 1, "other.test": 3}
+        assert stored_counts(tmp_path / "spool.sqlite") == [(WARM, "dest", "2026-12-01", 1)]
         with sqlite3.connect(tmp_path / "spool.sqlite") as db:
             assert db.execute("SELECT ip, first_seen FROM warmup_sources").fetchall() == [
                 (WARM, "2026-12-01")
             ]
+    finally:
+        mx.stop()
+
+
+def test_mail_waits_in_the_spool_for_the_first_source_free_again_suspended_or_spent(tmp_path):
+    """One source suspended at the site by adaptive shaping (Yahoo's TSS04, 2 h), the other
+    spent its day's volume: the rest goes back to the spool until the suspension ends (before
+    midnight), unattempted."""
+    mx = FakeMX("127.0.0.10", 0).start()
+    tss04 = "4.7.0 [TSS04] Messages from 127.0.0.3 temporarily deferred due to user complaints"
+    mx.data_replies.append(f"421 {tss04}")  # to the first message: from OTHER, listed first
+    toml = (
+        SCHEDULE
+        + "[shaping.providers.yahoo]\nmx = ['127.0.0.10']\nmax_connections = 1\n"
+        + f"[pools.p]\nsources = [{{ address = '{OTHER}' }}, {{ address = '{WARM}',"
+        f" warmup = 'new', warmup_start = {DAY1} }}]\n"
+    )
+    try:
+
+        async def body(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+            await intake.submit(messages(6, clock))
+            await until(lambda: len(waiting(spool)) == 3 and len(mx.messages) == 3, "the rest")
+            pending = [0, 0, 1]  # states: two back to waiting unattempted, one deferred
+            await until(lambda: sorted(r[0] for r in waiting(spool)) == pending, "postponed")
+
+        with capture_logs() as logged:
+            run(tmp_path, mx, toml, body, Clock(START))
+        assert senders(mx) == {WARM: 3}
+        assert sorted(waiting(tmp_path / "spool.sqlite")) == [
+            (0, 0, START + 7200),  # due when the suspension ends
+            (0, 0, START + 7200),
+            (1, 1, START + 3600),  # the one OTHER was refused: deferred, retry.first
+        ]
+        [postponed] = [line for line in logged if line["event"] == "shaping_postponed"]
+        assert postponed["site"] == "yahoo" and postponed["warmup_spent"] == [WARM]
     finally:
         mx.stop()
 
@@ -243,7 +272,7 @@ def test_a_source_past_its_last_day_has_no_quota_and_its_warm_up_is_reported_onc
     pool = (
         f"[pools.p]\nsources = [{{ address = '{WARM}', warmup = 'new', warmup_start = {past} }}]\n"
     )
-    toml = SCHEDULE + LANE + pool
+    toml = SCHEDULE + PROVIDER + pool
     spool = tmp_path / "spool.sqlite"
 
     def warmed() -> list[dict]:
