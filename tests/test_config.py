@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,105 @@ def test_a_bounce_listener_with_its_domain_loads(tmp_path):
     assert paths.max_report_size == 10 * 1024**2
     assert config.suppression.complaint_scope == "sender_domain"
     assert load(_write(tmp_path, "")).return_path.domain == ""  # off by default
+
+
+_SCHEDULE = (
+    '[warmup.schedules.new]\ndays = [50, 100, 200]\nper_provider = { "gmail.com" = [20, 40] }\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (
+            '[pools.main]\nsources = [{ address = "127.0.0.2", warmup = "nope" }]\n',
+            "pools.main.sources[0].warmup",
+            "unknown schedule 'nope' (schedules in [warmup.schedules]: new)",
+        ),
+        (
+            '[pools.main]\nsources = [{ address = "127.0.0.2", warmup_start = 2026-12-01 }]\n',
+            "pools.main.sources[0].warmup_start",
+            "needs warmup (a schedule name)",
+        ),
+        (
+            '[pools.main]\nsources = [{ address = "127.0.0.2", warmup = "new",'
+            ' warmup_start = "2026-13-01" }]\n',
+            "pools.main.sources[0].warmup_start",
+            "must be a date like 2026-12-01, got '2026-13-01'",
+        ),
+        (
+            '[pools.main]\nsources = [{ address = "127.0.0.2", warmup = "new",'
+            " warmup_start = 2026-12-01T10:00:00 }]\n",
+            "pools.main.sources[0].warmup_start",
+            "must be a date like 2026-12-01, got '2026-12-01 10:00:00'",
+        ),
+        (
+            '[pools.a]\nsources = [{ address = "127.0.0.2", warmup = "new" }]\n'
+            '[pools.b]\nsources = [{ address = "127.0.0.2" }]\n',
+            "pools.b.sources[0].warmup",
+            "127.0.0.2 is also in pool 'a' with another warm-up",
+        ),
+        ("[warmup.schedules.other]\nper_provider = {}\n", "warmup.schedules.other.days", "missing"),
+        (
+            "[warmup.schedules.other]\ndays = []\n",
+            "warmup.schedules.other.days",
+            "must list from 1 to 365 daily volumes, got 0",
+        ),
+        (
+            "[warmup.schedules.other]\ndays = [50, 0]\n",
+            "warmup.schedules.other.days[1]",
+            "must be from 1 to 1000000, got 0",
+        ),
+        (
+            '[warmup.schedules.other]\ndays = [50, "100"]\n',
+            "warmup.schedules.other.days[1]",
+            "must be from 1 to 1000000, got '100'",
+        ),
+        (
+            '[warmup.schedules.other]\ndays = [50]\nper_provider = { "gmail.com" = [-5] }\n',
+            "warmup.schedules.other.per_provider.gmail.com[0]",
+            "must be from 1 to 1000000, got -5",
+        ),
+        (
+            '[warmup.schedules.other]\ndays = [50]\nper_provider = { "gmail.com" = 5 }\n',
+            "warmup.schedules.other.per_provider.gmail.com",
+            "must be a list, got 5",
+        ),
+        (
+            "[warmup.schedules.other]\ndays = [50]\nramp = 2\n",
+            "warmup.schedules.other.ramp",
+            "unknown key",
+        ),
+        ("[warmup]\nschedule = {}\n", "warmup.schedule", "unknown key"),
+    ],
+)
+def test_warm_up_schedules_and_sources_are_checked(tmp_path, text, key, problem):
+    assert problem in _refused(tmp_path, _SCHEDULE + text, key)
+
+
+def test_a_warm_up_schedule_need_not_rise_and_a_source_names_it(tmp_path):
+    text = (
+        "[warmup.schedules.flat]\ndays = [100, 100, 50]\n"
+        '[warmup.schedules.flat.per_provider]\n"GMail.com" = [10]\n'
+        '[pools.a]\nsources = [{ address = "127.0.0.2", warmup = "flat",'
+        " warmup_start = 2026-12-01 },"
+        ' { address = "127.0.0.3", warmup = "flat" }, { address = "127.0.0.4" }]\n'
+        '[pools.b]\nsources = [{ address = "127.0.0.2", warmup = "flat",'
+        ' warmup_start = "2026-12-01" }]\n'
+    )
+    config = load(_write(tmp_path, text))
+    flat = config.warmup["flat"]
+    assert flat.days == (100, 100, 50) and flat.per_provider == {"gmail.com": (10,)}
+    warm, unseen, plain = config.pools["a"]
+    assert (warm.warmup, warm.warmup_start) == ("flat", date(2026, 12, 1))
+    assert (unseen.warmup, unseen.warmup_start) == ("flat", None)
+    assert (plain.warmup, plain.warmup_start) == ("", None)
+    assert config.pools["b"][0] == warm  # the same address, the same warm-up
+    assert load(_write(tmp_path, "")).warmup == {}
+
+
+def test_the_example_config_ships_a_warm_up_schedule(tmp_path):
+    schedules = load(ROOT / "conf" / "relayd.toml").warmup
+    assert schedules["default"].days[:3] == (50, 100, 200)
+    assert all(not src.warmup for pool in load(ROOT / "conf" / "relayd.toml").pools.values()
+               for src in pool)  # fmt: skip

@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -140,6 +141,8 @@ class Source:
     address: str
     ehlo: str
     weight: int
+    warmup: str = ""  # the [warmup.schedules] table it follows; "": none (it is warm)
+    warmup_start: date | None = None  # day 1 of it; None: the day relayd first sees it
 
 
 @dataclass(frozen=True)
@@ -423,6 +426,19 @@ Pools = dict[str, tuple[Source, ...]]
 
 
 @dataclass(frozen=True)
+class WarmupSchedule:
+    """[warmup.schedules.NAME]: a source's volume per provider per day, day 1 first; after
+    the last day of a provider's list the source has no quota there."""
+
+    days: tuple[int, ...]
+    per_provider: dict[str, tuple[int, ...]]  # provider -> its own list instead of days
+
+
+WarmupSchedules = dict[str, WarmupSchedule]
+WARMUP_MAX_DAYS = 365  # entries of one schedule's list
+
+
+@dataclass(frozen=True)
 class Reputation:
     """[reputation]: the pools' source addresses watched on DNS blacklists."""
 
@@ -497,6 +513,7 @@ class Config:
     reputation: Reputation
     unsubscribe: Unsubscribe
     return_path: ReturnPath
+    warmup: WarmupSchedules
 
 
 class _Section:
@@ -849,6 +866,8 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     dns_timeout = dns.duration("timeout", "5s")
     dns.finish()
 
+    schedules = _warmup_schedules(top.table("warmup"))
+    warming: dict[str, tuple[str, str, date | None]] = {}  # address -> (pool, schedule, start)
     pools_sec = top.table("pools")
     pools: Pools = {}
     for name in pools_sec.data:
@@ -867,8 +886,9 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
             if not _HOSTNAME.match(ehlo):
                 raise ConfigError(path, s.key("ehlo"), f"not a valid host name: {ehlo!r}")
             weight = s.positive_int("weight", 1)
+            warmup, warmup_start = _source_warmup(s, address, name, schedules, warming)
             s.finish()
-            sources.append(Source(address, ehlo, weight))
+            sources.append(Source(address, ehlo, weight, warmup, warmup_start))
         if not sources:
             raise ConfigError(path, pool.key("sources"), "a pool needs at least one source")
         pool.finish()
@@ -990,6 +1010,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         reputation=reputation,
         unsubscribe=unsubscribe,
         return_path=return_path,
+        warmup=schedules,
     )
 
 
@@ -1354,3 +1375,74 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _warmup_schedules(sec: _Section) -> WarmupSchedules:
+    schedules_sec = sec.table("schedules")
+    schedules = {}
+    for name in schedules_sec.data:
+        table = schedules_sec.table(name)
+        if "days" not in table.data:
+            problem = "missing: the daily volumes, day 1 first"
+            raise ConfigError(sec.path, table.key("days"), problem)
+        days = _volumes(table, "days", table.get("days", [], list))
+        overrides = table.table("per_provider")
+        per_provider = {
+            provider.lower(): _volumes(overrides, provider, overrides.get(provider, None, list))
+            for provider in overrides.data
+        }
+        table.finish()
+        schedules[name] = WarmupSchedule(days, per_provider)
+    schedules_sec.finish()
+    sec.finish()
+    return schedules
+
+
+def _volumes(sec: _Section, name: str, raw: list[Any]) -> tuple[int, ...]:
+    """A list of daily volumes: whole numbers from 1 to MAX_COUNT, 1 to WARMUP_MAX_DAYS of
+    them (rising or not: a schedule may hold a volume for some days)."""
+    if not 1 <= len(raw) <= WARMUP_MAX_DAYS:
+        problem = f"must list from 1 to {WARMUP_MAX_DAYS} daily volumes, got {len(raw)}"
+        raise ConfigError(sec.path, sec.key(name), problem)
+    for i, volume in enumerate(raw):
+        if isinstance(volume, bool) or not isinstance(volume, int) or not 1 <= volume <= MAX_COUNT:
+            raise ConfigError(
+                sec.path, f"{sec.key(name)}[{i}]", f"must be from 1 to {MAX_COUNT}, got {volume!r}"
+            )
+    return tuple(raw)
+
+
+def _source_warmup(
+    s: _Section,
+    address: str,
+    pool: str,
+    schedules: WarmupSchedules,
+    warming: dict[str, tuple[str, str, date | None]],
+) -> tuple[str, date | None]:
+    """A pool source's warm-up: its schedule and first day. An address in several pools has
+    one warm-up (its counts are per address), so every entry of it must say the same."""
+    name = s.get("warmup", "", str)
+    if name and name not in schedules:
+        known = ", ".join(sorted(schedules)) or "none"
+        problem = f"unknown schedule {name!r} (schedules in [warmup.schedules]: {known})"
+        raise ConfigError(s.path, s.key("warmup"), problem)
+    raw = s.get("warmup_start", "", (str, date))
+    start: date | None = None
+    if raw != "":
+        if not name:
+            raise ConfigError(s.path, s.key("warmup_start"), "needs warmup (a schedule name)")
+        try:
+            if isinstance(raw, datetime):
+                raise ValueError
+            start = raw if isinstance(raw, date) else date.fromisoformat(raw)
+        except ValueError:
+            problem = f"must be a date like 2026-12-01, got {str(raw)!r}"
+            raise ConfigError(s.path, s.key("warmup_start"), problem) from None
+    earlier = warming.setdefault(address, (pool, name, start))
+    if earlier[1:] != (name, start):
+        problem = (
+            f"{address} is also in pool {earlier[0]!r} with another warm-up: an address has one"
+            " warm-up, give each of its entries the same warmup and warmup_start"
+        )
+        raise ConfigError(s.path, s.key("warmup"), problem)
+    return name, start

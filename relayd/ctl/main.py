@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +43,9 @@ from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
 from relayd.senderauth import report
 from relayd.shaping.adaptive import split
+from relayd.shaping.warmup import Plan, day_number, plans, utc_day
 from relayd.spool import admin, holds, listings, suppression
+from relayd.spool import warmup as warmups
 from relayd.spool.suppression import REASONS
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
@@ -867,6 +869,92 @@ def _check_status(result: Row) -> int:
     return 1 if result["status"] in ("fail", "error") else 0
 
 
+# -- warm-up ----------------------------------------------------------------------------------
+
+
+def warmup_status(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
+    """Each source in warm-up: its schedule, its day, today's volume and what it has sent to
+    each provider today (as the daemon last saved it, about every second)."""
+    cfg, today = args.cfg, utc_day(time.time())
+    stored = warmups.load(conn, today, {})
+    sent: dict[str, list[tuple[str, int]]] = {}
+    for ip, provider, count in stored.counts:
+        sent.setdefault(ip, []).append((provider, count))
+    pools = addresses(cfg.pools)
+    rows = [
+        _warmup_row(plan, pools[ip], stored.first_seen.get(ip), sent.get(ip, []), today)
+        for ip, plan in sorted(plans(cfg.pools, cfg.warmup).items())
+    ]
+    return {"today": today.isoformat(), "sources": rows}
+
+
+def _warmup_row(
+    plan: Plan, pools: list[str], first_seen: date | None, sent: list[tuple[str, int]], today: date
+) -> Row:
+    start = plan.start or first_seen
+    row: Row = {
+        "ip": plan.address,
+        "pools": pools,
+        "schedule": plan.schedule,
+        "start": start.isoformat() if start else None,
+        "start_from": "warmup_start" if plan.start else "first seen" if start else None,
+        "days": plan.length,
+    }
+    day = day_number(start, today) if start else 0
+    status = "not started" if day < 1 else "warmed" if day > plan.length else "warming"
+    providers = []
+    for provider, count in sorted(sent):
+        allowed = plan.volume(provider, day)
+        spent = allowed is not None and count >= allowed
+        providers.append({"provider": provider, "sent": count, "allowed": allowed, "spent": spent})
+    return row | {
+        "status": status,
+        "day": day if start else None,
+        "allowed": plan.volume(None, day),
+        "per_provider": {p: plan.volume(p, day) for p in sorted(plan.rule.per_provider)},
+        "providers": providers,
+    }
+
+
+def _volume(allowed: int | None) -> str:
+    return "no limit" if allowed is None else str(allowed)
+
+
+def _warmup_state(row: Row) -> str:
+    since = f"from {row['start']} ({row['start_from']})"
+    if row["start"] is None:
+        return "not started: day 1 is the day relayd first sees it"
+    if row["status"] == "not started":
+        return f"not started: day 1 is {row['start']}"
+    if row["status"] == "warmed":
+        return f"warmed: {row['days']} day(s) {since}"
+    return f"day {row['day']} of {row['days']} {since}"
+
+
+def render_warmup(result: Row) -> str:
+    if not result["sources"]:
+        return "no source in warm-up: no [pools.*] source names a warmup schedule"
+    lines = []
+    for row in result["sources"]:
+        pools = ",".join(row["pools"])
+        lines.append(f"{row['ip']}  {row['schedule']}  {_warmup_state(row)}  pools: {pools}")
+        if row["status"] != "warming":
+            continue
+        volumes = [f"{_volume(row['allowed'])} per provider"]
+        volumes += [f"{p} {_volume(n)}" for p, n in row["per_provider"].items()]
+        lines.append(f"  today ({result['today']}): {'; '.join(volumes)}")
+        sent = [
+            [
+                f"  {p['provider']}",
+                f"{p['sent']} / {_volume(p['allowed'])}",
+                "spent" if p["spent"] else "",
+            ]
+            for p in row["providers"]
+        ]
+        lines.append(table(sent, ["  PROVIDER", "SENT / ALLOWED", ""]) if sent else "  none sent")
+    return "\n".join(lines)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text.removesuffix("s"))
@@ -1070,6 +1158,9 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--site", help="every hold at this site (a provider, or MX hosts)")
     target.add_argument("--all", action="store_true", help="every hold in force")
     h.set_defaults(run=shaping_clear, render=render_shaping_clear, write=True)
+
+    p = sub.add_parser("warmup", parents=[common], help="source addresses in warm-up, today")
+    p.set_defaults(run=warmup_status, render=render_warmup, write=False)
 
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")

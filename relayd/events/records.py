@@ -31,6 +31,7 @@ class Type(StrEnum):
     DELISTING = "delisted"  # ... and left it
     SHAPING = "shaping"  # adaptive shaping holds a source at a site: suspended, or slowed
     SHAPING_ENDED = "shaping_ended"  # ... and lets it go: lapsed, or cleared by the operator
+    WARMED = "warmed"  # a source IP came to the end of its warm-up schedule: no quota now
 
 
 @dataclass(slots=True)

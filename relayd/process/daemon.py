@@ -152,6 +152,7 @@ def _queue_settings(config: configuration.Config) -> Settings:
         config.pools,
         Classifier(config.bounces),
         config.suppression,
+        config.warmup,
     )
 
 

@@ -22,6 +22,10 @@ or slowed: a rate and a connection cap of its own there) until the hold ends or 
 it. Each hold is stored with its event. Mail that no source may send now goes back to the spool,
 due when the first hold that stops it ends, rather than fill memory meanwhile.
 
+IP warm-up (relayd.shaping.warmup): a source in warm-up sends each site's provider no more than
+its schedule's volume of the day; when it is spent the rotation leaves the source out there
+until the next UTC midnight (which ends that wait as a hold's end does).
+
 Streams: each job is transactional or bulk, and transactional mail never waits behind bulk mail.
 A site queues the two apart; a connection taking its next job takes a transactional one first;
 bulk jobs may be on at most ``bulk_connections`` of the site's connections at once (the rest are
@@ -55,6 +59,7 @@ from relayd.config import (
     ShapingRules,
     Source,
     Suppression,
+    WarmupSchedules,
 )
 from relayd.delivery.client import ConnectFailure, Connection
 from relayd.delivery.dns import LookupFailure, Resolver, Route
@@ -67,7 +72,8 @@ from relayd.outcomes import commit, decide
 from relayd.outcomes.classify import Classifier
 from relayd.shaping import Gcra, Rotation, Throttle, ThrottleFactory
 from relayd.shaping.adaptive import RATE, SUSPEND, SYSTEM, Hold, Holds, Rules
-from relayd.spool import holds, schema, store
+from relayd.shaping.warmup import Warmup, next_day, plans
+from relayd.spool import holds, schema, store, warmup
 from relayd.spool.writer import Writer
 
 POLL_INTERVAL = 1.0  # seconds between spool scans when nothing pokes the loader
@@ -79,6 +85,7 @@ RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a failed spool operation is tried again, b
 BULK_AHEAD = 4  # slots of one rate that bulk jobs may hold booked at once
 LAPSE_POLL = 1.0  # seconds between looks for holds of adaptive shaping whose end has come
 PROVIDER_CACHE = 10_000  # MX host sets whose provider is remembered
+WARMUP_SAVE = 1.0  # seconds between two saves of the warm-up counts (lost on a crash: these)
 
 Connect = Callable[..., Awaitable[Connection]]
 # Whether a pool's source address may take new connections now (the blacklist watch keeps a
@@ -104,6 +111,7 @@ class Settings:
     pools: Pools
     classifier: Classifier  # [bounces]: the class of each failed attempt's reply
     suppression: Suppression  # what a hard bounce adds to the suppression list
+    warmup: WarmupSchedules = field(default_factory=dict)  # [warmup.schedules]
 
 
 async def backoff(task: str, attempt: int, error: BaseException, **keys: Any) -> None:
@@ -188,6 +196,12 @@ class Site:
     provider: str = ""  # the provider of [shaping.providers] its MX hosts match, or ""
 
 
+def provider_of(site: Site) -> str:
+    """The provider a site's warm-up volumes are counted for: its [shaping.providers] name, or
+    its MX hosts (as adaptive shaping names the site)."""
+    return site.name
+
+
 class Scheduler:
     def __init__(
         self,
@@ -230,6 +244,10 @@ class Scheduler:
         self.rules = Rules(config.shaping.rules)
         self._holds_loaded = False
         self._providers: dict[str, str] = {}  # a route's site -> its provider ("": none)
+        # the day's counts of the sources in warm-up: a source whose volume to a site's
+        # provider is spent takes no more of its mail that day
+        self.warmup = Warmup(plans(config.pools, config.warmup), clock)
+        self._warmup_wake = asyncio.Event()
 
     # -- entry points -------------------------------------------------------------------
 
@@ -295,11 +313,13 @@ class Scheduler:
         self.dsn = dsn
         self._spawn(self._loader())
         self._spawn(self._lapse_loop())
+        self._spawn(self._warmup_loop())
 
     async def stop(self, timeout: float) -> None:
         """Finish transactions in flight (up to ``timeout``), give the rest back to the spool."""
         self.stopping = True
         self._poke.set()
+        self._warmup_wake.set()
         for site in self.sites.values():
             while site.waiters:
                 waiter = site.waiters.popleft()
@@ -318,6 +338,8 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        with contextlib.suppress(Exception):  # not saved: at most WARMUP_SAVE of counts lost
+            await self._save_warmup()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -327,6 +349,7 @@ class Scheduler:
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.rules = Rules(config.shaping.rules)
         self._providers.clear()
+        self.warmup.reload(plans(config.pools, config.warmup))
         for site in self.sites.values():
             site.limiter, site.source_limiters = None, {}
             self._configure(site)
@@ -447,12 +470,13 @@ class Scheduler:
         held = self.held
         if rotation is None:
             return False if held.blocks(site.name, None, site.connections) else None
-        usable = self.usable_source
+        usable, provider = self.usable_source, provider_of(site)
         picked = rotation.pick(
             lambda s: (
                 site.per_source[s.address] < shaping.max_connections_per_source
                 and usable(shaping.pool, s.address)
                 and not held.blocks(site.name, s.address, site.per_source[s.address])
+                and self.warmup.allows(s.address, provider)
             )
         )
         return picked if picked is not None else False
@@ -503,6 +527,9 @@ class Scheduler:
                             self._connect_failed(site, job, exc, source)
                             break
                         site.open += 1
+                    if source is not None and not self._count_warmup(site, source, job):
+                        (site.bulk if job.bulk else site.queue).appendleft(job)
+                        break  # the source's volume is spent: another source takes the job
                     await self._throttle(site, shaping, source, job.bulk)
                     pairs = await self._send(conn, job)
                     self._finish(job, pairs, conn.mx, conn.source_ip)
@@ -783,20 +810,37 @@ class Scheduler:
 
     def _postpone_if_held(self, site: Site, shaping: Shaping) -> None:
         """No source may open a connection to the site, and none is open: when suspensions
-        are why (every source the site may use is suspended there), its queued mail goes back
-        to the spool, due when the first of them ends, rather than filling memory meanwhile."""
+        or spent warm-up volumes are why (every source the site may use is suspended there or
+        has sent its provider the day's volume), its queued mail goes back to the spool, due
+        when the first of them ends (a hold's end, the next UTC midnight), rather than
+        filling memory meanwhile."""
         if site.connections or not (site.queue or site.bulk):
             return
         rotation = self.rotations.get(shaping.pool)
+        spent, provider = next_day(self.clock()), provider_of(site)
+        suspended: list[Hold] = []
+        ends: list[float] = []
+        warming: list[str] = []  # sources whose volume to the provider is spent today
         if rotation is None:
-            found = [self.held.find(site.name, None, SUSPEND)]
-        else:
-            usable = [s for s in rotation.sources if self.usable_source(shaping.pool, s.address)]
-            found = [self.held.find(site.name, s.address, SUSPEND) for s in usable]
-        suspended = [h for h in found if h is not None]
-        if not suspended or len(suspended) < len(found):
+            found = self.held.find(site.name, None, SUSPEND)
+            if found is None:
+                return
+            suspended, ends = [found], [found.until]
+        for s in rotation.sources if rotation is not None else ():
+            if not self.usable_source(shaping.pool, s.address):
+                continue
+            found = self.held.find(site.name, s.address, SUSPEND)
+            if found is not None:
+                suspended.append(found)
+                ends.append(found.until)
+            elif self.warmup.spent(s.address, provider):
+                warming.append(s.address)
+                ends.append(spent)
+            else:
+                return  # a source free to send: only connection limits keep it back
+        if not ends:
             return
-        until = min(h.until for h in suspended)
+        until = min(ends)
         jobs = [*site.queue, *site.bulk]
         site.queue.clear()
         site.bulk.clear()
@@ -822,7 +866,79 @@ class Scheduler:
             domains=domains,
             messages=len(jobs),
             until=holds.iso(until),
+            warmup_spent=warming,
         )
+
+    # -- warm-up --------------------------------------------------------------------------
+
+    def _count_warmup(self, site: Site, source: Source, job: Job) -> bool:
+        """As ``job``'s transaction starts: its recipients count for ``source``'s day at the
+        site's provider; False (nothing counted) when that day's volume is spent."""
+        provider = provider_of(site)
+        if not self.warmup.take(source.address, provider, len(job.recipients)):
+            return False
+        if self.warmup.spent(source.address, provider):
+            log.info(
+                "warmup_quota_reached",
+                source_ip=source.address,
+                provider=provider,
+                domain=job.domain,
+                sent=self.warmup.sent[(source.address, provider)],
+                allowed=self.warmup.allowed(source.address, provider),
+            )
+        return True
+
+    async def _warmup_loop(self) -> None:
+        """Load the day's warm-up counts (until then no source in warm-up sends: a restart
+        must not begin its day again), then save what changed every WARMUP_SAVE seconds."""
+        await keep_running("warmup", self._warmup_step, lambda: not self.stopping)
+
+    async def _warmup_step(self) -> None:
+        if not self.warmup.loaded:
+            day, seen = self.warmup.today(), self.warmup.unrecorded()
+            load = functools.partial(warmup.load, day=day, seen=seen)
+            stored = await self.writer.submit(load)
+            self.warmup.load(day, stored.counts, stored.first_seen, stored.reported)
+            for site in list(self.sites.values()):
+                self._kick(site)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._warmup_wake.wait(), WARMUP_SAVE)
+        if not self.stopping:
+            await self._save_warmup()
+
+    async def _save_warmup(self) -> None:
+        """Write the counts changed, the addresses newly in warm-up and a ``warmed`` event for
+        each source that came past its last day; nothing when there is none of these."""
+        state = self.warmup
+        if not state.loaded:
+            return
+        day, seen, counts = state.today(), state.unrecorded(), state.changes()
+        finished = [
+            (
+                plan.address,
+                plan.warm_key(start),
+                {
+                    "source_ip": plan.address,
+                    "schedule": plan.schedule,
+                    "warmup_start": start.isoformat(),
+                    "days": plan.length,
+                },
+            )
+            for plan, start in state.finished()
+        ]
+        if not (seen or counts or finished):
+            return
+        save = functools.partial(
+            warmup.save, day=day, seen=seen, counts=counts, finished=finished, now=self.clock()
+        )
+        try:
+            stored = await self.writer.submit(save)
+        except BaseException:
+            state.unsaved(day, counts)
+            raise
+        state.saved(stored.first_seen, stored.reported)
+        emit(stored.events)
 
     # -- background loops ---------------------------------------------------------------
 

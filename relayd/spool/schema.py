@@ -132,6 +132,10 @@ CREATE TABLE webhooks (
 # caused it; ended_at and ended ('lapsed', 'cleared') once over (NULL: in force). Ids are never
 # reused (relayctl shaping clear names them). hold_domains: the domains whose mail a hold
 # postponed in the spool, so that clearing it makes that mail due at once.
+# IP warm-up (relayd.spool.warmup): ``warmup`` the recipients each source address sent to each
+# provider on a UTC day (YYYY-MM-DD; only the current day is kept), ``warmup_sources`` the day
+# each address was first seen in warm-up and the warm-up ("schedule@start") whose `warmed`
+# event was written.
 _V4 = """
 ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
 CREATE TABLE suppressions (
@@ -200,6 +204,18 @@ CREATE TABLE hold_domains (
     hold_id INTEGER NOT NULL REFERENCES holds(id) ON DELETE CASCADE,
     domain TEXT NOT NULL,
     PRIMARY KEY (hold_id, domain)
+) WITHOUT ROWID;
+CREATE TABLE warmup (
+    ip TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    day TEXT NOT NULL,
+    sent INTEGER NOT NULL,
+    PRIMARY KEY (ip, provider, day)
+) WITHOUT ROWID;
+CREATE TABLE warmup_sources (
+    ip TEXT PRIMARY KEY,
+    first_seen TEXT NOT NULL,
+    warmed TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 """
 

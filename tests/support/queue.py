@@ -23,8 +23,8 @@ START = 1_800_000_000.0
 
 
 class Clock:
-    def __init__(self) -> None:
-        self.now = START
+    def __init__(self, now: float = START) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
@@ -43,9 +43,11 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) ->
 Body = Callable[[Intake, Scheduler, Clock, Path], Awaitable[None]]
 
 
-def run_queue(tmp_path: Path, mx: FakeMX, body: Body, toml: str = "") -> None:
+def run_queue(
+    tmp_path: Path, mx: FakeMX, body: Body, toml: str = "", clock: Clock | None = None
+) -> None:
     """Run ``body`` against the queue process's parts on a config routed to ``mx`` (retries
-    after an hour, no jitter; ``toml`` added to it)."""
+    after an hour, no jitter; ``toml`` added to it), on ``clock`` (default: one at START)."""
     path = tmp_path / "relayd.toml"
     path.write_text(
         "[server]\nspool_path = 'spool.sqlite'\nmin_free_space = '0'\n"
@@ -55,16 +57,17 @@ def run_queue(tmp_path: Path, mx: FakeMX, body: Body, toml: str = "") -> None:
     config = configuration.load(path)
     spool = config.server.spool_path
     schema.prepare(spool)
-    clock = Clock()
+    clock = clock or Clock()
     settings = Settings(
         "relay.test",
         config.delivery,
         config.routes,
         config.shaping,
         config.retry,
-        {},
+        config.pools,
         Classifier(config.bounces),
         config.suppression,
+        config.warmup,
     )
 
     async def main() -> None:
