@@ -16,6 +16,7 @@ import getpass
 import ipaddress
 import json
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -1198,6 +1199,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `relayctl ... | head` ends quietly, as cat
     args = parser().parse_args(argv)
     needs = getattr(args, "needs", "spool")
     try:
