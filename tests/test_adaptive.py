@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from support.dnsserver import TestDNSServer
 from support.fakemx import FakeMX
+from support.queue import START, Clock, until
 from support.util import mx_zone, send, wait_until
 
 from relayd import config as configuration
@@ -34,7 +35,6 @@ from relayd.spool import schema
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
-START = 1_800_000_000.0
 ROOT = Path(__file__).resolve().parent.parent
 
 # Real replies, as relayd keeps them (the client drops "421-" and joins lines with newlines).
@@ -73,24 +73,6 @@ def wire(code: int, text: str) -> str:
     """A reply as the server sends it: "421-" on each line but the last's "421 "."""
     lines = text.split("\n")
     return "\n".join([*(f"{code}-{line}" for line in lines[:-1]), f"{code} {lines[-1]}"])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 15) -> None:
-    """Poll with a deadline, yielding to the loop that does the work."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 Body = Callable[[Intake, Scheduler, Clock, Path], Awaitable[None]]

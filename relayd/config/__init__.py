@@ -371,8 +371,18 @@ BOUNCE_CLASSES = (
 )
 HARD_CLASSES = ("invalid_recipient", "bad_domain", "inactive_mailbox")  # suppressed by default
 DEFAULT_BOUNCE_CLASSES = DEFAULT_PATH.parent / "bounce_classes.toml"  # the shipped rules
-_RE2_CHECK = re2.Options()
-_RE2_CHECK.log_errors = False  # the error is the ConfigError's, not a line on stderr
+
+
+def re2_options(case_sensitive: bool) -> re2.Options:
+    """How rules files' patterns are compiled (bounce classes, adaptive shaping): errors are
+    raised, not also written to stderr by RE2."""
+    options = re2.Options()
+    options.case_sensitive = case_sensitive
+    options.log_errors = False
+    return options
+
+
+_RE2_CHECK = re2_options(True)  # the error is the ConfigError's, not a line on stderr
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 import re2
 
-from relayd.config import Bounces
+from relayd.config import Bounces, re2_options
 
 # The enhanced code a reply text starts with, as relayd keeps it (the client strips "550-").
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
@@ -61,14 +61,7 @@ _CACHE_MAX = 4096  # (code, enhanced code) pairs remembered; a flood of odd code
 Candidates = tuple[dict[int, str], str]
 
 
-def _options(case_sensitive: bool) -> re2.Options:
-    options = re2.Options()
-    options.case_sensitive = case_sensitive
-    options.log_errors = False
-    return options
-
-
-_CODES, _TEXTS = _options(True), _options(False)
+_CODES, _TEXTS = re2_options(True), re2_options(False)
 
 
 def fallback(enhanced: str) -> str:

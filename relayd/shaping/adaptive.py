@@ -17,7 +17,7 @@ from typing import Any
 
 import re2
 
-from relayd.config import AdaptiveRule, Rate
+from relayd.config import AdaptiveRule, Rate, re2_options
 from relayd.shaping import Throttle
 
 SUSPEND, RATE = "suspend", "rate"
@@ -27,14 +27,7 @@ SYSTEM = ""  # the source of connections made without a pool: the system's own a
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?=\s|$)")
 
 
-def _options(case_sensitive: bool) -> re2.Options:
-    options = re2.Options()
-    options.case_sensitive = case_sensitive
-    options.log_errors = False
-    return options
-
-
-_CODES, _TEXTS = _options(True), _options(False)
+_CODES, _TEXTS = re2_options(True), re2_options(False)
 
 
 def split(text: str) -> tuple[str, str]:
