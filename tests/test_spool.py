@@ -127,6 +127,30 @@ def test_a_version_3_spool_gains_streams_and_the_suppression_list_keeping_its_ma
         assert len(schema.secret(db, "tokens")) == 32
 
 
+def test_a_version_4_spool_gains_the_campaign_tables_keeping_its_mail(tmp_path: Path):
+    """relayd before campaigns: mail in flight and the suppression list stay as they were."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            schema._TABLES
+            + schema._V2
+            + schema._V3
+            + schema._V4
+            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+            + " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');"
+            + "INSERT INTO suppressions (address, scope, reason, created)"
+            + " VALUES ('a@y.test', '*', 'manual', 0);"
+            + "PRAGMA user_version = 4;"
+        )
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        assert db.execute("SELECT queue_id FROM messages").fetchall() == [("Q1",)]
+        assert db.execute("SELECT address FROM suppressions").fetchall() == [("a@y.test",)]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"contacts", "lists", "templates", "campaigns", "campaign_sends"} <= tables
+
+
 def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
     schema.prepare(path)

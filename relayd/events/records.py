@@ -32,6 +32,9 @@ class Type(StrEnum):
     SHAPING = "shaping"  # adaptive shaping holds a source at a site: suspended, or slowed
     SHAPING_ENDED = "shaping_ended"  # ... and lets it go: lapsed, or cleared by the operator
     WARMED = "warmed"  # a source IP came to the end of its warm-up schedule: no quota now
+    OPEN = "opened"  # a message's tracking pixel was loaded
+    CLICK = "clicked"  # a tracked link of a message was followed
+    CAMPAIGN = "campaign"  # a campaign changed state: started, tested, winner, paused, ... done
 
 
 @dataclass(slots=True)

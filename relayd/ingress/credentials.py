@@ -30,7 +30,7 @@ from relayd.model.message import TRANSACTIONAL
 from relayd.shaping import TokenBucket
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # ~80 ms per check here: slow for guessing, fine per login
-SCOPES = ("send", "read", "suppressions", "webhooks", "admin")
+SCOPES = ("send", "read", "suppressions", "webhooks", "campaigns", "admin")
 KEY_PREFIX = "rk_"  # an API key: rk_<id>_<secret>; the id finds the entry, the secret proves it
 
 

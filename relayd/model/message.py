@@ -117,6 +117,10 @@ class NewMessage:
     # then have no recipient left: only those events are stored).
     suppressed: list[tuple[str, str, str, str]] = field(default_factory=list)
     stream: str = TRANSACTIONAL  # TRANSACTIONAL or BULK: its lane in the scheduler
+    # A campaign's message: (campaign id, contact id, variant). Its campaign_sends row goes
+    # into the message's own transaction, so that a campaign resumes after the last contact
+    # committed and never queues one twice (a second row for a contact fails the batch).
+    campaign: tuple[int, int, str] | None = None
 
 
 # The largest metadata a message may carry (its JSON text, in bytes): it goes into every event.

@@ -151,6 +151,7 @@ def messages_frame(request: int, msgs: list[NewMessage], guard: Guard | None) ->
             m.send_at,
             m.suppressed,
             m.stream,
+            m.campaign,
             len(m.head) + len(m.body),
         )
         for m in msgs
@@ -163,7 +164,7 @@ def messages_of(frame: tuple) -> tuple[int, list[NewMessage], Guard | None]:
     _, request, fields, guard, texts = frame
     msgs, pos = [], 0
     for queue_id, sender, rcpts, client, helo, origin, utf8, received, *rest in fields:
-        envid, ret, notify, orcpt, meta, send_at, suppressed, stream, size = rest
+        envid, ret, notify, orcpt, meta, send_at, suppressed, stream, campaign, size = rest
         # one message: its text as received; more: each its own slice (copied once)
         body = texts if len(fields) == 1 else bytes(memoryview(texts)[pos : pos + size])
         pos += size
@@ -186,6 +187,7 @@ def messages_of(frame: tuple) -> tuple[int, list[NewMessage], Guard | None]:
                 send_at=send_at,
                 suppressed=suppressed,
                 stream=stream,
+                campaign=tuple(campaign) if campaign else None,
             )
         )
     return request, msgs, guard

@@ -223,6 +223,8 @@ def store_message(conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
     ]
     if msg.recipients:
         events.insert(0, _reception(conn, msg, receipt))
+    if msg.campaign is not None:
+        store.campaign_send(conn, msg.campaign, msg.queue_id, bool(msg.recipients))
     store.append_events(conn, events)
     return events
 

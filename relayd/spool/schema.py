@@ -7,7 +7,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # A bounce whose DSN is not yet queued (BOUNCED, without REPORTED_FAILED): written as the
 # partial index recipients_owed says it, so that SQLite uses the index for it.
@@ -219,6 +219,123 @@ CREATE TABLE warmup_sources (
 ) WITHOUT ROWID;
 """
 
+# Version 5: campaigns. Every object belongs to an owner (the credential that made it, as in a
+# message's origin: "key:NAME" or "auth:NAME"; "" for the operator's, made with relayctl); an
+# owner sees and uses its own, an admin key all. Contacts: an address (lower case) with JSON
+# attributes, unique per owner; lists of contacts; segments: a list narrowed by a JSON filter
+# over the attributes (relayd.contacts.segments). A contact's unsubscribe state is the
+# suppression list's: no column here. Templates: versioned (a new version per change, never
+# rewritten), kind 'html' or 'mjml' (the source in ``html``), subject and from name, an
+# optional text source, defaults (JSON) for the substitutions. Campaigns: to a list (or a
+# segment of it) from ``sender``, per ``spec`` (JSON: variants with their weights, templates
+# and overrides; the test group, criterion and wait; data; tracking); state 'scheduled',
+# 'sending', 'testing' (the test group is queued, the wait runs), 'paused', 'cancelled',
+# 'done' or 'failed' (``error`` says why); phase 'test' or 'rest' (the remaining contacts,
+# after the winner is picked). campaign_sends: one row per contact queued (or suppressed), in
+# the transaction of its message, so that a restart resumes after the last committed contact
+# and never queues one twice. campaign_stats: the figures of the report per variant and
+# minute, folded from the event log (``cursors`` holds the last event each reader of the log
+# has folded, by name). engagement: opens and clicks per message and recipient, for
+# unique counts (the events carry each one).
+_V5 = """
+CREATE TABLE contacts (
+    id INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL,
+    attrs TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (owner, address)
+);
+CREATE TABLE lists (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (owner, name)
+);
+CREATE TABLE list_members (
+    list_id INTEGER NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+    contact_id INTEGER NOT NULL REFERENCES contacts(id) ON DELETE CASCADE,
+    added REAL NOT NULL,
+    PRIMARY KEY (list_id, contact_id)
+) WITHOUT ROWID;
+CREATE INDEX list_members_contact ON list_members(contact_id);
+CREATE TABLE segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    list_id INTEGER NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+    filter TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (owner, name)
+);
+CREATE TABLE templates (
+    owner TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    from_name TEXT NOT NULL DEFAULT '',
+    html TEXT NOT NULL DEFAULT '',
+    text TEXT NOT NULL DEFAULT '',
+    defaults TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    PRIMARY KEY (owner, name, version)
+) WITHOUT ROWID;
+CREATE TABLE campaigns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    list_id INTEGER NOT NULL REFERENCES lists(id),
+    segment_id INTEGER REFERENCES segments(id),
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL DEFAULT 'test',
+    winner TEXT NOT NULL DEFAULT '',
+    send_at REAL NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    tested REAL,
+    finished REAL,
+    total INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX campaigns_state ON campaigns(state, send_at);
+CREATE TABLE campaign_sends (
+    campaign_id INTEGER NOT NULL REFERENCES campaigns(id) ON DELETE CASCADE,
+    contact_id INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    queue_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    flags INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (campaign_id, contact_id)
+) WITHOUT ROWID;
+CREATE INDEX campaign_sends_queue ON campaign_sends(queue_id);
+CREATE TABLE campaign_stats (
+    campaign_id INTEGER NOT NULL REFERENCES campaigns(id) ON DELETE CASCADE,
+    variant TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (campaign_id, variant, metric, minute)
+) WITHOUT ROWID;
+CREATE TABLE cursors (
+    name TEXT PRIMARY KEY,
+    event_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE engagement (
+    queue_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    opens INTEGER NOT NULL DEFAULT 0,
+    clicks INTEGER NOT NULL DEFAULT 0,
+    first_open REAL,
+    first_click REAL,
+    PRIMARY KEY (queue_id, rcpt)
+) WITHOUT ROWID;
+"""
+
 
 class SpoolDamaged(Exception):
     """The spool file cannot be trusted: relayd must not start on it."""
@@ -328,14 +445,8 @@ def migrate(conn: sqlite3.Connection) -> None:
             f"the spool has schema version {version}, written by a newer relayd; this one knows"
             f" version {SCHEMA_VERSION}: run the newer relayd, or restore a backup"
         )
-    if version == 0:
-        script = _TABLES + _V2 + _V3 + _V4
-    elif version == 1:
-        script = _V1_TO_V2 + _V3 + _V4
-    elif version == 2:
-        script = _V3 + _V4
-    elif version == 3:
-        script = _V4
-    else:
+    if version == SCHEMA_VERSION:
         return
+    steps = [_V1_TO_V2, _V3, _V4, _V5]  # from version 1 to 2, 2 to 3, ...
+    script = _TABLES + _V2 + "".join(steps[1:]) if version == 0 else "".join(steps[version - 1 :])
     conn.executescript(f"BEGIN; {script} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")

@@ -98,6 +98,17 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: float) -> New
     return msg
 
 
+def campaign_send(
+    conn: sqlite3.Connection, campaign: tuple[int, int, str], queue_id: str, queued: bool
+) -> None:
+    """A campaign's contact, queued (or found suppressed) in this transaction: see _V5."""
+    conn.execute(
+        "INSERT INTO campaign_sends (campaign_id, contact_id, variant, queue_id, status)"
+        " VALUES (?,?,?,?,?)",
+        (*campaign, queue_id, "queued" if queued else "suppressed"),
+    )
+
+
 def append_events(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
     """Into the outbox, in the transaction of the change they report."""
     conn.executemany(
