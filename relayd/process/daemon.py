@@ -64,6 +64,7 @@ from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
+    from relayd.campaigns.runner import Runner
     from relayd.feedback.record import Policy
     from relayd.ingress.api.server import HttpServer
     from relayd.ingress.api.service import Api
@@ -434,6 +435,7 @@ class IngressProcess:
         self.handler: IngressHandler | None = None
         self.bounces: BounceHandler | None = None  # with a bounce listener
         self.api: Api | None = None  # with an API listener
+        self.runner: Runner | None = None  # the campaigns', once serving
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
@@ -506,6 +508,13 @@ class IngressProcess:
             )
             self.http = HttpServer(self.api, cfg.api.max_body_size, cfg.server.shutdown_timeout)
             await self.http.start(http)
+        # campaigns go out from here, through the API's door, with or without an API listener
+        from relayd.campaigns.runner import Runner
+
+        self.runner = Runner(cfg, self.link.store, _tokens(cfg.server.spool_path))
+        self.runner_task = asyncio.get_running_loop().create_task(self.runner.run())
+        if self.api is not None:
+            self.api.campaigns_changed = self.runner.wake
         self.link.serving()
 
     async def accept(self, msg: NewMessage) -> None:
@@ -530,6 +539,8 @@ class IngressProcess:
             )
             if self.api is not None:
                 self.api.reload(_api_settings(new), self.handler.users, _space(new.server))
+        if self.runner is not None:
+            self.runner.reload(new)
         if self.bounces is not None:
             self.bounces.reload_reports(
                 new.ingress,
@@ -564,6 +575,11 @@ class IngressProcess:
             await asyncio.sleep(0.05)
         for session in list(sessions):
             session.close()
+        if self.runner is not None:  # a batch in flight commits or not: it resumes either way
+            self.runner_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.runner_task
+            self.runner.close()
         if self.http is not None:  # requests in flight finish (with their commits) first
             await self.http.close()
         if self.api is not None:

@@ -25,7 +25,7 @@ from relayd.ingress.credentials import Credential
 from relayd.ingress.smtp import valid_address
 from relayd.mime import headers
 from relayd.model.ids import new_queue_id
-from relayd.model.message import META_MAX, NewMessage
+from relayd.model.message import META_MAX, TRANSACTIONAL, NewMessage
 from relayd.spool.suppression import Entry
 
 MAX_SEND_AHEAD = 30 * 86400.0  # send_at at most this far ahead
@@ -133,7 +133,9 @@ def compose(
             outcomes[index].status = "suppressed"
             outcomes[index].error = stopped[address.email].why()
 
-    build = _Builder(req, sender, reply_to, extra, parts, limits, client, cred)
+    build = Builder(
+        sender, reply_to, extra, parts, limits, client, cred.account, req.stream, cred.stream
+    )
     msgs: list[NewMessage] = []
     if personal:
         for _, index, address, r in ok:
@@ -199,28 +201,25 @@ def _settle(msg: NewMessage, outcomes: list[Outcome], limits: Limits) -> None:
         o.message_id = msg.queue_id
 
 
-class _Builder:
-    """Builds one message from the request's parts, checked once by compose()."""
+class Builder:
+    """Builds one message from checked parts: compose() for the API's requests, the campaign
+    runner for each contact."""
 
     def __init__(
         self,
-        req: Send,
         sender: Address,
         reply_to: Address | None,
         extra: list[tuple[str, str]],
         parts: list[tuple[bytes, str, str, str]],
         limits: Limits,
         client: str,
-        cred: Credential,
+        origin: str,
+        stream: str | None,
+        default_stream: str = TRANSACTIONAL,  # when neither ``stream`` nor a raw text names one
     ) -> None:
-        self.req, self.sender, self.reply_to, self.extra, self.parts = (
-            req,
-            sender,
-            reply_to,
-            extra,
-            parts,
-        )
-        self.limits, self.client, self.cred = limits, client, cred
+        self.sender, self.reply_to, self.extra, self.parts = sender, reply_to, extra, parts
+        self.limits, self.client, self.origin = limits, client, origin
+        self.stream, self.default_stream = stream, default_stream
 
     def message(
         self,
@@ -231,8 +230,9 @@ class _Builder:
         rendered: dict[str, str | None],
         meta: str,
         send_at: float,
+        queue_id: str = "",
     ) -> NewMessage:
-        queue_id = new_queue_id()
+        queue_id = queue_id or new_queue_id()
         utf8 = not (envelope.isascii() and all(r.email.isascii() for r in rcpts))
         hostname = self.limits.hostname
         if rendered.get("raw") is not None:
@@ -253,12 +253,12 @@ class _Builder:
             text,
             self.client,
             "",
-            self.cred.account,
+            self.origin,
             utf8,
             head=head,
             meta=meta,
             send_at=send_at,
-            stream=self.req.stream or named or self.cred.stream,
+            stream=self.stream or named or self.default_stream,
         )
 
     def carrier(
@@ -266,7 +266,6 @@ class _Builder:
     ) -> NewMessage:
         """A message with no text and no one to send to: what carries the `suppressed` events
         of recipients whose message was not made."""
-        account = self.cred.account
         return NewMessage(
             new_queue_id(),
             envelope,
@@ -274,7 +273,7 @@ class _Builder:
             b"",
             self.client,
             "",
-            account,
+            self.origin,
             False,
             meta=meta,
             suppressed=suppressed,
