@@ -232,7 +232,7 @@ def failed(
         [(campaign_id, contact, variant, queue_id) for contact, _, variant, queue_id, _ in rows],
     )
     events = [
-        _event(campaign_id, now, "sending", failed=contact, rcpt=address, variant=variant,
+        _event(campaign_id, now, "sending", contact=contact, rcpt=address, variant=variant,
                error=error)
         for contact, address, variant, _, error in rows
     ]  # fmt: skip

@@ -66,8 +66,12 @@ async def _create(api: Api, req: Request, cred: Credential) -> Reply:
     try:
         found, event = await api.reader.write(spec.add, given, cred.account, api.clock(), min_wait)
     except spec.SpecError as exc:
-        where = {} if exc.line is None else {"line": exc.line, "column": exc.column}
-        raise Refused(422, "Invalid request", exc.problem, exc.field, **where) from None
+        if exc.line is None:
+            raise Refused(422, "Invalid request", exc.problem, exc.field) from None
+        detail = f"template error at line {exc.line}, column {exc.column}: {exc.problem}"
+        raise Refused(
+            422, "Invalid request", detail, exc.field, line=exc.line, column=exc.column
+        ) from None
     emit([event])
     log.info("campaign_added", key=cred.name, campaign=found["id"], name=found["name"])
     api.campaigns_changed()
