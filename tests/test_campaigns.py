@@ -367,3 +367,34 @@ def test_bad_campaigns_are_422s_naming_the_field_and_store_nothing(api, fake_mx)
     assert c.call("GET", "/v1/campaigns/1")[0] == 404
     good = c.create({**ok, "variants": [{"name": "A", "template": "news"}]})
     assert good["variants"] == [{"name": "A", "weight": 1.0, "template": "news", "version": 1}]
+
+
+def test_relayctl_makes_shows_pauses_and_resumes_a_campaign(api, fake_mx):
+    mx = fake_mx()
+    c = api()
+    list_id, _ = c.contacts(30, owner="")  # the operator's own list and template
+    conn = c.db()
+    conn.execute(
+        "INSERT INTO templates (owner, name, version, kind, subject, text, created)"
+        " VALUES ('', 'news', 1, 'html', 'Hi {{ contact.first }}', 'x\n', 0)"
+    )
+    conn.close()
+    common = ("--name", "ctl", "--from", "news@example.test", "--list", str(list_id))
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    out = c.relay.ctl("campaign", "add", *common, "--template", "news:1", "--at", later)
+    assert "state: scheduled, phase rest, winner A" in out.stdout
+    bad = c.relay.ctl("campaign", "add", *common, "--template", "news", "--test", "120",
+                      "--variant", "A::1", "--variant", "B::1:Other", check=False)  # fmt: skip
+    assert bad.returncode == 1 and "--test: must be more than 0 and at most 100" in bad.stderr
+    assert c.relay.ctl("campaign", "pause", "1").stdout.startswith("campaign 1: ctl")
+    listed = json.loads(c.relay.ctl("campaign", "ls", "--json").stdout)["campaigns"]
+    assert [(x["id"], x["state"], x["owner"]) for x in listed] == [(1, "paused", "")]
+    ab = c.relay.ctl("campaign", "add", *common, "--template", "news", "--test", "50",
+                     "--variant", "A::1", "--variant", "B::1:Other {{ contact.first }}",
+                     "--wait", "1s", "--json")  # fmt: skip
+    cid = json.loads(ab.stdout)["id"]
+    shown = c.relay.ctl("campaign", "show", str(cid), "--watch")  # returns once it is done
+    assert "state: done, phase rest" in shown.stdout and "30/30 queued" in shown.stdout
+    got = _by_rcpt(mx) if mx.wait_for_messages(30) else {}
+    assert len(got) == 30 and {m[0]["Subject"][:2] for m in got.values()} <= {"Hi", "Ot"}
+    assert c.relay.ctl("campaign", "cancel", "1").stdout.count("state: cancelled") == 1
