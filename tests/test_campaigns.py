@@ -18,6 +18,7 @@ import pytest
 from support.util import free_port, listening, mx_zone, wait_until
 
 from relayd.campaigns import abtest
+from relayd.config import ConfigError, load
 
 OWNER = "key:mk"
 
@@ -398,3 +399,42 @@ def test_relayctl_makes_shows_pauses_and_resumes_a_campaign(api, fake_mx):
     got = _by_rcpt(mx) if mx.wait_for_messages(30) else {}
     assert len(got) == 30 and {m[0]["Subject"][:2] for m in got.values()} <= {"Hi", "Ot"}
     assert c.relay.ctl("campaign", "cancel", "1").stdout.count("state: cancelled") == 1
+
+
+def test_pause_mid_sending_stops_new_batches_and_holds_what_was_queued(api, fake_mx):
+    mx = fake_mx(rcpt_reply="451 4.3.0 try later")
+    c = api({"campaigns": {"batch": 10, "poll_interval": "0.1s", "min_wait": "1s"}})
+    list_id, _ = c.contacts(1500)
+    cid = c.create({**BODY, "list_id": list_id})["id"]
+    wait_until(lambda: len(c.sends(cid)) >= 50, 20, "a first part queued")
+    status, doc = c.call("POST", f"/v1/campaigns/{cid}/pause")
+    assert status == 200 and doc["state"] == "paused"
+    # the batch in flight at the pause is held too; then nothing more is queued
+    queued = wait_until(
+        lambda: (n := len(c.sends(cid))) and _spool_states(c, cid) == {4: n} and n, 10, "held"
+    )
+    assert queued < 1500 and c.show(cid)["progress"]["remaining"] == 1500 - queued
+    assert c.show(cid)["progress"]["delivery"]["held"] == queued
+    mx.rcpt_reply = "250 2.1.5 ok"
+    assert c.call("POST", f"/v1/campaigns/{cid}/resume")[1]["state"] == "sending"
+    c.wait_state(cid, "done", timeout=60)
+    mx.wait_for_messages(1500, timeout=60)
+    got = _by_rcpt(mx)
+    assert len(got) == 1500 and all(len(v) == 1 for v in got.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("batch = 0", "campaigns.batch", "from 1 to 10000"),
+        ('poll_interval = "5m"', "campaigns.poll_interval", "from 0.05s to 1m"),
+        ('min_wait = "0.5s"', "campaigns.min_wait", "from 1s to 1d"),
+        ("colour = 1", "campaigns.colour", "unknown key"),
+    ],
+)
+def test_the_campaigns_config_is_checked(tmp_path, text, key, problem):
+    path = tmp_path / "relayd.toml"
+    path.write_text(f"[campaigns]\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == key and problem in info.value.problem
