@@ -116,15 +116,20 @@ class Runner:
     async def _send(self, c: dict[str, Any]) -> bool:
         """The phase's contacts not yet queued, batch by batch: True when all are, False
         when the campaign was paused or cancelled meanwhile."""
-        cid, after = c["id"], 0
+        cid = c["id"]
+        ahead = asyncio.ensure_future(self.db.run(self._batch, c, 0))
         while True:
-            msgs, failures, after, more = await self.db.run(self._batch, c, after)
+            msgs, failures, after, more = await ahead
+            if more:  # rendered here while the queue process stores this one
+                ahead = asyncio.ensure_future(self.db.run(self._batch, c, after))
             if failures:
                 await self._write(sql.failed, cid, failures, self.clock())
             if msgs:
                 await self.store(msgs, None)
             state = await self.db.run(sql.state_of, cid)
             if state != "sending":
+                if more:
+                    ahead.cancel()  # prepared, never stored: it is prepared again on resume
                 if state in _AFTER and msgs:  # the control's own change may have missed them
                     await self.db.write(sql.hold_mail, cid, _AFTER[state], self.clock())
                 return False
