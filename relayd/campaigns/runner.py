@@ -36,8 +36,6 @@ from relayd.spool import campaigns as sql
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Any]]
 CLIENT = "127.0.0.1"  # the Received field's client: relayd itself
-# what a paused or cancelled campaign does to mail it queued while the change was made
-_AFTER = {"paused": "hold", "cancelled": "delete"}
 
 
 class Runner:
@@ -126,12 +124,13 @@ class Runner:
                 await self._write(sql.failed, cid, failures, self.clock())
             if msgs:
                 await self.store(msgs, None)
-            state = await self.db.run(sql.state_of, cid)
+            if msgs:  # the control's own change may have missed them
+                state = await self.db.write(sql.after_batch, cid, self.clock())
+            else:
+                state = await self.db.run(sql.state_of, cid)
             if state != "sending":
                 if more:
                     ahead.cancel()  # prepared, never stored: it is prepared again on resume
-                if state in _AFTER and msgs:  # the control's own change may have missed them
-                    await self.db.write(sql.hold_mail, cid, _AFTER[state], self.clock())
                 return False
             if not more:
                 return True
@@ -155,7 +154,7 @@ class Runner:
         done = sql.sent_among(conn, cid, [r[0] for r in rows_in])
         todo = [r for r in rows_in if r[0] not in done]
         origin = c["owner"] or f"campaign:{cid}"
-        sender = compose._address(c["sender"], "from")
+        sender = compose.address_of(c["sender"], "from")
         stopped = self.lookup.find(sender.email, c["owner"] or None, [r[1] for r in todo])
         templates = self._templates(c)
         now = self.clock()

@@ -94,7 +94,7 @@ def check(
     if not 1 <= len(add.name) <= 200 or _newline(add.name):
         raise SpecError("name", "1 to 200 characters, one line")
     try:
-        sender = compose._address(add.sender, "from")
+        sender = compose.address_of(add.sender, "from")
     except compose.Invalid as exc:
         raise SpecError(exc.field, exc.problem) from None
     if not sql.list_exists(conn, owner, add.list_id):
@@ -127,7 +127,7 @@ def check(
         "tracking": msgspec.to_builtins(add.tracking),
         "stream": add.stream,
     }
-    shown = compose._mailbox(sender)
+    shown = compose.mailbox(sender)
     phase = "test" if test is not None else "rest"
     winner = "" if test is not None else variants[0]["name"]
     return Checked(

@@ -289,6 +289,20 @@ def control(
     return found, [event]
 
 
+def after_batch(conn: sqlite3.Connection, campaign_id: int, now: float) -> str:
+    """The runner's look at the state after storing a batch, in a write transaction so that
+    no control comes between the look and what follows from it: a campaign paused (or
+    cancelled) while the batch was on its way has that batch held (or removed) too."""
+    state = state_of(conn, campaign_id)
+    if state in _AFTER:
+        hold_mail(conn, campaign_id, _AFTER[state], now)
+    return state
+
+
+# what a paused or cancelled campaign does to mail the runner queued while the change was made
+_AFTER = {"paused": "hold", "cancelled": "delete"}
+
+
 def hold_mail(conn: sqlite3.Connection, campaign_id: int, action: str, now: float) -> int:
     """relayctl's hold, release or delete on the campaign's mail (with its operator event, so
     that the daemon drops what it holds in memory): the recipients changed."""

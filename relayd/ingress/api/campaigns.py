@@ -57,7 +57,7 @@ async def _create(api: Api, req: Request, cred: Credential) -> Reply:
         raise Refused(415, "Unsupported media type", "send application/json", "content-type")
     given = service._decode(req.body, spec.CampaignAdd)
     try:
-        address = compose._address(given.sender, "from").email
+        address = compose.address_of(given.sender, "from").email
     except compose.Invalid as exc:
         raise Refused(422, "Invalid request", exc.problem, exc.field) from None
     if "admin" not in cred.scopes and not cred.may_send_as(address):

@@ -84,7 +84,7 @@ def compose(
 ) -> tuple[list[NewMessage], list[Outcome]]:
     """The messages of a request and each recipient's outcome (a suppressed recipient's
     message carries only its event); raises Invalid."""
-    sender = _address(req.sender, "from")
+    sender = address_of(req.sender, "from")
     envelope = req.envelope_sender or sender.email
     if not valid_address(envelope, True) or _has_newline(envelope):
         raise Invalid("envelope_sender", f"not an address: {envelope!r}")
@@ -105,7 +105,7 @@ def compose(
     if (req.raw is None) == (req.text is None and req.html is None):
         raise Invalid("raw", "give either raw (a whole message) or text and/or html")
     send_at = _send_at(req.send_at, now)
-    reply_to = _address(req.reply_to, "reply_to") if req.reply_to is not None else None
+    reply_to = address_of(req.reply_to, "reply_to") if req.reply_to is not None else None
     extra = _extra_headers(req.headers)
     parts = _attachments(req.attachments)
     templates = _templates(req) if personal else {}
@@ -119,7 +119,7 @@ def compose(
     for field, i, r in listed:
         email = r.email if isinstance(r, Address | Recipient) else r
         try:
-            address = _address(r, f"{field}[{i}]")
+            address = address_of(r, f"{field}[{i}]")
         except Invalid as exc:
             outcomes.append(Outcome(email, "rejected", error=exc.problem))
             continue
@@ -288,13 +288,13 @@ class Builder:
     ) -> bytes:
         """The message text, written directly (the email package's builder and generator cost
         ~2.5 ms a message here, this ~30 µs): the encoders are the standard library's."""
-        lines = [f"From: {_mailbox(self.sender)}"]
+        lines = [f"From: {mailbox(self.sender)}"]
         if to:
-            lines.append(_folded("To", [_mailbox(a) for a in to]))
+            lines.append(_folded("To", [mailbox(a) for a in to]))
         if cc:
-            lines.append(_folded("Cc", [_mailbox(a) for a in cc]))
+            lines.append(_folded("Cc", [mailbox(a) for a in cc]))
         if self.reply_to is not None:
-            lines.append(f"Reply-To: {_mailbox(self.reply_to)}")
+            lines.append(f"Reply-To: {mailbox(self.reply_to)}")
         lines.append(f"Subject: {_unstructured(rendered.get('subject') or '')}")
         lines.append(f"Message-ID: <{queue_id}@{self.limits.hostname}>")
         lines += [f"{name}: {_unstructured(value)}" for name, value in self.extra]
@@ -371,7 +371,7 @@ def _multipart(subtype: str, queue_id: str, parts: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def _mailbox(a: Address) -> str:
+def mailbox(a: Address) -> str:
     """An address for a header field, its display name RFC 2047-encoded when not ASCII."""
     if not a.name:
         return a.email
@@ -399,7 +399,7 @@ def _unstructured(value: str) -> str:
     return Header(value, "utf-8").encode()
 
 
-def _address(value: Address | Recipient | str, field: str) -> Address:
+def address_of(value: Address | Recipient | str, field: str) -> Address:
     """An address as given (an object with email and name, or "Name <email>" or "email")."""
     if isinstance(value, str):
         name, email = _parse_address(value)
