@@ -56,10 +56,10 @@ from relayd.outcomes.classify import Classifier
 from relayd.process.handoff import IngressLink, SpoolLink
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import Scheduler, Settings
+from relayd.queue.scheduler import Scheduler, Settings, keep_running
 from relayd.receipts.dispatcher import Dispatcher
 from relayd.reputation.watch import Watch
-from relayd.spool import schema, store
+from relayd.spool import campaigns, schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
@@ -435,7 +435,8 @@ class IngressProcess:
         self.handler: IngressHandler | None = None
         self.bounces: BounceHandler | None = None  # with a bounce listener
         self.api: Api | None = None  # with an API listener
-        self.runner: Runner | None = None  # the campaigns', once serving
+        self.runner: Runner | None = None  # the campaigns', once there is one
+        self.campaigns_woken = asyncio.Event()
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
@@ -509,13 +510,42 @@ class IngressProcess:
             self.http = HttpServer(self.api, cfg.api.max_body_size, cfg.server.shutdown_timeout)
             await self.http.start(http)
         # campaigns go out from here, through the API's door, with or without an API listener
+        self.campaigns_task = asyncio.get_running_loop().create_task(self._campaigns())
+        if self.api is not None:
+            self.api.campaigns_changed = self._campaigns_changed
+        self.link.serving()
+
+    async def _campaigns(self) -> None:
+        """The campaign runner, started once the spool has a campaign that is not over: its
+        imports (Jinja2, the API's composer) would cost an ingress process that sends no
+        campaigns ~13 MB of memory."""
+        conn = schema.reader(self.config.server.spool_path)
+        try:
+            await keep_running(
+                "campaigns", lambda: self._no_campaign(conn), lambda: self.runner is None
+            )
+        finally:
+            conn.close()
+        assert self.runner is not None
+        await self.runner.run()
+
+    async def _no_campaign(self, conn: sqlite3.Connection) -> None:
+        """Wait for a campaign with work ahead of it; then make the runner."""
+        if not await asyncio.to_thread(campaigns.any_open, conn):
+            with contextlib.suppress(TimeoutError):
+                poll = self.config.campaigns.poll_interval
+                await asyncio.wait_for(self.campaigns_woken.wait(), poll)
+            self.campaigns_woken.clear()
+            return
         from relayd.campaigns.runner import Runner
 
-        self.runner = Runner(cfg, self.link.store, _tokens(cfg.server.spool_path))
-        self.runner_task = asyncio.get_running_loop().create_task(self.runner.run())
-        if self.api is not None:
-            self.api.campaigns_changed = self.runner.wake
-        self.link.serving()
+        self.runner = Runner(self.config, self.link.store, _tokens(self.config.server.spool_path))
+
+    def _campaigns_changed(self) -> None:
+        """The API made or resumed a campaign: look now."""
+        if self.runner is not None:
+            self.runner.wake()
+        self.campaigns_woken.set()
 
     async def accept(self, msg: NewMessage) -> None:
         """Store a message durably (the queue process signs it); the caller answers 250 only
@@ -575,10 +605,11 @@ class IngressProcess:
             await asyncio.sleep(0.05)
         for session in list(sessions):
             session.close()
-        if self.runner is not None:  # a batch in flight commits or not: it resumes either way
-            self.runner_task.cancel()
+        if hasattr(self, "campaigns_task"):  # a batch in flight commits or not: it resumes
+            self.campaigns_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.runner_task
+                await self.campaigns_task
+        if self.runner is not None:
             self.runner.close()
         if self.http is not None:  # requests in flight finish (with their commits) first
             await self.http.close()

@@ -150,6 +150,15 @@ def due(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     return [_row(cur, values) for values in cur.fetchall()]
 
 
+def any_open(conn: sqlite3.Connection) -> bool:
+    """Whether any campaign is not over (the ingress process starts its runner then)."""
+    row = conn.execute(
+        "SELECT 1 FROM campaigns WHERE state IN ('scheduled', 'sending', 'testing', 'paused')"
+        " LIMIT 1"
+    )
+    return row.fetchone() is not None
+
+
 def state_of(conn: sqlite3.Connection, campaign_id: int) -> str:
     row = conn.execute("SELECT state FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()
     return row[0] if row else ""
