@@ -21,7 +21,7 @@ _NOTRACK = re.compile(
     re.IGNORECASE,
 )
 _WEB = re.compile(r"^https?://", re.IGNORECASE)
-_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+_BODY_END = re.compile(r"</body", re.IGNORECASE)
 
 
 class Tracker:
@@ -53,15 +53,19 @@ class Tracker:
                 f'<img src="{self.pixel_base}{token}.gif" width="1" height="1" alt=""'
                 ' style="display:block;width:1px;height:1px;border:0" />'
             )
-            end = _BODY_END.search(html)
-            html = f"{html[: end.start()]}{pixel}{html[end.start() :]}" if end else html + pixel
+            end = max(html.rfind("</body"), html.rfind("</BODY"))  # a string search: fast
+            if end < 0 and (m := _BODY_END.search(html)):  # in another case (rare)
+                end = m.start()
+            html = f"{html[:end]}{pixel}{html[end:]}" if end >= 0 else html + pixel
         return html
 
     def _anchor(self, tag: str, queue_id: str, rcpt: str) -> str:
         m = _HREF.search(tag)
-        if m is None or _NOTRACK.search(tag):
+        if m is None or ("notrack" in tag.lower() and _NOTRACK.search(tag)):
             return tag
-        url = unescape(next(g for g in m.groups() if g is not None)).strip()
+        quoted, single, bare = m.groups()
+        url = quoted if quoted is not None else single if single is not None else bare
+        url = (unescape(url) if "&" in url else url).strip()
         if not _WEB.match(url) or url.startswith(self.untracked):
             return tag
         token = self.tokens.track(CLICK, queue_id, rcpt, url)
