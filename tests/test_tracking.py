@@ -26,6 +26,9 @@ from test_api import Client
 from relayd.config import ConfigError, load
 from relayd.events.records import Event, Type
 from relayd.feedback.tokens import CLICK, OPEN, BadToken, Tokens
+from relayd.ingress.api.compose import Limits, compose
+from relayd.ingress.api.schema import Send
+from relayd.ingress.credentials import Credential
 from relayd.spool import engagement, store
 from relayd.tracking import Tracker, hits
 
@@ -376,3 +379,16 @@ def test_a_key_with_tracking_off_or_a_request_opting_out_gets_its_html_untouched
     c.relay.ctl("key", "set", "quiet", "--tracking")
     keys = json.loads(c.relay.ctl("--json", "key", "list").stdout)["keys"]
     assert all(k["tracking"] for k in keys)
+
+
+def test_compose_tracks_a_message_to_several_recipients_as_a_whole():
+    tracker = Tracker(_config(), TOKENS)
+    key = Credential("app", "", ("example.test",), kind="key")
+    request = Send(sender="news@example.test", to=["a@dest.test", "b@dest.test"], html=HTML)
+    limits = Limits(10, 10**6, "relay.test")
+    (msg,), _ = compose(request, key, "127.0.0.1", limits, 0.0, lambda *_: {}, tracker)
+    (pixel,) = re.findall(rb"/o/([\w-]+)\.gif", msg.body)
+    assert TOKENS.tracked(OPEN, pixel.decode()) == (msg.queue_id, "", "")  # no one recipient
+    quiet = dataclasses.replace(key, tracking=False)
+    (msg,), _ = compose(request, quiet, "127.0.0.1", limits, 0.0, lambda *_: {}, tracker)
+    assert b"t.example.test" not in msg.body

@@ -25,9 +25,8 @@ class Tokens:
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must have at least 16 bytes")
-        self._secret = secret
-        # keyed once: a copy per tag costs a third of hmac.digest's key set-up (tracking
-        # makes one per link of every message)
+        # keyed once and copied per tag, without a key set-up each time: tracking makes a
+        # token per link of every message
         self._mac = hmac.new(secret, digestmod="sha256")
 
     # -- return paths: bounces+TOKEN@domain -------------------------------------------------

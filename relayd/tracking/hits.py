@@ -63,9 +63,8 @@ class Hits:
         self.config, self.tokens = config, tokens
         prefix = config.path.rstrip("/")
         self.routes = ((f"{prefix}/o/", OPEN), (f"{prefix}/c/", CLICK)) if config.enabled else ()
-        options = re2_options(False)
         self.apple = _any(config.apple_user_agents, re2_options(True))
-        self.scanner = _any(config.scanner_user_agents, options)
+        self.scanner = _any(config.scanner_user_agents, re2_options(False))
 
     def match(self, path: str) -> tuple[bytes, str] | None:
         """(OPEN or CLICK, its token) when ``path`` is a tracking link's; None otherwise."""
