@@ -12,6 +12,7 @@ import json
 import signal
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,6 +114,7 @@ def api(relay, dns_server):
             "auth": {"users_file": "users.json"},
             "campaigns": {"batch": 25, "poll_interval": "0.1s", "min_wait": "1s"},
             "unsubscribe": {"url": f"http://127.0.0.1:{port}/unsubscribe/"},
+            "tracking": {"enabled": True, "base_url": f"http://127.0.0.1:{port}/t"},
             **(extra or {}),
         }
         r = relay(config)
@@ -144,7 +146,8 @@ BODY = {
             "subject": "Hello {{ contact.first }}",
             "text": "Hi {{ contact.first }}, {{ data.offer }}\n"
             "Unsubscribe: {{ unsubscribe_url }}\n",
-            "html": "<p>Hi {{ contact.first }}</p>",
+            "html": '<p>Hi {{ contact.first }} <a href="https://shop.test/{{ contact.first }}">'
+            "shop</a></p>",
         }
     ],
     "data": {"offer": "20% off"},
@@ -157,7 +160,7 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
     list_id, ids = c.contacts(200, attrs=lambda i: {"first": f"F{i}", "n": 0 if i == 7 else 1})
     c.relay.ctl("suppression", "add", "c3@dest.test")
     body = json.loads(json.dumps(BODY))
-    body["variants"][0]["html"] = "<p>{{ 10 // contact.n }}</p>"  # contact 7: a runtime error
+    body["variants"][0]["html"] += "<p>{{ 10 // contact.n }}</p>"  # contact 7: a runtime error
     doc = c.create({**body, "list_id": list_id})
     assert doc["state"] == "scheduled" and doc["phase"] == "rest" and doc["winner"] == "A"
     done = c.wait_state(doc["id"], "done")
@@ -173,6 +176,9 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
     text = first.get_body(("plain",)).get_content()
     assert text.startswith("Hi F42, 20% off\nUnsubscribe: http://127.0.0.1:")
     assert first["List-Unsubscribe"].startswith(f"<http://127.0.0.1:{c.port}/unsubscribe/")
+    html = first.get_body(("html",)).get_content()  # tracked: its link and the open pixel
+    assert f'href="http://127.0.0.1:{c.port}/t/c/' in html and "/t/o/" in html
+    assert "https://shop.test/F42" not in html
     sends = c.sends(doc["id"])
     assert sends[ids[3]] == ("A", "suppressed") and sends[ids[7]] == ("A", "failed")
     accepted = [e for e in c.relay.events("accepted") if e.get("meta", {}).get("campaign")]
@@ -185,6 +191,12 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
     (failure,) = [e for e in c.relay.events("campaign") if "error" in e]
     assert failure["rcpt"] == "c7@dest.test" and "ZeroDivisionError" in failure["error"]
     wait_until(lambda: c.show(doc["id"])["progress"]["delivery"]["sent"] == 198, 20, "sent")
+    two, _ = c.contacts(2)  # a campaign with tracking off: its HTML as written
+    plain = c.create({**BODY, "list_id": two, "tracking": {"opens": False, "clicks": False}})
+    c.wait_state(plain["id"], "done")
+    mx.wait_for_messages(200, timeout=30)
+    html = _parse(mx.messages[-1].data).get_body(("html",)).get_content()
+    assert 'href="https://shop.test/F' in html and "/t/o/" not in html
 
 
 AB = {
@@ -303,6 +315,14 @@ def test_cancel_removes_the_undelivered_mail_without_dsns(api, fake_mx):
     assert mx.messages == []
 
 
+def _gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie not yet reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
 def test_sigkill_mid_campaign_then_restart_queues_every_member_exactly_once(api, fake_mx):
     mx = fake_mx(rcpt_reply="451 4.3.0 try later")  # nothing delivered before the kill
     c = api({"campaigns": {"batch": 10, "poll_interval": "0.1s", "min_wait": "1s"}})
@@ -311,8 +331,10 @@ def test_sigkill_mid_campaign_then_restart_queues_every_member_exactly_once(api,
     doc = c.create(body)
     cid = doc["id"]
     wait_until(lambda: len(c.sends(cid)) >= 100, 20, "a first part queued")
+    ingress = c.relay.wait_event("started")[0]["ingress_pid"]
     c.relay.signal(signal.SIGKILL)
     c.relay.proc.wait(10)
+    wait_until(lambda: _gone(ingress), 10, "the killed relayd's ingress process to exit")
     before = len(c.sends(cid))
     assert before < 1500, "the campaign ended before the kill: make it larger"
     mx.rcpt_reply = "250 2.1.5 ok"

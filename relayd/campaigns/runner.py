@@ -33,6 +33,7 @@ from relayd.model.ids import new_queue_id
 from relayd.model.message import BULK, Guard, NewMessage
 from relayd.queue.scheduler import keep_running
 from relayd.spool import campaigns as sql
+from relayd.tracking import Tracker
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Any]]
 CLIENT = "127.0.0.1"  # the Received field's client: relayd itself
@@ -57,6 +58,7 @@ class Runner:
             config.api.max_recipients, config.ingress.max_message_size, config.server.hostname
         )
         self.links = Links(config.unsubscribe, self.tokens) if config.unsubscribe.enabled else None
+        self.tracker = Tracker(config.tracking, self.tokens) if config.tracking.enabled else None
 
     def wake(self) -> None:
         """A campaign was made or resumed: look now, not at the next poll."""
@@ -223,6 +225,9 @@ class Runner:
         name = out.from_name or sender.name
         build = compose.Builder(Address(sender.email, name), None, [], [], self.limits, CLIENT,
                                 origin, BULK)  # fmt: skip
+        tracking = c["spec"]["tracking"]  # the campaign's (its key's, when that has none)
+        if self.tracker is not None:
+            build.tracking(self.tracker, tracking["opens"], tracking["clicks"])
         rendered = {"subject": out.subject, "text": out.text, "html": out.html}
         to = [Address(address, "")]
         msg = build.message(sender.email, to, to, [], rendered, meta, 0.0, queue_id)

@@ -17,7 +17,7 @@ import msgspec
 from relayd.campaigns.templating import TemplateError, compile_template
 from relayd.config import MAX_CAMPAIGN_WAIT, parse_duration
 from relayd.ingress.api import compose
-from relayd.ingress.api.schema import Address
+from relayd.ingress.api.schema import Address, TrackingOptions
 from relayd.spool import campaigns as sql
 
 CRITERIA = ("click", "open", "conversion")
@@ -48,11 +48,6 @@ class Variant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     text: str | None = None
 
 
-class Tracking(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    opens: bool = True
-    clicks: bool = True
-
-
 class CampaignAdd(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``POST /v1/campaigns`` (and ``relayctl campaign add``)."""
 
@@ -66,7 +61,7 @@ class CampaignAdd(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     criterion: Literal["click", "open", "conversion"] = "click"
     wait: str | float = "4h"
     data: dict[str, Any] = {}
-    tracking: Tracking = Tracking()
+    tracking: TrackingOptions | None = None  # None: as [tracking] and the key allow
     stream: Literal["bulk"] = "bulk"
 
 
@@ -124,7 +119,7 @@ def check(
         "criterion": add.criterion,
         "wait": wait,
         "data": add.data,
-        "tracking": msgspec.to_builtins(add.tracking),
+        "tracking": msgspec.to_builtins(add.tracking or TrackingOptions()),
         "stream": add.stream,
     }
     shown = compose.mailbox(sender)

@@ -11,6 +11,7 @@ from typing import Any
 from relayd.campaigns import spec
 from relayd.events.log import emit, log
 from relayd.ingress.api import compose, service
+from relayd.ingress.api.schema import TrackingOptions
 from relayd.ingress.api.service import Api, Refused, Reply, Request
 from relayd.ingress.credentials import Credential
 from relayd.spool import campaigns as sql
@@ -62,6 +63,8 @@ async def _create(api: Api, req: Request, cred: Credential) -> Reply:
         raise Refused(422, "Invalid request", exc.problem, exc.field) from None
     if "admin" not in cred.scopes and not cred.may_send_as(address):
         raise Refused(403, "Forbidden", f"{address} is not a sender of key {cred.name}", "from")
+    if not cred.tracking:  # a key without tracking: none for its campaigns either
+        given.tracking = TrackingOptions(opens=False, clicks=False)
     min_wait = api.settings.config.campaigns.min_wait
     try:
         found, event = await api.reader.write(spec.add, given, cred.account, api.clock(), min_wait)
