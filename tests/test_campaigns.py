@@ -12,11 +12,10 @@ import json
 import signal
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support.util import free_port, listening, mx_zone, wait_until
+from support.util import free_port, gone, listening, mx_zone, wait_until
 
 from relayd.campaigns import abtest
 from relayd.config import ConfigError, load
@@ -315,14 +314,6 @@ def test_cancel_removes_the_undelivered_mail_without_dsns(api, fake_mx):
     assert mx.messages == []
 
 
-def _gone(pid: int) -> bool:
-    """Whether the process has exited (a zombie not yet reaped has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except FileNotFoundError:
-        return True
-
-
 def test_sigkill_mid_campaign_then_restart_queues_every_member_exactly_once(api, fake_mx):
     mx = fake_mx(rcpt_reply="451 4.3.0 try later")  # nothing delivered before the kill
     c = api({"campaigns": {"batch": 10, "poll_interval": "0.1s", "min_wait": "1s"}})
@@ -334,7 +325,7 @@ def test_sigkill_mid_campaign_then_restart_queues_every_member_exactly_once(api,
     ingress = c.relay.wait_event("started")[0]["ingress_pid"]
     c.relay.signal(signal.SIGKILL)
     c.relay.proc.wait(10)
-    wait_until(lambda: _gone(ingress), 10, "the killed relayd's ingress process to exit")
+    wait_until(lambda: gone(ingress), 10, "the killed relayd's ingress process to exit")
     before = len(c.sends(cid))
     assert before < 1500, "the campaign ended before the kill: make it larger"
     mx.rcpt_reply = "250 2.1.5 ok"
