@@ -1195,6 +1195,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(
         run=check_domain, render=report.render, needs="config", exit_status=_check_status
     )
+    from relayd.ctl import contacts  # its commands use this module's helpers
+
+    contacts.register(sub, common)
     return top
 
 
