@@ -182,7 +182,7 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
     conn.execute("PRAGMA cache_size=-65536")  # the contacts index: most of it stays in memory
     conn.execute("PRAGMA temp_store=MEMORY")
     collector, imported, updated = Collector("line", args.batch), 0, 0
-    started = time.monotonic()
+    started, longest = time.monotonic(), 0.0  # the longest write transaction: the daemon's wait
     with contextlib.closing(conn):
         with admin.transaction(conn, False):
             target = store.find_list(conn, args.list, owner)
@@ -199,10 +199,12 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
                 )
                 with bar:
                     for batch in csvimport.batches(text, collector):
+                        began = time.monotonic()
                         with admin.transaction(conn, True):
                             new, known = store.add_batch(
                                 conn, owner, target["id"], batch.rows, batch.names, time.time()
                             )
+                        longest = max(longest, time.monotonic() - began)
                         imported, updated = imported + new, updated + known
                         bar.update(raw.tell() - bar.n if size else len(batch.rows))
                         bar.set_postfix(rows=collector.read, rejected=collector.rejected_count)
@@ -219,6 +221,7 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
         "rejected": collector.rejected,
         "rejected_count": collector.rejected_count,
         "seconds": round(time.monotonic() - started, 3),
+        "longest_transaction_s": round(longest, 3),
     }
 
 

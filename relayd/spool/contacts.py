@@ -288,9 +288,19 @@ def patch(
     return contact(conn, owner, address, scopes, now)
 
 
-def unsubscribe(conn: sqlite3.Connection, owner: str, address: str, now: float) -> Row:
+def unsubscribe(
+    conn: sqlite3.Connection, owner: str, address: str, now: float, known_only: bool = False
+) -> Row:
     """Put the address on the suppression list in the owner's scope (the operator's: all
-    senders), reason unsubscribe: the campaign runner and every other send honour it."""
+    senders), reason unsubscribe: the campaign runner and every other send honour it.
+    ``known_only``: only an address that is one of the owner's contacts."""
+    if (
+        known_only
+        and not conn.execute(
+            "SELECT 1 FROM contacts WHERE owner = ? AND address = ?", (owner, address)
+        ).fetchone()
+    ):
+        raise NotFound(f"no contact {address}")
     scope = owner or suppression.GLOBAL
     entry = suppression.Entry(address, scope, "unsubscribe", now, detail="contacts unsubscribe")
     suppression.add(conn, [entry])

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
     KumoInject,
     Send,
@@ -98,6 +99,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key lacks the scope, sender or network",
         404: "no such resource",
+        409: "a name already taken, or in use",
         413: "body too large",
         415: "not JSON",
         422: "a field is invalid (named in `field`)",
@@ -120,6 +122,8 @@ def document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": schema}},
     }
+    contact_paths, contact_components = contacts_schema.paths(_problems, json_body)
+    components.update(contact_components)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -328,6 +332,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            **contact_paths,
             "/unsubscribe/{token}": _unsubscribe(),
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
