@@ -18,7 +18,6 @@ ADDRESS_COLUMNS = ("email", "address")
 # one with a leading zero (a postcode, a phone number) stays text, as does everything else.
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,15})?")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape made of undecodable bytes
-csv.field_size_limit(64 * 1024)
 
 
 def _value(text: str) -> Any:

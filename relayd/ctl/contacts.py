@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from relayd import config as configuration
 from relayd.contacts import BATCH, Collector, Invalid, address, csvimport
-from relayd.ctl.main import CtlError, Row, _iso, table
+from relayd.ctl.main import CtlError, Row, _count, _iso, table
 from relayd.ingress import suppression as suppressions
 from relayd.ingress.credentials import load_credentials
 from relayd.spool import admin, suppression
@@ -190,7 +190,7 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
             with _csv_in(name) as (text, raw, size):
                 bar = tqdm(
                     total=size or None,
-                    unit="B",
+                    unit="B" if size else " rows",
                     unit_scale=True,
                     desc=Path(name).name if name != "-" else "stdin",
                     file=sys.stderr,
@@ -284,16 +284,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         help="import contacts from CSV into a list",
         description="Import FILE (CSV: a header row naming the attributes, one column named"
         " email or address) into LIST. A known address gets its attributes merged (the file's"
-        " values win; an empty cell leaves one as it was). A bad file imports its good rows:"
-        " rows with an invalid address, the wrong number of fields or an address seen earlier"
-        " in the file are skipped and reported by line number (exit status 1); only a header"
-        " that cannot be used stops the import before anything is written.",
+        " values win; an empty cell leaves one as it was); a cell that reads as a number"
+        " (without a leading zero) is stored as one, for filters like age ge 18. A bad file"
+        " imports its good rows: rows with an invalid address, the wrong number of fields or an"
+        " address seen earlier in the file are skipped and reported by line number (exit"
+        " status 1); only a header that cannot be used stops the import before anything is"
+        " written.",
     )
     c.add_argument("list", metavar="LIST", help="the list's name (or id)")
     c.add_argument("file", metavar="FILE", help="CSV file; - for stdin")
     c.add_argument(
         "--batch",
-        type=int,
+        type=_count,
         default=BATCH,
         metavar="N",
         help=f"rows per transaction (default {BATCH})",
