@@ -20,8 +20,11 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,15})?")
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape made of undecodable bytes
 
 
+_DIGITS = frozenset("-0123456789")
+
+
 def _value(text: str) -> Any:
-    if _NUMBER.fullmatch(text):
+    if text[0] in _DIGITS and _NUMBER.fullmatch(text):
         return float(text) if "." in text else int(text)
     return text
 
