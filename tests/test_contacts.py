@@ -4,12 +4,22 @@ compiled to SQL and checked against the same contacts in Python."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
 import sqlite3
+import struct
+import subprocess
+import sys
+import termios
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT
 from support.util import free_port, listening, wait_until
 from test_api import Client
 
@@ -320,3 +330,33 @@ def test_filter_values_are_bound_never_pasted():
         {"attr": "country", "op": "eq", "value": hostile}, ["country"]
     )
     assert hostile not in sql and hostile in params and "country" not in sql
+
+
+def test_the_import_shows_a_progress_bar_on_a_terminal_and_nothing_in_a_pipe(relay, tmp_path: Path):
+    r = relay()
+    r.ctl("list", "add", "news")
+    path = tmp_path / "contacts.csv"
+    path.write_text("email,n\n" + "".join(f"u{i}@example.net,{i}\n" for i in range(3000)))
+    command = [sys.executable, "-m", "relayd.ctl", "--config", str(r.config_path)]
+    command += ["contacts", "import", "news", str(path), "--batch", "1000"]
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 wide
+    shown = bytearray()
+
+    def read() -> None:  # while it runs: the terminal's buffer is small
+        with contextlib.suppress(OSError):  # EIO: the other end closed
+            while chunk := os.read(main, 65536):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=terminal, cwd=ROOT, timeout=60, text=True
+    )
+    os.close(terminal)
+    reader.join(10)
+    os.close(main)
+    assert done.returncode == 0 and "imported 3000, updated 0, rejected 0" in done.stdout
+    assert b"\rcontacts.csv:   0%|" in shown and b"| 0.00/66.8k" in shown  # the bar, in bytes
+    piped = r.ctl("contacts", "import", "news", str(path))
+    assert piped.stderr == "" and "imported 0, updated 3000, rejected 0" in piped.stdout
