@@ -58,7 +58,8 @@ def batches(
     progress: Callable[[Collector], None] | None = None,
 ) -> Iterator[Batch]:
     """Checked batches of the file's good rows; ``collector`` gathers the bad ones (by line)
-    and counts; ``progress`` is called after each batch."""
+    and counts; ``progress`` is called after each batch has been taken (written, when the
+    caller writes each before asking for the next), and once at the end."""
     reader = csv.reader(lines, strict=True)
     try:
         col, names = header(next(reader, None))

@@ -197,8 +197,13 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
                     disable=not sys.stderr.isatty(),
                     leave=False,
                 )
+
+                def shown(read: Collector) -> None:  # after each batch is written
+                    bar.update((raw.tell() if size else read.read) - bar.n)
+                    bar.set_postfix(rows=read.read, rejected=read.rejected_count)
+
                 with bar:
-                    for batch in csvimport.batches(text, collector):
+                    for batch in csvimport.batches(text, collector, shown):
                         began = time.monotonic()
                         with admin.transaction(conn, True):
                             new, known = store.add_batch(
@@ -206,8 +211,6 @@ def import_command(cfg: configuration.Config, args: argparse.Namespace) -> Row:
                             )
                         longest = max(longest, time.monotonic() - began)
                         imported, updated = imported + new, updated + known
-                        bar.update(raw.tell() - bar.n if size else len(batch.rows))
-                        bar.set_postfix(rows=collector.read, rejected=collector.rejected_count)
         except Invalid as exc:
             raise CtlError(f"contacts import: {name}: {exc.field}: {exc.problem}") from None
         except OSError as exc:
