@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from support.util import free_port, listening, wait_until
 from test_api import Client
+from test_api import api as api_server  # noqa: F401 (its fixture, by this name)
 
 from relayd.contacts import Collector, Invalid, from_items, segments
 from relayd.spool import contacts as store
@@ -41,20 +41,10 @@ BAD_CSV = (
 
 
 @pytest.fixture
-def campaigns(relay, dns_server, fake_mx):
-    """A running relayd with an API listener, and two keys with the campaigns scope."""
-    port = free_port()
-    r = relay(
-        {
-            "listeners": [
-                {"address": f"127.0.0.1:{free_port()}", "kind": "relay"},
-                {"address": f"127.0.0.1:{port}", "kind": "http"},
-            ],
-            "auth": {"users_file": "users.json"},
-        }
-    )
-    wait_until(lambda: listening(port), 10, "the API listener")
-    c = Client(r, port)
+def campaigns(api_server) -> Client:  # noqa: F811 (the fixture imported above)
+    """A running relayd with an API listener (test_api's), and two keys with the campaigns
+    scope."""
+    c = api_server()
     c.news = c.key("news", "--sender", "example.test", "--scope", "campaigns")
     c.other = c.key("other", "--sender", "other.test", "--scope", "campaigns")
     return c
