@@ -3,7 +3,6 @@ batches an import is written in (the SQL is in relayd.spool.contacts)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ MAX_REJECTED = 1000  # bad rows reported one by one; the rest are counted
 MAX_ATTRIBUTES = 100  # per contact
 MAX_ATTRS_SIZE = 16 * 1024  # a contact's attributes, as JSON
 # An attribute name: what a CSV header or the API may call one (and a JSON path can quote).
-_NAME = re.compile(r"^\w[\w .-]{0,63}$")
+_NAME = re.compile(r"\w[\w .-]{0,63}")
 
 
 class Invalid(ValueError):
@@ -38,7 +37,7 @@ def address(text: str) -> str:
 
 
 def attribute_name(name: str, where: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise Invalid(
             where,
             f"{name!r} is not an attribute name (a letter, digit or _ first, then up to 63 of"
@@ -56,7 +55,7 @@ def attributes(attrs: Any, where: str) -> dict[str, Any]:
         raise Invalid(where, f"at most {MAX_ATTRIBUTES} attributes")
     for name in attrs:
         attribute_name(name, f"{where}.{name}" if isinstance(name, str) else where)
-    if len(json.dumps(attrs)) > MAX_ATTRS_SIZE:
+    if len(_encode(attrs)) > MAX_ATTRS_SIZE:
         raise Invalid(where, f"at most {MAX_ATTRS_SIZE} bytes as JSON")
     return attrs
 
@@ -89,17 +88,22 @@ class Collector:
         try:
             addr = address(raw)
         except Invalid as exc:
-            self.reject(at, exc.field, exc.problem)
+            self._note(at, exc.field, exc.problem)
             return None
         first = self.seen.setdefault(addr, at)
         if first != at:
-            self.reject(at, "email", f"duplicate of {addr} ({self.where} {first})")
+            self._note(at, "email", f"duplicate of {addr} ({self.where} {first})")
             return None
         self.batch.rows.append((addr, _encode(attrs).decode()))
         self.batch.names.update(attrs)
         return self.flush() if len(self.batch.rows) >= self.size else None
 
-    def reject(self, at: int, field: str, problem: str) -> None:
+    def skip(self, at: int, field: str, problem: str) -> None:
+        """A row found bad before it came to ``add`` (its shape, its encoding)."""
+        self.read += 1
+        self._note(at, field, problem)
+
+    def _note(self, at: int, field: str, problem: str) -> None:
         self.rejected_count += 1
         if len(self.rejected) < MAX_REJECTED:
             self.rejected.append({self.where: at, "field": field, "problem": problem})
@@ -118,8 +122,7 @@ def from_items(items: Any, collector: Collector) -> list[Batch]:
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("email"), str):
-            collector.read += 1
-            collector.reject(i, "email", "each item is an object with an email string")
+            collector.skip(i, "email", "each item is an object with an email string")
             continue
         unknown = sorted(set(item) - {"email", "attributes"})
         try:
@@ -128,8 +131,7 @@ def from_items(items: Any, collector: Collector) -> list[Batch]:
             attrs = attributes(item.get("attributes", {}), "attributes")
             attrs = {k: v for k, v in attrs.items() if v is not None}
         except Invalid as exc:
-            collector.read += 1
-            collector.reject(i, exc.field, exc.problem)
+            collector.skip(i, exc.field, exc.problem)
             continue
         if batch := collector.add(i, item["email"], attrs):
             out.append(batch)

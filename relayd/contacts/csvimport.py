@@ -74,19 +74,16 @@ def batches(
         except StopIteration:
             break
         except csv.Error as exc:  # a broken quote: the rest of the file cannot be trusted
-            collector.read += 1
-            collector.reject(last + 1, "row", f"not CSV: {exc}; the rest of the file is skipped")
+            collector.skip(last + 1, "row", f"not CSV: {exc}; the rest of the file is skipped")
             break
         at, last = last + 1, reader.line_num
         if not row:
             continue  # a blank line
         if len(row) != width:
-            collector.read += 1
-            collector.reject(at, "row", f"{len(row)} fields, the header has {width}")
+            collector.skip(at, "row", f"{len(row)} fields, the header has {width}")
             continue
         if _NOT_UTF8.search("".join(row)):
-            collector.read += 1
-            collector.reject(at, "row", "not UTF-8 text")
+            collector.skip(at, "row", "not UTF-8 text")
             continue
         attrs = {n: _value(row[i]) for i, n in cells if row[i] != ""}
         if batch := collector.add(at, row[col], attrs):

@@ -74,7 +74,7 @@ def get_list(conn: sqlite3.Connection, list_id: int, owner: str | None) -> Row:
         "id": found[0],
         "owner": found[1],
         "name": found[2],
-        "attributes": json.loads(found[3]),
+        "attributes": sorted(json.loads(found[3])),
         "created": found[4],
         "contacts": count,
     }
@@ -101,13 +101,13 @@ def delete_list(conn: sqlite3.Connection, list_id: int, owner: str | None) -> Ro
 
 
 def _record_names(conn: sqlite3.Connection, list_id: int, names: Iterable[str]) -> None:
-    names = sorted(names)
-    if names:
+    """Add attribute names to the list's (a set, as a JSON array)."""
+    given = list(names)
+    if given:
         conn.execute(
             "UPDATE lists SET attrs = (SELECT json_group_array(value) FROM (SELECT value FROM"
-            " json_each(lists.attrs) UNION SELECT value FROM json_each(?) ORDER BY value))"
-            " WHERE id = ?",
-            (json.dumps(names), list_id),
+            " json_each(lists.attrs) UNION SELECT value FROM json_each(?))) WHERE id = ?",
+            (json.dumps(given), list_id),
         )
 
 
