@@ -45,17 +45,11 @@ def owner_of(text: str) -> str:
 
 
 def scopes_of(cfg: configuration.Config, owner: str) -> list[str]:
-    """The suppression scopes that stop the owner's mail whatever its sender: the global
-    one, its own, and (a key's or login's) its sender domains'."""
-    scopes = [suppression.GLOBAL]
-    if owner:
-        scopes.append(owner)
-        kind, _, name = owner.partition(":")
-        cred = load_credentials(cfg.auth.users_file).get(
-            f"{'login' if kind == 'auth' else 'key'}:{name}"
-        )
-        scopes += [f"domain:{d}" for d in (cred.senders if cred else ()) if "@" not in d]
-    return scopes
+    """The suppression scopes of the owner's contacts (its senders from auth.users_file)."""
+    kind, _, name = owner.partition(":")
+    creds = load_credentials(cfg.auth.users_file) if owner else {}
+    cred = creds.get(f"{'login' if kind == 'auth' else 'key'}:{name}")
+    return store.scopes(owner, cred.senders if cred else ())
 
 
 # -- lists and segments (one transaction, run by relayctl's main) ---------------------------

@@ -203,6 +203,14 @@ def count_members(conn: sqlite3.Connection, list_id: int, segment_id: int | None
 # -- contacts ----------------------------------------------------------------------------------
 
 
+def scopes(owner: str, senders: Iterable[str] = ()) -> list[str]:
+    """The suppression scopes that stop the owner's mail whatever its sender: the global one,
+    its own, and its sender domains' (those of the key or login it is)."""
+    if not owner:
+        return [suppression.GLOBAL]
+    return [suppression.GLOBAL, owner, *(f"domain:{d}" for d in senders if "@" not in d)]
+
+
 def statuses(
     conn: sqlite3.Connection, addresses: list[str], scopes: list[str], now: float
 ) -> dict[str, str]:

@@ -29,7 +29,6 @@ from relayd.ingress.api.service import (
 )
 from relayd.ingress.credentials import Credential
 from relayd.spool import contacts as store
-from relayd.spool import suppression
 
 _LIST = re.compile(r"^/v1/lists/(\d{1,18})(/contacts)?$")
 _CONTACT = re.compile(r"^/v1/contacts/([^/]{1,254})$")
@@ -100,12 +99,9 @@ async def _lists(api: Api, req: Request, owner: str, seen: str | None) -> Reply:
 
 
 def _scopes(cred: Credential, owner: str) -> list[str]:
-    """The suppression scopes that make a contact of ``owner`` unsubscribed, bounced, ...:
-    the global ones, the owner's, and (the key's own contacts) its sender domains'."""
-    scopes = [suppression.GLOBAL, owner] if owner else [suppression.GLOBAL]
-    if owner == cred.account:
-        scopes += [f"domain:{d}" for d in cred.senders if "@" not in d]
-    return scopes
+    """The suppression scopes of a contact of ``owner`` (with the key's sender domains when
+    they are its own)."""
+    return store.scopes(owner, cred.senders if owner == cred.account else ())
 
 
 async def _list_contacts(
