@@ -126,6 +126,14 @@ def test_the_api_imports_csv_and_json_and_reports_rejects_by_line_or_index(campa
         "POST", path, b"name\nx\n", token=c.news, headers={"Content-Type": "text/csv"}
     )
     assert code == 422 and bad["field"] == "body" and bad["detail"].startswith("line 1: ")
+    patch = {"attributes": {"age": None, "vip": True}}  # RFC 7396: null removes
+    code, _, ann = c.call("PATCH", "/v1/contacts/Ann@Example.net", patch, token=c.news)
+    assert code == 200 and ann["attributes"] == {"first_name": "Ann", "country": "DE", "vip": True}
+    code, _, listed = c.call("GET", f"/v1/lists/{made['id']}", token=c.news)
+    assert "vip" in listed["attributes"] and listed["contacts"] == 4
+    code, _, bad = c.call("PATCH", "/v1/contacts/ann@example.net", {"attributes": {"a b!": 1}},
+                          token=c.news)  # fmt: skip
+    assert code == 422 and bad["field"] == "attributes.a b!"
 
 
 def test_a_segment_with_an_unknown_attribute_is_a_422_naming_the_field_and_stores_nothing(
@@ -219,6 +227,13 @@ def test_an_owner_cannot_see_or_use_another_keys_list(campaigns: Client):
     assert code == 409 and problem["field"] == "name"
     (mine,) = c.call("GET", "/v1/lists", token=c.news)[2]["lists"]
     assert mine["id"] == lid and mine["contacts"] == 1
+    boss = c.key("boss", "--sender", "example.test", "--scope", "admin")
+    seen = c.call("GET", "/v1/lists", token=boss)[2]["lists"]
+    assert [(li["owner"], li["name"]) for li in seen] == [
+        ("key:news", "news"),
+        ("key:other", "news"),
+    ]
+    assert c.call("GET", f"/v1/lists/{lid}/contacts", token=boss)[0] == 200
 
 
 # -- segments against the spool, without a daemon --------------------------------------------
