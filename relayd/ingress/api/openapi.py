@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from relayd.events.records import Type
+from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
     KumoInject,
     Send,
@@ -99,6 +100,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key lacks the scope, sender or network",
         404: "no such resource",
+        409: "a name already taken, or in use",
         413: "body too large",
         415: "not JSON",
         422: "a field is invalid (named in `field`)",
@@ -121,6 +123,8 @@ def document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": schema}},
     }
+    contact_paths, contact_components = contacts_schema.paths(_problems, json_body)
+    components.update(contact_components)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -329,6 +333,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            **contact_paths,
             "/unsubscribe/{token}": _unsubscribe(),
             "/t/o/{token}.gif": _tracking("open"),
             "/t/c/{token}": _tracking("click"),
