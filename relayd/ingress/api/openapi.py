@@ -13,6 +13,7 @@ import msgspec
 
 from relayd.campaigns.spec import CampaignAdd
 from relayd.events.records import Type
+from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
     KumoInject,
     Send,
@@ -100,7 +101,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key lacks the scope, sender or network",
         404: "no such resource",
-        409: "the campaign's state does not allow it (`state` says which it is in)",
+        409: "a name already taken, or in use; a campaign's state that does not allow it",
         413: "body too large",
         415: "not JSON",
         422: "a field is invalid (named in `field`)",
@@ -126,6 +127,8 @@ def document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": schema}},
     }
+    contact_paths, contact_components = contacts_schema.paths(_problems, json_body)
+    components.update(contact_components)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -334,6 +337,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            **contact_paths,
             **_campaigns(json_body(campaign), ident),
             "/unsubscribe/{token}": _unsubscribe(),
             "/t/o/{token}.gif": _tracking("open"),

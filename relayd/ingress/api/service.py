@@ -205,6 +205,10 @@ class Api:
         if m := _DOMAIN_CHECK.match(path):
             _allow(method, "GET")
             return await self._check_domain(req, self._key(req, "read"), m.group(1))
+        from relayd.ingress.api import contacts  # which imports this module
+
+        if contacts.handles(path):
+            return await contacts.route(self, req, self._key(req, "campaigns"))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
