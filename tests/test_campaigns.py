@@ -62,33 +62,28 @@ class Client:
         conn.execute("PRAGMA busy_timeout=10000")
         return conn
 
-    def contacts(self, n: int, owner: str = OWNER, attrs: Any = None) -> tuple[int, list[int]]:
-        """A list of n contacts (by SQL until the contacts API lands): its id, contact ids."""
+    def contacts(self, n: int, attrs: Any = None) -> tuple[int, list[int]]:
+        """A list of n contacts c0@dest.test ... made over the contacts API: its id, and the
+        contacts' ids in address order."""
+        status, made = self.call("POST", "/v1/lists", {"name": f"list{time.time()}"})
+        assert status == 201, made
+        items = [
+            {"email": f"c{i}@dest.test", "attributes": attrs(i) if attrs else {"first": f"F{i}"}}
+            for i in range(n)
+        ]
+        if items:
+            status, doc = self.call("POST", f"/v1/lists/{made['id']}/contacts", items)
+            assert status == 200 and not doc.get("rejected"), doc
         conn = self.db()
-        now = time.time()
-        with conn:
-            conn.execute("BEGIN")
-            (list_id,) = conn.execute(
-                "INSERT INTO lists (owner, name, created) VALUES (?,?,?) RETURNING id",
-                (owner, f"list{now}", now),
-            ).fetchone()
-            ids = []
-            for i in range(n):
-                given = attrs(i) if attrs else {"first": f"F{i}"}
-                (cid,) = conn.execute(
-                    "INSERT INTO contacts (owner, address, attrs, created, updated)"
-                    " VALUES (?,?,?,?,?) ON CONFLICT (owner, address) DO UPDATE SET"
-                    " updated = excluded.updated RETURNING id",
-                    (owner, f"c{i}@dest.test", json.dumps(given), now, now),
-                ).fetchone()
-                conn.execute(
-                    "INSERT INTO list_members (list_id, contact_id, added) VALUES (?,?,?)",
-                    (list_id, cid, now),
-                )
-                ids.append(cid)
-            conn.execute("COMMIT")
+        ids = dict(
+            conn.execute(
+                "SELECT c.address, c.id FROM list_members m JOIN contacts c ON c.id ="
+                " m.contact_id WHERE m.list_id = ?",
+                (made["id"],),
+            ).fetchall()
+        )
         conn.close()
-        return list_id, ids
+        return made["id"], [ids[f"c{i}@dest.test"] for i in range(n)]
 
     def sends(self, campaign_id: int) -> dict[int, tuple[str, str]]:
         """contact id -> (variant, status)."""
@@ -386,7 +381,11 @@ def test_bad_campaigns_are_422s_naming_the_field_and_store_nothing(api, fake_mx)
 def test_relayctl_makes_shows_pauses_and_resumes_a_campaign(api, fake_mx):
     mx = fake_mx()
     c = api()
-    list_id, _ = c.contacts(30, owner="")  # the operator's own list and template
+    csv = c.relay.workdir / "contacts.csv"  # the operator's own list and template
+    csv.write_text("email,first\n" + "".join(f"c{i}@dest.test,F{i}\n" for i in range(30)))
+    made = json.loads(c.relay.ctl("list", "add", "ops", "--json").stdout)
+    c.relay.ctl("contacts", "import", "ops", str(csv))
+    list_id = made["list"]["id"]
     conn = c.db()
     conn.execute(
         "INSERT INTO templates (owner, name, version, kind, subject, text, created)"
@@ -451,3 +450,21 @@ def test_the_campaigns_config_is_checked(tmp_path, text, key, problem):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert info.value.key == key and problem in info.value.problem
+
+
+def test_a_campaign_to_a_segment_reaches_its_contacts_only(api, fake_mx):
+    mx = fake_mx()
+    c = api()
+    list_id, _ = c.contacts(20, attrs=lambda i: {"first": f"F{i}", "n": i})
+    other, _ = c.contacts(1)
+    segment = {"name": "few", "list_id": list_id, "filter": {"attr": "n", "op": "lt", "value": 5}}
+    status, seg = c.call("POST", "/v1/segments", segment)
+    assert status == 201, seg
+    status, doc = c.call(
+        "POST", "/v1/campaigns", {**BODY, "list_id": other, "segment_id": seg["id"]}
+    )
+    assert (status, doc["field"]) == (422, "segment_id")
+    cid = c.create({**BODY, "list_id": list_id, "segment_id": seg["id"]})["id"]
+    assert c.wait_state(cid, "done")["progress"]["total"] == 5
+    mx.wait_for_messages(5)
+    assert sorted(_by_rcpt(mx)) == [f"c{i}@dest.test" for i in range(5)]

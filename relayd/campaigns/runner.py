@@ -33,6 +33,7 @@ from relayd.model.ids import new_queue_id
 from relayd.model.message import BULK, Guard, NewMessage
 from relayd.queue.scheduler import keep_running
 from relayd.spool import campaigns as sql
+from relayd.spool import contacts
 from relayd.tracking import Tracker
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Any]]
@@ -86,7 +87,7 @@ class Runner:
     async def _advance(self, c: dict[str, Any]) -> None:
         cid, spec = c["id"], c["spec"]
         if c["state"] == "scheduled":
-            total = await self.db.run(sql.count_members, c["list_id"], c["segment_id"])
+            total = await self.db.run(contacts.count_members, c["list_id"], c["segment_id"])
             if not await self._write(sql.start, cid, total, self.clock()):
                 return  # paused or cancelled meanwhile
             log.info("campaign_started", campaign=cid, total=total)
@@ -144,7 +145,7 @@ class Runner:
         that have no row yet, their messages (or the suppressed ones' carriers) and the
         failures; the last member id seen; whether there may be more."""
         cid, spec, limit = c["id"], c["spec"], self.settings.batch
-        rows = sql.members(conn, c["list_id"], c["segment_id"], after, limit)
+        rows = contacts.members(conn, c["list_id"], c["segment_id"], after, limit)
         if not rows:
             return [], [], after, False
         percent = spec["test_percent"]

@@ -19,6 +19,7 @@ from relayd.config import MAX_CAMPAIGN_WAIT, parse_duration
 from relayd.ingress.api import compose
 from relayd.ingress.api.schema import Address, TrackingOptions
 from relayd.spool import campaigns as sql
+from relayd.spool import contacts
 
 CRITERIA = ("click", "open", "conversion")
 MAX_VARIANTS = 26
@@ -92,13 +93,18 @@ def check(
         sender = compose.address_of(add.sender, "from")
     except compose.Invalid as exc:
         raise SpecError(exc.field, exc.problem) from None
-    if not sql.list_exists(conn, owner, add.list_id):
-        raise SpecError("list_id", f"no list {add.list_id}")
-    if add.segment_id is not None and not sql.segment_exists(
-        conn, owner, add.list_id, add.segment_id
-    ):
-        raise SpecError("segment_id", f"no segment {add.segment_id} of list {add.list_id}")
-    if sql.count_members(conn, add.list_id, add.segment_id) == 0:
+    try:
+        contacts.get_list(conn, add.list_id, owner)
+    except contacts.NotFound as exc:
+        raise SpecError("list_id", str(exc)) from None
+    if add.segment_id is not None:
+        try:
+            segment = contacts.get_segment(conn, add.segment_id, owner, count=False)
+        except contacts.NotFound as exc:
+            raise SpecError("segment_id", str(exc)) from None
+        if segment["list_id"] != add.list_id:
+            raise SpecError("segment_id", f"segment {add.segment_id} is not of list {add.list_id}")
+    if contacts.count_members(conn, add.list_id, add.segment_id) == 0:
         field = "list_id" if add.segment_id is None else "segment_id"
         raise SpecError(field, "has no contacts: nothing to send")
     variants = _variants(conn, add, owner)

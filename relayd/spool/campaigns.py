@@ -50,39 +50,7 @@ def _event(campaign_id: int, now: float, state: str, **data: Any) -> Event:
     return Event(Type.CAMPAIGN, "", now, {"campaign": campaign_id, "state": state, **data})
 
 
-# -- what a campaign is made of (lists, segments and templates belong to other helpers) ---------
-
-
-def list_exists(conn: sqlite3.Connection, owner: str, list_id: int) -> bool:
-    row = conn.execute("SELECT 1 FROM lists WHERE id = ? AND owner = ?", (list_id, owner))
-    return row.fetchone() is not None
-
-
-def segment_exists(conn: sqlite3.Connection, owner: str, list_id: int, segment_id: int) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM segments WHERE id = ? AND owner = ? AND list_id = ?",
-        (segment_id, owner, list_id),
-    )
-    return row.fetchone() is not None
-
-
-def members(
-    conn: sqlite3.Connection, list_id: int, segment_id: int | None, after: int, limit: int
-) -> list[tuple[int, str, dict[str, Any]]]:
-    """(contact id, address, attributes) of a list's members by ascending id after ``after``.
-    Stands in for relayd.spool.contacts.members (which also applies a segment's filter)."""
-    rows = conn.execute(
-        "SELECT c.id, c.address, c.attrs FROM list_members m JOIN contacts c ON c.id ="
-        " m.contact_id WHERE m.list_id = ? AND c.id > ? ORDER BY c.id LIMIT ?",
-        (list_id, after, limit),
-    ).fetchall()
-    return [(i, address, json.loads(attrs)) for i, address, attrs in rows]
-
-
-def count_members(conn: sqlite3.Connection, list_id: int, segment_id: int | None) -> int:
-    """Stands in for relayd.spool.contacts.count_members."""
-    row = conn.execute("SELECT count(*) FROM list_members WHERE list_id = ?", (list_id,))
-    return int(row.fetchone()[0])
+# -- what a campaign is made of -------------------------------------------------------------
 
 
 def template(
