@@ -1195,6 +1195,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(
         run=check_domain, render=report.render, needs="config", exit_status=_check_status
     )
+    from relayd.ctl import templates  # it builds on this module (CtlError)
+
+    templates.register(sub, common)
     return top
 
 
