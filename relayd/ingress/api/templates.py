@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -232,3 +233,81 @@ def _version(raw: str | None) -> int | None:
     if not raw.isdigit() or not 1 <= int(raw) <= 2**62:
         raise Refused(422, "Invalid request", f"a version is a number from 1: {raw!r}", "version")
     return int(raw)
+
+
+def openapi(problems: Callable[..., dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The OpenAPI paths of this module and the schemas they refer to (openapi.py merges
+    them into the document)."""
+    (add, ask, test), schemas = msgspec.json.schema_components(
+        [TemplateAdd, TemplatePreview, TemplateTest], ref_template="#/components/schemas/{name}"
+    )
+    body = lambda schema: {  # noqa: E731
+        "required": True,
+        "content": {"application/json": {"schema": schema}},
+    }
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1}}
+    invalid = {
+        "description": "a template error: `field` (subject, from_name, html, mjml, text),"
+        " `line` and `column` (1-based) and `problem`; nothing stored or sent",
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+    rendered = "subject, from, text, html: the template rendered for the contact"
+    paths = {
+        "/v1/templates": {
+            "get": {
+                "summary": "The key's templates (scope campaigns): each name's latest version",
+                "responses": {"200": {"description": "templates"}, **problems(401, 403)},
+            },
+            "post": {
+                "summary": "Add a template, or a new version of one (same name): checked and"
+                " compiled first (MJML, CSS inlined, a trial render)",
+                "requestBody": body(add),
+                "responses": {
+                    "201": {"description": "name and version"},
+                    **problems(400, 401, 403),
+                    "422": invalid,
+                },
+            },
+        },
+        "/v1/templates/{name}": {
+            "parameters": [name],
+            "get": {
+                "summary": "A version's source (default: the latest)",
+                "parameters": [version],
+                "responses": {"200": {"description": "the template"}, **problems(401, 403, 404)},
+            },
+            "delete": {
+                "summary": "Delete the template, every version",
+                "responses": {"200": {"description": "deleted"}, **problems(401, 403, 404)},
+            },
+        },
+        "/v1/templates/{name}/preview": {
+            "parameters": [name],
+            "post": {
+                "summary": "Render for a sample contact (email, attributes) and data",
+                "requestBody": body(ask),
+                "responses": {
+                    "200": {"description": rendered},
+                    **problems(400, 401, 403, 404),
+                    "422": invalid,
+                },
+            },
+        },
+        "/v1/templates/{name}/test": {
+            "parameters": [name],
+            "post": {
+                "summary": "Send one message of the template to `to`, as POST /v1/messages"
+                " would (same checks, same answer codes)",
+                "requestBody": body(test),
+                "responses": {
+                    "202": {"description": "queue_id: the message, committed to the spool"},
+                    **problems(400, 401, 403, 404, 429, 503),
+                    "422": invalid,
+                },
+            },
+        },
+    }
+    return paths, schemas
