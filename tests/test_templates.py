@@ -49,6 +49,25 @@ def test_jinja_survives_mjml_and_css_and_renders_per_contact_with_defaults():
     assert bob.subject == "'s letter"  # a missing attribute renders empty
 
 
+def test_loops_conditions_and_comparisons_survive_the_mjml_renderer():
+    source = """<mjml><mj-body><mj-section>
+      {% for a in data.articles %}<mj-column><mj-text>{{ a.title }}{# a comment #}
+        {{ "short" if a.words < 300 else "long" }}</mj-text>
+        <mj-button href="{{ a.url }}?u={{ contact.email | urlencode }}">Read</mj-button>
+      </mj-column>{% endfor %}
+    </mj-section></mj-body></mjml>"""
+    t = compile_template("mjml", "s", "", source, "", {})
+    articles = [
+        {"title": "One", "words": 100, "url": "https://a.test/1"},
+        {"title": "Two", "words": 900, "url": "https://a.test/2"},
+    ]
+    out = t.render({"contact": {"email": "a+b@dest.test"}, "data": {"articles": articles}})
+    # MJML sized the one column it saw: each of the loop's columns is full width (README)
+    assert out.html.count('class="mj-outlook-group-fix mj-column-per-100"') == 2
+    assert "One" in out.html and "short" in out.html and "Two" in out.html and "long" in out.html
+    assert 'href="https://a.test/2?u=a%2Bb%40dest.test"' in out.html and "comment" not in out.html
+
+
 def test_html_is_escaped_and_subject_text_are_not_and_headers_stay_one_line():
     t = compile_template(
         "html",
