@@ -11,7 +11,7 @@ from typing import Any
 
 import jinja2
 
-from relayd.templates import design, engine
+from relayd.templates import engine
 from relayd.templates.engine import ENV, NAMES, MissingValue, TemplateError, template
 
 __all__ = [
@@ -105,6 +105,8 @@ def compile_template(
     """A template version compiled, or TemplateError(field, line, column, problem): syntax,
     unknown names, filters and tests, unsafe attributes, MJML the renderer refuses, and any
     error of a trial render with a sample contact (SAMPLE, with the defaults)."""
+    from relayd.templates import design  # MJML, css-inline, html2text: 5 MB, loaded when used
+
     if kind not in KINDS:
         raise TemplateError("kind", 1, 1, f"kind is html or mjml, not {kind!r}")
     html_field = "mjml" if kind == "mjml" else "html"
