@@ -1209,6 +1209,9 @@ def parser() -> argparse.ArgumentParser:
     from relayd.ctl import contacts  # its commands use this module's helpers
 
     contacts.register(sub, common)
+    from relayd.ctl import templates  # it builds on this module (CtlError)
+
+    templates.register(sub, common)
     return top
 
 
