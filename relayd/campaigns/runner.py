@@ -19,8 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from relayd import templates
 from relayd.campaigns import abtest
-from relayd.campaigns.templating import Compiled, compile_template
 from relayd.config import Config
 from relayd.events.log import emit, log
 from relayd.feedback.tokens import Tokens
@@ -49,7 +49,7 @@ class Runner:
         self.lookup = Lookup(config.server.spool_path, clock)  # used on the db thread only
         self.tokens = tokens
         self.reload(config)
-        self.compiled: dict[int, dict[str, Compiled]] = {}
+        self.compiled: dict[int, dict[str, templates.Compiled]] = {}
         self.woken = asyncio.Event()
         self.running = True
 
@@ -175,7 +175,7 @@ class Runner:
             else:
                 try:
                     msg = self._message(c, templates[variant], sender, origin, queue_id,
-                                        contact, address, attrs, meta, now)  # fmt: skip
+                                        address, attrs, meta, now)  # fmt: skip
                 except Exception as exc:  # any error of one contact's rendering: not fatal
                     failures.append((contact, address, variant, queue_id, _why(exc)))
                     continue
@@ -183,12 +183,12 @@ class Runner:
             msgs.append(msg)
         return msgs, failures, rows[-1][0], len(rows) == limit
 
-    def _templates(self, c: dict[str, Any]) -> dict[str, Compiled]:
+    def _templates(self, c: dict[str, Any]) -> dict[str, templates.Compiled]:
         """The campaign's variants compiled once (they compiled when it was made)."""
         cid = c["id"]
         if cid not in self.compiled:
             self.compiled[cid] = {
-                v["name"]: compile_template(
+                v["name"]: templates.compile_template(
                     v["kind"], v["subject"], v["from_name"], v["html"], v["text"], v["defaults"]
                 )
                 for v in c["spec"]["variants"]
@@ -198,11 +198,10 @@ class Runner:
     def _message(
         self,
         c: dict[str, Any],
-        template: Compiled,
+        template: templates.Compiled,
         sender: Address,
         origin: str,
         queue_id: str,
-        contact: int,
         address: str,
         attrs: dict[str, Any],
         meta: str,
@@ -213,23 +212,16 @@ class Runner:
             url = self.links.link(
                 queue_id, address, self.links.scope_for(sender.email, origin), now
             )
-        context = {
-            "contact": {**attrs, "email": address},
-            "data": c["spec"]["data"],
-            "campaign": {"id": c["id"], "name": c["name"]},
-            "unsubscribe_url": url,
-        }
+        context = {"contact": templates.contact(address, attrs), "data": c["spec"]["data"],
+                   "unsubscribe_url": url}  # fmt: skip
         out = template.render(context)
-        for field, value in (("subject", out.subject), ("from_name", out.from_name)):
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"{field}: contains CR or LF after substitution")
         name = out.from_name or sender.name
         build = compose.Builder(Address(sender.email, name), None, [], [], self.limits, CLIENT,
                                 origin, BULK)  # fmt: skip
         tracking = c["spec"]["tracking"]  # the campaign's (its key's, when that has none)
         if self.tracker is not None:
             build.tracking(self.tracker, tracking["opens"], tracking["clicks"])
-        rendered = {"subject": out.subject, "text": out.text, "html": out.html}
+        rendered = {"subject": out.subject, "text": out.text or None, "html": out.html or None}
         to = [Address(address, "")]
         msg = build.message(sender.email, to, to, [], rendered, meta, 0.0, queue_id)
         if len(msg.body) > self.limits.max_message_size:

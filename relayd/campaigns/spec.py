@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from relayd.campaigns.templating import TemplateError, compile_template
 from relayd.config import MAX_CAMPAIGN_WAIT, parse_duration
 from relayd.ingress.api import compose
 from relayd.ingress.api.schema import Address, TrackingOptions
 from relayd.spool import campaigns as sql
-from relayd.spool import contacts
+from relayd.spool import contacts, templates
+from relayd.templates import TemplateError, compile_template
 
 CRITERIA = ("click", "open", "conversion")
 MAX_VARIANTS = 26
@@ -153,12 +153,12 @@ def _variants(conn: sqlite3.Connection, add: CampaignAdd, owner: str) -> list[di
         version = None
         defaults: dict[str, Any] = {}
         if v.template:
-            found = sql.template(conn, owner, v.template, v.version)
+            found = templates.get(conn, owner, v.template, v.version)
             if found is None:
                 at = f" version {v.version}" if v.version is not None else ""
                 raise SpecError(f"{where}.template", f"no template {v.template!r}{at}")
-            version, defaults = found["version"], found["defaults"]
-            base = {k: found[k] for k in base}
+            version, defaults = found.version, found.defaults
+            base = {k: getattr(found, k) for k in base}
         for part in ("subject", "from_name", "html", "text"):
             given = getattr(v, part)
             if given is not None:

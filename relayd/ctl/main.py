@@ -1213,6 +1213,9 @@ def parser() -> argparse.ArgumentParser:
     from relayd.ctl import contacts  # its commands use this module's helpers
 
     contacts.register(sub, common)
+    from relayd.ctl import templates  # it builds on this module (CtlError)
+
+    templates.register(sub, common)
     return top
 
 

@@ -50,26 +50,6 @@ def _event(campaign_id: int, now: float, state: str, **data: Any) -> Event:
     return Event(Type.CAMPAIGN, "", now, {"campaign": campaign_id, "state": state, **data})
 
 
-# -- what a campaign is made of -------------------------------------------------------------
-
-
-def template(
-    conn: sqlite3.Connection, owner: str, name: str, version: int | None
-) -> dict[str, Any] | None:
-    """A stored template at a version (None: its latest)."""
-    cur = conn.execute(
-        "SELECT version, kind, subject, from_name, html, text, defaults FROM templates WHERE"
-        " owner = ? AND name = ? AND (? IS NULL OR version = ?) ORDER BY version DESC LIMIT 1",
-        (owner, name, version, version),
-    )
-    values = cur.fetchone()
-    if values is None:
-        return None
-    found = {d[0]: v for d, v in zip(cur.description, values, strict=True)}
-    found["defaults"] = json.loads(found["defaults"])
-    return found
-
-
 # -- campaigns -------------------------------------------------------------------------------
 
 

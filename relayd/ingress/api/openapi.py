@@ -122,6 +122,10 @@ def document() -> dict[str, Any]:
     ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
     endpoint = {"description": "the endpoint with its health (state, backlog, failures, dropped)"}
     components.update(Problem=_PROBLEM, Result=_RESULT, DomainCheck=_DOMAIN_CHECK)
+    from relayd.ingress.api import templates  # it builds on the service, which imports this
+
+    template_paths, template_schemas = templates.openapi(_problems)
+    components.update(template_schemas)
     bearer = [{"apiKey": []}]
     json_body = lambda schema: {  # noqa: E731
         "required": True,
@@ -143,6 +147,7 @@ def document() -> dict[str, Any]:
         },
         "security": bearer,
         "paths": {
+            **template_paths,
             "/v1/messages": {
                 "post": {
                     "summary": "Queue one message, or one template per recipient",

@@ -202,6 +202,10 @@ class Api:
             from relayd.ingress.api import campaigns  # it imports this module's helpers
 
             return await campaigns.handle(self, req, self._key(req, "campaigns"))
+        if path == "/v1/templates" or path.startswith("/v1/templates/"):
+            from relayd.ingress.api import templates  # it builds on this module
+
+            return await templates.handle(self, req, self._key(req, "campaigns"))
         if m := _DOMAIN_CHECK.match(path):
             _allow(method, "GET")
             return await self._check_domain(req, self._key(req, "read"), m.group(1))
