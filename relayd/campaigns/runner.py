@@ -100,6 +100,7 @@ class Runner:
             c["phase"], c["winner"] = "rest", winner
             log.info("campaign_winner", campaign=cid, winner=winner, z=detail["z"], p=detail["p"])
         if not await self._send(c):
+            self.compiled.pop(cid, None)  # compiled again if it resumes
             return
         if c["phase"] == "test":
             await self._write(sql.tested, cid, self.clock())
@@ -127,7 +128,7 @@ class Runner:
                 await self._write(sql.failed, cid, failures, self.clock())
             if msgs:
                 await self.store(msgs, None)
-            if msgs:  # the control's own change may have missed them
+                # paused or cancelled meanwhile: the control's own change may have missed them
                 state = await self.db.write(sql.after_batch, cid, self.clock())
             else:
                 state = await self.db.run(sql.state_of, cid)
