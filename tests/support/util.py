@@ -126,11 +126,3 @@ def seed_deferred_backlog(path: Path, count: int, domain: str) -> None:
     conn.execute("UPDATE recipients SET state = 1, attempts = 1, next_attempt = ?", (now - 1,))
     conn.execute("COMMIT")
     conn.close()
-
-
-def gone(pid: int) -> bool:
-    """True once ``pid`` no longer runs (a zombie awaiting its parent counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except FileNotFoundError:
-        return True
