@@ -254,7 +254,10 @@ def main() -> None:
         if status != 201:
             raise SystemExit(f"template: {status} {doc}")
         status, lists = api.call("GET", "/v1/lists")
-        list_id = next(x["id"] for x in lists["lists"] if x["name"] == "everyone")
+        found = [x["id"] for x in lists["lists"] if x["name"] == "everyone"]
+        if not found:
+            raise SystemExit(f"no list everyone: {lists} ({imported})")
+        list_id = found[0]
         campaign = {
             "name": "bench",
             "from": {"name": "The Relay Letter", "email": "letter@news.test"},

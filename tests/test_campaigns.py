@@ -422,10 +422,10 @@ def test_pause_mid_sending_stops_new_batches_and_holds_what_was_queued(api, fake
     wait_until(lambda: len(c.sends(cid)) >= 50, 20, "a first part queued")
     status, doc = c.call("POST", f"/v1/campaigns/{cid}/pause")
     assert status == 200 and doc["state"] == "paused"
-    # the batch in flight at the pause is held too; then nothing more is queued
-    queued = wait_until(
-        lambda: (n := len(c.sends(cid))) and _spool_states(c, cid) == {4: n} and n, 10, "held"
-    )
+    # the runner stops after the batch in flight at the pause, and holds that one too
+    c.relay.wait_event("campaign_stopped", campaign=cid, state="paused")
+    queued = len(c.sends(cid))
+    assert _spool_states(c, cid) == {4: queued}
     assert queued < 1500 and c.show(cid)["progress"]["remaining"] == 1500 - queued
     assert c.show(cid)["progress"]["delivery"]["held"] == queued
     mx.rcpt_reply = "250 2.1.5 ok"

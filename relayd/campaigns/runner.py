@@ -135,6 +135,7 @@ class Runner:
             if state != "sending":
                 if more:
                     ahead.cancel()  # prepared, never stored: it is prepared again on resume
+                log.info("campaign_stopped", campaign=cid, state=state)
                 return False
             if not more:
                 return True
