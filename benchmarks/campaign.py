@@ -254,10 +254,7 @@ def main() -> None:
         if status != 201:
             raise SystemExit(f"template: {status} {doc}")
         status, lists = api.call("GET", "/v1/lists")
-        found = [x["id"] for x in lists["lists"] if x["name"] == "everyone"]
-        if not found:
-            raise SystemExit(f"no list everyone: {lists} ({imported})")
-        list_id = found[0]
+        list_id = next(x["id"] for x in lists["lists"] if x["name"] == "everyone")
         campaign = {
             "name": "bench",
             "from": {"name": "The Relay Letter", "email": "letter@news.test"},
