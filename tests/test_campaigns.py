@@ -50,7 +50,7 @@ class Client:
         assert status == 200, doc
         return doc
 
-    def wait_state(self, campaign_id: int, state: str, timeout: float = 20) -> dict[str, Any]:
+    def wait_state(self, campaign_id: int, state: str, timeout: float = 60) -> dict[str, Any]:
         return wait_until(
             lambda: (d := self.show(campaign_id))["state"] == state and d,
             timeout,
@@ -161,7 +161,7 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
     assert done["progress"]["total"] == 200
     assert (done["progress"]["queued"], done["progress"]["suppressed"]) == (198, 1)
     assert done["progress"]["failed"] == 1 and done["progress"]["remaining"] == 0
-    mx.wait_for_messages(198, timeout=30)
+    mx.wait_for_messages(198, timeout=60)
     got = _by_rcpt(mx)
     assert sorted(got) == sorted(f"c{i}@dest.test" for i in range(200) if i not in (3, 7))
     assert all(len(v) == 1 for v in got.values())  # once each
@@ -184,11 +184,11 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
     assert states == ["scheduled", "sending", "done"]
     (failure,) = [e for e in c.relay.events("campaign") if "error" in e]
     assert failure["rcpt"] == "c7@dest.test" and "ZeroDivisionError" in failure["error"]
-    wait_until(lambda: c.show(doc["id"])["progress"]["delivery"]["sent"] == 198, 20, "sent")
+    wait_until(lambda: c.show(doc["id"])["progress"]["delivery"]["sent"] == 198, 60, "sent")
     two, _ = c.contacts(2)  # a campaign with tracking off: its HTML as written
     plain = c.create({**BODY, "list_id": two, "tracking": {"opens": False, "clicks": False}})
     c.wait_state(plain["id"], "done")
-    mx.wait_for_messages(200, timeout=30)
+    mx.wait_for_messages(200, timeout=60)
     html = _parse(mx.messages[-1].data).get_body(("html",)).get_content()
     assert 'href="https://shop.test/F' in html and "/t/o/" not in html
 
@@ -224,7 +224,7 @@ def test_an_ab_test_sends_the_clicked_variant_to_everyone_not_in_the_test_group(
     conn.close()
     done = c.wait_state(cid, "done")
     assert done["winner"] == "B" and done["phase"] == "rest"
-    mx.wait_for_messages(200, timeout=30)
+    mx.wait_for_messages(200, timeout=60)
     got = _by_rcpt(mx)
     assert len(got) == 200 and all(len(v) == 1 for v in got.values())
     subjects = {i: got[f"c{n}@dest.test"][0]["Subject"] for n, i in enumerate(ids)}
@@ -277,7 +277,7 @@ def test_pause_holds_the_queued_mail_and_stops_the_rest_resume_sends_it_all(api,
     status, doc = c.call("POST", f"/v1/campaigns/{cid}/resume")
     assert status == 200 and doc["state"] == "testing"
     c.wait_state(cid, "done")
-    mx.wait_for_messages(100, timeout=30)
+    mx.wait_for_messages(100, timeout=60)
     got = _by_rcpt(mx)
     assert len(got) == 100 and all(len(v) == 1 for v in got.values())
     states = [e["state"] for e in c.relay.events("campaign")]
