@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +40,8 @@ from relayd.tracking import Tracker
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Any]]
 CLIENT = "127.0.0.1"  # the Received field's client: relayd itself
+IN_FLIGHT = 3  # batches on their way into the spool while the next is rendered
+MAX_READ = 100_000  # members read for one batch at most
 
 
 class Runner:
@@ -117,28 +121,33 @@ class Runner:
 
     async def _send(self, c: dict[str, Any]) -> bool:
         """The phase's contacts not yet queued, batch by batch: True when all are, False
-        when the campaign was paused or cancelled meanwhile."""
-        cid = c["id"]
-        ahead = asyncio.ensure_future(self.db.run(self._batch, c, 0))
-        while True:
-            msgs, failures, after, more = await ahead
-            if more:  # rendered here while the queue process stores this one
-                ahead = asyncio.ensure_future(self.db.run(self._batch, c, after))
-            if failures:
-                await self._write(sql.failed, cid, failures, self.clock())
-            if msgs:
-                await self.store(msgs, None)
-                # paused or cancelled meanwhile: the control's own change may have missed them
-                state = await self.db.write(sql.after_batch, cid, self.clock())
-            else:
-                state = await self.db.run(sql.state_of, cid)
-            if state != "sending":
-                if more:
-                    ahead.cancel()  # prepared, never stored: it is prepared again on resume
-                log.info("campaign_stopped", campaign=cid, state=state)
-                return False
-            if not more:
-                return True
+        when the campaign was paused or cancelled meanwhile. Batches are rendered on the db
+        thread while up to IN_FLIGHT earlier ones are on their way into the spool (the queue
+        process commits them in order), so that neither waits for the other."""
+        cid, after, more = c["id"], 0, True
+        stored: deque[asyncio.Future[Any]] = deque()
+        try:
+            while more:
+                msgs, failures, after, more = await self.db.run(self._batch, c, after)
+                if failures:
+                    await self._write(sql.failed, cid, failures, self.clock())
+                if msgs:
+                    stored.append(asyncio.ensure_future(self.store(msgs, None)))
+                while stored and (len(stored) >= IN_FLIGHT or not more):
+                    await stored.popleft()
+                # a read suffices while it is sending: a pause or cancel made after this look
+                # holds (or removes) what is stored by then itself
+                if await self.db.run(sql.state_of, cid) != "sending":
+                    while stored:
+                        await stored.popleft()
+                    # what was stored while the change was made: held or removed too
+                    state = await self.db.write(sql.after_batch, cid, self.clock())
+                    log.info("campaign_stopped", campaign=cid, state=state)
+                    return False
+            return True
+        finally:
+            for fut in stored:  # an error stopped the loop: their outcome no longer matters
+                fut.cancel()
 
     def _batch(
         self, conn: sqlite3.Connection, c: dict[str, Any], after: int
@@ -146,12 +155,16 @@ class Runner:
         """On the db thread: the next members after ``after`` and, of those in this phase
         that have no row yet, their messages (or the suppressed ones' carriers) and the
         failures; the last member id seen; whether there may be more."""
-        cid, spec, limit = c["id"], c["spec"], self.settings.batch
+        cid, spec = c["id"], c["spec"]
+        percent = spec["test_percent"]
+        testing = c["phase"] == "test"
+        # members enough for about a batch of this phase's contacts (a test group of 20 %
+        # takes one member in five)
+        share = 1.0 if percent is None else (percent if testing else 100 - percent) / 100
+        limit = min(MAX_READ, math.ceil(self.settings.batch / max(share, 0.01)))
         rows = contacts.members(conn, c["list_id"], c["segment_id"], after, limit)
         if not rows:
             return [], [], after, False
-        percent = spec["test_percent"]
-        testing = c["phase"] == "test"
         if percent is not None:
             rows_in = [r for r in rows if abtest.in_test(cid, r[0], percent) == testing]
         else:
