@@ -1,0 +1,1 @@
+"""Campaigns: sending to lists with A/B tests, and their statistics and reports."""

@@ -1,0 +1,303 @@
+"""Campaign statistics folded from the event log: a pass reads the events after the cursor
+``campaigns``, keeps those of campaign messages (their meta names a campaign, and the queue id
+is one of that campaign's campaign_sends rows: another sender's meta cannot count), and in one
+short write transaction adds them to campaign_stats per (campaign, variant, metric, minute),
+sets the contacts' campaign_sends flags and moves the cursor, so that every event is counted
+exactly once, whatever stops relayd when. The events are pruned by their retention; the
+figures stay. The read happens before the write lock is taken; the cursor is compared again
+under the lock, and a pass that lost a race counts nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relayd.events.log import log
+from relayd.events.records import Type
+from relayd.spool import admin
+
+CURSOR = "campaigns"  # its row in ``cursors``
+BATCH = 5000  # events read per pass
+
+# campaign_sends.flags: what has happened to a contact's message (each counted once)
+DELIVERED, BOUNCED, OPENED, CLICKED = 1, 2, 4, 8
+CONVERTED, UNSUBSCRIBED, COMPLAINED = 16, 32, 64
+
+# the engagement metrics: the flag that makes a contact's first one "unique"
+_ENGAGEMENT = {
+    Type.OPEN: ("opened", OPENED),
+    Type.CLICK: ("clicked", CLICKED),
+}
+# once per contact at most (a second report of the same is not counted again)
+_ONCE = {
+    Type.CONVERSION: ("converted", CONVERTED),
+    Type.UNSUBSCRIBE: ("unsubscribed", UNSUBSCRIBED),
+    Type.COMPLAINT: ("complained", COMPLAINED),
+}
+
+
+@dataclass(slots=True)
+class _Send:
+    """A contact's campaign_sends row, as a pass sees and changes it."""
+
+    campaign: int
+    contact: int
+    variant: str
+    flags: int
+    new: int = 0  # flags this pass sets
+
+
+@dataclass
+class Pass:
+    """What one pass adds: counts per (campaign, variant, metric, minute), and flags."""
+
+    last: int  # the last event id read (the new cursor)
+    counts: Counter[tuple[int, str, str, int]] = field(default_factory=Counter)
+    sends: list[_Send] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(self.counts.values())
+
+
+def cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT event_id FROM cursors WHERE name = ?", (CURSOR,)).fetchone()
+    return row[0] if row else 0
+
+
+def fold(conn: sqlite3.Connection, limit: int = BATCH) -> tuple[int, int]:
+    """One pass on a connection of its own (autocommit, like relayctl's): (events read,
+    counts added). Read fewer than ``limit``: caught up."""
+    start = cursor(conn)
+    rows = conn.execute(
+        "SELECT id, at, type, queue_id, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
+        (start, limit),
+    ).fetchall()
+    if not rows:
+        return 0, 0
+    found = collect(conn, rows)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if cursor(conn) != start:  # another folder took these events meanwhile
+            conn.execute("ROLLBACK")
+            return 0, 0
+        write(conn, found)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return len(rows), found.events
+
+
+def collect(conn: sqlite3.Connection, rows: list[tuple]) -> Pass:
+    """The counts and flags of events (id, at, type, queue_id, data), oldest first."""
+    found = Pass(rows[-1][0])
+    events = []
+    for _, at, kind, queue_id, data in rows:
+        if '"campaign"' not in data:  # most mail is not a campaign's: no JSON decoding
+            continue
+        doc = json.loads(data)
+        meta = doc.get("meta")
+        if isinstance(meta, dict) and "campaign" in meta:
+            events.append((at, kind, queue_id, doc))
+    sends = _sends(conn, {e[2] for e in events})
+    for at, kind, queue_id, doc in events:
+        send = sends.get(queue_id)
+        if send is None or str(doc["meta"]["campaign"]) != str(send.campaign):
+            continue  # not a message the campaign sent
+        for metric in _metrics(kind, doc, send):
+            found.counts[(send.campaign, send.variant, metric, int(at // 60))] += 1
+    found.sends = [s for s in sends.values() if s.new]
+    return found
+
+
+def _metrics(kind: str, doc: dict[str, Any], send: _Send) -> Iterable[str]:
+    """The metrics one event adds to (and the flags it sets on its contact's row)."""
+    if kind == Type.RECEPTION:
+        rcpts = doc.get("rcpt")
+        return ["sent"] * (len(rcpts) if isinstance(rcpts, list) else 1)
+    if kind == Type.DELIVERY:
+        _flag(send, DELIVERED)
+        return ["delivered"]
+    if kind == Type.TRANSIENT_FAILURE:
+        return ["deferred"]
+    if kind in (Type.BOUNCE, Type.EXPIRATION):
+        _flag(send, BOUNCED)
+        return ["bounced", f"bounced:{doc.get('class') or 'expired'}"]
+    if kind == Type.SUPPRESSION:
+        return ["suppressed"]
+    if kind in _ENGAGEMENT:
+        metric, flag = _ENGAGEMENT[kind]
+        if not counts_as_human(doc):
+            return [f"{metric}_bot"]
+        return [metric, f"{metric}_unique"] if _flag(send, flag) else [metric]
+    if kind in _ONCE:
+        metric, flag = _ONCE[kind]
+        return [metric] if _flag(send, flag) else []
+    return []
+
+
+def counts_as_human(doc: dict[str, Any]) -> bool:
+    """An open or click counts when a person made it; a bot's (Apple's privacy proxy, a
+    security scanner: human false) only when the event says it counts (tracking.count_bots)."""
+    return doc.get("human", True) is not False or doc.get("counted") is True
+
+
+def _flag(send: _Send, flag: int) -> bool:
+    """Set ``flag`` on the contact's row; whether it is new (the first such event)."""
+    if (send.flags | send.new) & flag:
+        return False
+    send.new |= flag
+    return True
+
+
+def _sends(conn: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _Send]:
+    if not queue_ids:
+        return {}
+    rows = conn.execute(
+        "SELECT queue_id, campaign_id, contact_id, variant, flags FROM campaign_sends"
+        " WHERE queue_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(queue_ids)),),
+    )
+    return {r[0]: _Send(r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def write(conn: sqlite3.Connection, found: Pass) -> None:
+    """Inside the pass's transaction: the counts, the flags, the cursor."""
+    conn.executemany(
+        "INSERT INTO campaign_stats (campaign_id, variant, metric, minute, count)"
+        " VALUES (?,?,?,?,?) ON CONFLICT (campaign_id, variant, metric, minute)"
+        " DO UPDATE SET count = count + excluded.count",
+        [(*key, n) for key, n in found.counts.items()],
+    )
+    conn.executemany(
+        "UPDATE campaign_sends SET flags = flags | ? WHERE campaign_id = ? AND contact_id = ?",
+        [(s.new, s.campaign, s.contact) for s in found.sends],
+    )
+    conn.execute(
+        "INSERT INTO cursors (name, event_id) VALUES (?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET event_id = excluded.event_id",
+        (CURSOR, found.last),
+    )
+
+
+class Folder:
+    """The folding task of the ingress process: a pass every ``interval`` seconds (at once
+    again while a pass finds a full batch), on a thread with a connection of its own."""
+
+    def __init__(self, spool: Path, interval: float = 1.0) -> None:
+        self.spool, self.interval = spool, interval
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="campaign-stats")
+        self.conn: sqlite3.Connection | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                read, added = await loop.run_in_executor(self.pool, self._pass)
+            except (sqlite3.Error, admin.Refused) as exc:  # busy, a disk error: next time
+                log.warning("campaign_stats_failed", error=repr(exc))
+                read = 0
+            else:
+                if added:
+                    log.debug("campaign_stats_folded", events=read, counts=added)
+            if read < BATCH:
+                await asyncio.sleep(self.interval)
+
+    def _pass(self) -> tuple[int, int]:
+        if self.conn is None:
+            self.conn = admin.open_spool(self.spool, write=True)
+        return fold(self.conn)
+
+    def close(self) -> None:
+        """After the task is cancelled: the pass in progress finishes (or rolls back)."""
+        self.pool.submit(self._close)
+        self.pool.shutdown()
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+# -- reading the figures --------------------------------------------------------------------
+
+COUNTS = (
+    "sent",
+    "delivered",
+    "deferred",
+    "bounced",
+    "suppressed",
+    "opened",
+    "opened_unique",
+    "clicked",
+    "clicked_unique",
+    "converted",
+    "unsubscribed",
+    "complained",
+)
+
+
+def totals(conn: sqlite3.Connection, campaign_id: int) -> dict[str, Counter[str]]:
+    """Every metric's total per variant (each variant the campaign queued or counted)."""
+    out: dict[str, Counter[str]] = {}
+    for (variant,) in conn.execute(
+        "SELECT DISTINCT variant FROM campaign_sends WHERE campaign_id = ? ORDER BY variant",
+        (campaign_id,),
+    ):
+        out[variant] = Counter()
+    for variant, metric, n in conn.execute(
+        "SELECT variant, metric, sum(count) FROM campaign_stats WHERE campaign_id = ?"
+        " GROUP BY variant, metric",
+        (campaign_id,),
+    ):
+        out.setdefault(variant, Counter())[metric] = n
+    return dict(sorted(out.items()))
+
+
+def rates(conn: sqlite3.Connection, campaign_id: int) -> dict[str, dict]:
+    """Per variant: sent, delivered, bounced, opened, clicked, conversions (contacts: unique,
+    human), unsubscribed, complained, and open_rate, click_rate, conversion_rate over
+    delivered (0.0 before any delivery). The campaign runner picks its winner from these."""
+    return {variant: _rates(c) for variant, c in totals(conn, campaign_id).items()}
+
+
+def _rates(c: Counter[str]) -> dict[str, Any]:
+    delivered = c["delivered"]
+    out: dict[str, Any] = {
+        "sent": c["sent"],
+        "delivered": delivered,
+        "bounced": c["bounced"],
+        "opened": c["opened_unique"],
+        "clicked": c["clicked_unique"],
+        "conversions": c["converted"],
+        "unsubscribed": c["unsubscribed"],
+        "complained": c["complained"],
+    }
+    for name, key in (("open", "opened"), ("click", "clicked"), ("conversion", "conversions")):
+        out[f"{name}_rate"] = out[key] / delivered if delivered else 0.0
+    return out
+
+
+def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """The pooled two-proportion z test of x1/n1 against x2/n2: (z, two-sided p). No
+    difference can be shown (z 0, p 1) without trials or when every trial came out alike."""
+    if n1 <= 0 or n2 <= 0:
+        return 0.0, 1.0
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (x1 / n1 - x2 / n2) / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def significant(p: float, alpha: float = 0.05) -> bool:
+    return p < alpha
