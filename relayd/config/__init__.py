@@ -499,6 +499,28 @@ URL_MAX, MAILTO_MAX = 200, 128
 
 
 @dataclass(frozen=True)
+class Reports:
+    """[reports]: the campaign report pages on relayd's HTTP listener (relayd.ingress.api.
+    reports) and the login links relayctl report --url prints for them."""
+
+    url: str = ""  # the listener's base URL as the operator's browser reaches it; "" = derived
+    login_max_age: float = 900.0  # seconds a login link works
+    session_max_age: float = 8 * 3600.0  # seconds the cookie it sets works
+
+    def base_url(self, listeners: Iterable[Listener]) -> str:
+        """Where the pages are: ``url``, or the first http/https listener's own address (a
+        wildcard address as loopback), without a trailing "/"."""
+        if self.url:
+            return self.url.rstrip("/")
+        for lsn in listeners:
+            if lsn.kind in HTTP_KINDS:
+                wild = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+                where = HostPort(wild.get(lsn.address.host, lsn.address.host), lsn.address.port)
+                return f"{'https' if lsn.kind == 'https' else 'http'}://{where}"
+        return ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -524,6 +546,7 @@ class Config:
     unsubscribe: Unsubscribe
     return_path: ReturnPath
     warmup: WarmupSchedules
+    reports: Reports = Reports()
 
 
 class _Section:
@@ -969,6 +992,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     reputation = _reputation(top.table("reputation"))
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
+    reports = _reports(top.table("reports"))
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
             raise ConfigError(
@@ -1021,7 +1045,35 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         unsubscribe=unsubscribe,
         return_path=return_path,
         warmup=schedules,
+        reports=reports,
     )
+
+
+def _reports(sec: _Section) -> Reports:
+    url = sec.get("url", "", str)
+    if url:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # a port that is no number raises here
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(sec.path, sec.key("url"), f"must be an http(s):// URL, got {url!r}")
+        if parts.query or parts.fragment or parts.path.strip("/"):
+            raise ConfigError(
+                sec.path, sec.key("url"), f"must be the listener's base URL, no path, got {url!r}"
+            )
+    login = sec.duration("login_max_age", "15m")
+    session = sec.duration("session_max_age", "8h")
+    for name, value, low, high in (
+        ("login_max_age", login, 60, 86400),
+        ("session_max_age", session, 60, 7 * 86400),
+    ):
+        if not low <= value <= high:
+            problem = f"must be from {_human(low)} to {_human(high)}, got {_human(value)}"
+            raise ConfigError(sec.path, sec.key(name), problem)
+    sec.finish()
+    return Reports(url, login, session)
 
 
 def _return_path(sec: _Section) -> ReturnPath:

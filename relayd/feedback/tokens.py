@@ -13,6 +13,8 @@ import struct
 _TAG = 10  # bytes of HMAC-SHA256 kept: 80 bits, beyond any guessing over SMTP or HTTP
 RETURN = b"r"
 UNSUBSCRIBE = b"u"
+LOGIN = b"l"  # a report page's login link (relayctl report --url)
+SESSION = b"s"  # the cookie that login sets
 
 
 class BadToken(ValueError):
@@ -68,6 +70,29 @@ class Tokens:
             raise BadToken("this unsubscribe link has expired")
         rcpt, _, scope = body[12:].decode().partition("\n")
         return body[:8].hex().upper(), rcpt, scope
+
+    # -- report page logins --------------------------------------------------------------
+
+    def login(self, campaign_id: int, issued: float, kind: bytes = LOGIN) -> str:
+        """A URL-safe token that lets its bearer see one campaign's report page: a login
+        link's (LOGIN) or the cookie's it is exchanged for (SESSION)."""
+        body = struct.pack(">QI", campaign_id, int(issued))
+        return _b64(body + self._tag(kind, body))
+
+    def logged_in(self, token: str, now: float, max_age: float, kind: bytes = LOGIN) -> int:
+        """The campaign id of a login token of ``kind``; raises BadToken when it is forged,
+        altered, of another kind, or older than ``max_age`` seconds."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, TypeError):
+            raise BadToken("not a login token") from None
+        body, tag = raw[:-_TAG], raw[-_TAG:]
+        if len(body) != 12 or not hmac.compare_digest(tag, self._tag(kind, body)):
+            raise BadToken("not a login token relayd made")
+        campaign_id, issued = struct.unpack(">QI", body)
+        if not 0 <= now - issued <= max_age:
+            raise BadToken("this login has expired: ask relayctl report ID --url for a new one")
+        return campaign_id
 
     def _tag(self, kind: bytes, body: bytes) -> bytes:
         return hmac.new(self._secret, kind + body, hashlib.sha256).digest()[:_TAG]
