@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from relayd.events.log import log
-from relayd.events.records import Type
-from relayd.spool import admin
+from relayd.events.records import Event, Type
+from relayd.spool import admin, store
 
 CURSOR = "campaigns"  # its row in ``cursors``
 BATCH = 5000  # events read per pass
@@ -301,3 +301,36 @@ def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
 
 def significant(p: float, alpha: float = 0.05) -> bool:
     return p < alpha
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+def conversion(
+    conn: sqlite3.Connection, campaign_id: int, now: float, email: str = "", message_id: str = ""
+) -> Event | None:
+    """A conversion an application reports for the campaign's message to ``email`` (or with
+    queue id ``message_id``), in the caller's write transaction: a `converted` event with
+    the message's meta, which the fold counts (once per contact). None, and nothing written,
+    when the campaign sent no such message."""
+    if message_id:
+        where, arg = "s.queue_id = ?", message_id.upper()
+    else:
+        where, arg = "c.address = ?", email.lower()
+    row = conn.execute(
+        "SELECT s.queue_id, s.variant, c.address, m.meta FROM campaign_sends s"
+        " LEFT JOIN contacts c ON c.id = s.contact_id"
+        " LEFT JOIN messages m ON m.queue_id = s.queue_id"
+        f" WHERE s.campaign_id = ? AND s.status = 'queued' AND {where}",
+        (campaign_id, arg),
+    ).fetchone()
+    if row is None:
+        return None
+    queue_id, variant, address, meta = row
+    data: dict[str, Any] = {"campaign": campaign_id, "variant": variant}
+    if address:
+        data["rcpt"] = address
+    data["meta"] = json.loads(meta) if meta else {"campaign": campaign_id, "variant": variant}
+    event = Event(Type.CONVERSION, queue_id, now, data)
+    store.append_events(conn, [event])
+    return event
