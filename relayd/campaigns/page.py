@@ -90,7 +90,7 @@ _REPORT = """{% extends "base" %}{% block main %}
  data-step="{{ line.step }}" data-start="{{ line.start }}">
 <line x1="0" y1="{{ line.base }}" x2="{{ line.width }}" y2="{{ line.base }}" stroke="#999"/>
 {% for s in line.lines %}<polyline class="line" data-metric="{{ s.metric }}"
- data-values="{{ s.values }}" data-max="{{ line.max }}" points="{{ s.points }}"
+ data-values="{{ s.figures }}" data-max="{{ line.max }}" points="{{ s.points }}"
  fill="none" stroke="{{ s.colour }}" stroke-width="3"/>
 <text x="{{ line.width - 90 }}" y="{{ 16 + loop.index0 * 16 }}"
  fill="{{ s.colour }}">{{ s.metric }} {{ s.last }}</text>
@@ -186,7 +186,13 @@ def line_chart(series: dict[str, Any]) -> dict[str, Any] | None:
         )
         values = ",".join(map(str, xs))
         lines.append(
-            {"metric": metric, "colour": colour, "points": points, "values": values, "last": xs[-1]}
+            {
+                "metric": metric,
+                "colour": colour,
+                "points": points,
+                "figures": values,
+                "last": xs[-1],
+            }
         )
     return {
         "lines": lines,
