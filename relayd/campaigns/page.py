@@ -21,11 +21,11 @@ BARS = (
     ("click_rate", "clicked", "#2ca02c"),
     ("conversion_rate", "converted", "#9467bd"),
     ("bounce_rate", "bounced", "#d62728"),
-    ("unsubscribe_rate", "unsubscribed", "#7f7f7f"),
-    ("complaint_rate", "complained", "#8c564b"),
+    ("unsubscribe_rate", "unsubs", "#7f7f7f"),
+    ("complaint_rate", "complaints", "#8c564b"),
 )
 LINES = (("delivered", "#1f77b4"), ("opened", "#ff7f0e"), ("clicked", "#2ca02c"))
-BAR_HEIGHT, BAR_WIDTH, BAR_GAP = 200, 36, 14  # px: a rate of 1 is BAR_HEIGHT tall
+BAR_HEIGHT, BAR_WIDTH, BAR_GAP = 200, 40, 26  # px: a rate of 1 is BAR_HEIGHT tall
 LINE_WIDTH, LINE_HEIGHT = 720, 220
 
 _BASE = """<!doctype html>
@@ -92,7 +92,7 @@ _REPORT = """{% extends "base" %}{% block main %}
 {% for s in line.lines %}<polyline class="line" data-metric="{{ s.metric }}"
  data-values="{{ s.figures }}" data-max="{{ line.max }}" points="{{ s.points }}"
  fill="none" stroke="{{ s.colour }}" stroke-width="3"/>
-<text x="{{ line.width - 90 }}" y="{{ 16 + loop.index0 * 16 }}"
+<text x="10" y="{{ 20 + loop.index0 * 16 }}"
  fill="{{ s.colour }}">{{ s.metric }} {{ s.last }}</text>
 {% endfor %}</svg>
 <p>Cumulative, from {{ line.start }} in steps of {{ line.step }} s.</p>

@@ -13,11 +13,10 @@ import re
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from relayd.campaigns import page, report, stats
 from relayd.events.log import emit, log
 from relayd.feedback.tokens import SESSION, BadToken
+from relayd.ingress.api.schema import Conversion
 from relayd.ingress.api.service import Refused, Reply, Request, _allow, _decode
 from relayd.ingress.credentials import Credential
 from relayd.ingress.smtp import valid_address
@@ -30,13 +29,6 @@ _PAGE = re.compile(r"^/ui/campaigns/(\d{1,18})$")
 _LOGIN = re.compile(r"^/ui/login/([A-Za-z0-9_-]{1,64})$")
 COOKIE = "relayd_report"
 _QUEUE_ID = re.compile(r"^[0-9A-Fa-f]{1,32}$")
-
-
-class Conversion(msgspec.Struct, forbid_unknown_fields=True):
-    """A conversion of a campaign's contact: name the contact's address or the message."""
-
-    email: str | None = None
-    message_id: str | None = None
 
 
 async def route(api: Api, req: Request) -> Reply | None:
