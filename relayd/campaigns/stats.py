@@ -73,17 +73,39 @@ def cursor(conn: sqlite3.Connection) -> int:
     return row[0] if row else 0
 
 
+# A pass's events: those of campaign messages, with the fields the fold reads, taken out by
+# SQLite's JSON functions (a third of the time of decoding each event in Python). The meta's
+# campaign must be the campaign_sends row's: meta alone, which any sender may write, counts
+# nothing. Only events that mention a campaign are looked up (most mail is not a campaign's).
+_EVENTS = """
+SELECT e.at, e.type, s.campaign_id, s.contact_id, s.variant, s.flags,
+    json_extract(e.data, '$.class'), json_extract(e.data, '$.human'),
+    json_extract(e.data, '$.counted'), json_array_length(e.data, '$.rcpt')
+FROM (SELECT id, at, type, queue_id, data FROM events WHERE id > ? ORDER BY id LIMIT ?) AS e
+JOIN campaign_sends AS s ON s.queue_id = e.queue_id
+    AND s.campaign_id = json_extract(e.data, '$.meta.campaign')
+WHERE instr(e.data, '"campaign"') > 0
+ORDER BY e.id
+"""
+
+
 def fold(conn: sqlite3.Connection, limit: int = BATCH) -> tuple[int, int]:
     """One pass on a connection of its own (autocommit, like relayctl's): (events read,
     counts added). Read fewer than ``limit``: caught up."""
     start = cursor(conn)
-    rows = conn.execute(
-        "SELECT id, at, type, queue_id, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
-        (start, limit),
-    ).fetchall()
-    if not rows:
+    conn.execute("BEGIN DEFERRED")  # one snapshot for the events and their last id
+    try:
+        read, last = conn.execute(
+            "SELECT count(*), max(id) FROM"
+            " (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)",
+            (start, limit),
+        ).fetchone()
+        rows = conn.execute(_EVENTS, (start, limit)).fetchall() if read else []
+    finally:
+        conn.execute("COMMIT")
+    if not read:
         return 0, 0
-    found = collect(conn, rows)
+    found = collect(last, rows)
     conn.execute("BEGIN IMMEDIATE")
     try:
         if cursor(conn) != start:  # another folder took these events meanwhile
@@ -94,36 +116,31 @@ def fold(conn: sqlite3.Connection, limit: int = BATCH) -> tuple[int, int]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-    return len(rows), found.events
+    return read, found.events
 
 
-def collect(conn: sqlite3.Connection, rows: list[tuple]) -> Pass:
-    """The counts and flags of events (id, at, type, queue_id, data), oldest first."""
-    found = Pass(rows[-1][0])
-    events = []
-    for _, at, kind, queue_id, data in rows:
-        if '"campaign"' not in data:  # most mail is not a campaign's: no JSON decoding
-            continue
-        doc = json.loads(data)
-        meta = doc.get("meta")
-        if isinstance(meta, dict) and "campaign" in meta:
-            events.append((at, kind, queue_id, doc))
-    sends = _sends(conn, {e[2] for e in events})
-    for at, kind, queue_id, doc in events:
-        send = sends.get(queue_id)
-        if send is None or str(doc["meta"]["campaign"]) != str(send.campaign):
-            continue  # not a message the campaign sent
-        for metric in _metrics(kind, doc, send):
-            found.counts[(send.campaign, send.variant, metric, int(at // 60))] += 1
+def collect(last: int, rows: list[tuple]) -> Pass:
+    """The counts and flags of a pass's campaign events (_EVENTS), up to event ``last``."""
+    found = Pass(last)
+    sends: dict[tuple[int, int], _Send] = {}
+    for at, kind, campaign, contact, variant, flags, cls, human, counted, rcpts in rows:
+        send = sends.get((campaign, contact))
+        if send is None:
+            send = sends[(campaign, contact)] = _Send(campaign, contact, variant, flags)
+        for metric in _metrics(kind, send, cls, human != 0 or counted == 1, rcpts):
+            found.counts[(campaign, variant, metric, int(at // 60))] += 1
     found.sends = [s for s in sends.values() if s.new]
     return found
 
 
-def _metrics(kind: str, doc: dict[str, Any], send: _Send) -> Iterable[str]:
-    """The metrics one event adds to (and the flags it sets on its contact's row)."""
+def _metrics(
+    kind: str, send: _Send, cls: str | None, human: bool, rcpts: int | None
+) -> Iterable[str]:
+    """The metrics one event adds to (and the flags it sets on its contact's row). An open
+    or click counts when a person made it; a bot's (Apple's privacy proxy, a security
+    scanner: human false) only when the event says it counts ("counted": true)."""
     if kind == Type.RECEPTION:
-        rcpts = doc.get("rcpt")
-        return ["sent"] * (len(rcpts) if isinstance(rcpts, list) else 1)
+        return ["sent"] * (rcpts or 1)
     if kind == Type.DELIVERY:
         _flag(send, DELIVERED)
         return ["delivered"]
@@ -131,12 +148,12 @@ def _metrics(kind: str, doc: dict[str, Any], send: _Send) -> Iterable[str]:
         return ["deferred"]
     if kind in (Type.BOUNCE, Type.EXPIRATION):
         _flag(send, BOUNCED)
-        return ["bounced", f"bounced:{doc.get('class') or 'expired'}"]
+        return ["bounced", f"bounced:{cls or 'expired'}"]
     if kind == Type.SUPPRESSION:
         return ["suppressed"]
     if kind in _ENGAGEMENT:
         metric, flag = _ENGAGEMENT[kind]
-        if not counts_as_human(doc):
+        if not human:
             return [f"{metric}_bot"]
         return [metric, f"{metric}_unique"] if _flag(send, flag) else [metric]
     if kind in _ONCE:
@@ -145,29 +162,12 @@ def _metrics(kind: str, doc: dict[str, Any], send: _Send) -> Iterable[str]:
     return []
 
 
-def counts_as_human(doc: dict[str, Any]) -> bool:
-    """An open or click counts when a person made it; a bot's (Apple's privacy proxy, a
-    security scanner: human false) only when the event says it counts (tracking.count_bots)."""
-    return doc.get("human", True) is not False or doc.get("counted") is True
-
-
 def _flag(send: _Send, flag: int) -> bool:
     """Set ``flag`` on the contact's row; whether it is new (the first such event)."""
     if (send.flags | send.new) & flag:
         return False
     send.new |= flag
     return True
-
-
-def _sends(conn: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _Send]:
-    if not queue_ids:
-        return {}
-    rows = conn.execute(
-        "SELECT queue_id, campaign_id, contact_id, variant, flags FROM campaign_sends"
-        " WHERE queue_id IN (SELECT value FROM json_each(?))",
-        (json.dumps(sorted(queue_ids)),),
-    )
-    return {r[0]: _Send(r[1], r[2], r[3], r[4]) for r in rows}
 
 
 def write(conn: sqlite3.Connection, found: Pass) -> None:
