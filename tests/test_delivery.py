@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from support.fakemx import self_signed_tls_context
-from support.util import mx_zone, send, wait_until
+from support.util import mx_zone, seed_deferred_backlog, send, wait_until
 
 from relayd.delivery.dns import address_literal
 
@@ -423,3 +423,43 @@ def test_message_stays_spooled_while_a_recipient_at_another_domain_waits(
     shown = json.loads(r.ctl("show", qid, "--json").stdout)
     states = {x["rcpt"]: x["state"] for x in shown["recipients"]}
     assert states == {"a@example.test": "delivered", "b@other.test": "deferred"}
+
+
+def test_a_backlog_goes_out_with_one_round_trip_a_message(relay, dns_server, fake_mx):
+    """With PIPELINING, the next message's MAIL, RCPT and DATA go in the write that ends the
+    text before it (RFC 2920 3.1: message content may open a group): a reused connection pays
+    one round trip a message instead of two. Each message still arrives once, whole."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", accept_delay=0.05)  # a backlog builds behind the first
+    r = relay({"shaping": {"default": {"max_connections": 1}}}, start=False)
+    seed_deferred_backlog(r.spool, 12, "example.test")  # read from the spool, not in memory
+    r.start()
+    got = mx.wait_for_messages(12, timeout=30)
+    assert sorted(m.rcpts[0] for m in got) == sorted(f"r{i}@example.test" for i in range(12))
+    assert all(m.data.endswith(b"body\r\n") for m in got)
+    assert len(mx.connections) == 1 and mx.connections[0].ahead >= 8
+    wait_until(lambda: len(r.events("delivered")) == 12, 10, "12 delivered events")
+
+
+def test_a_message_sent_ahead_on_a_connection_that_drops_is_deferred_not_lost(
+    relay, dns_server, fake_mx
+):
+    """The envelope of the next message is on the wire when the server hangs up after the
+    text before it: that next message is deferred (and delivered later), never forgotten."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", accept_delay=0.05)
+    mx.data_replies.append("drop")  # hangs up instead of answering the first text
+    r = relay(
+        {
+            "shaping": {"default": {"max_connections": 1}},
+            "retry": {"first": "0.5s", "max_interval": "0.5s"},
+        },
+        start=False,
+    )
+    seed_deferred_backlog(r.spool, 4, "example.test")
+    r.start()
+    got = mx.wait_for_messages(4, timeout=30)
+    assert sorted(m.rcpts[0] for m in got) == sorted(f"r{i}@example.test" for i in range(4))
+    assert mx.connections[0].ahead == 1  # the second message's envelope was on the wire
+    deferred = r.wait_event("deferred", n=2)
+    assert all(e["code"] == 421 and "lost connection" in e["response"] for e in deferred)

@@ -521,6 +521,51 @@ class Reports:
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """[tracking]: the open pixel and rewritten links of HTML mail, served by relayd's HTTP
+    listener under ``base_url`` (relayd.tracking), and how hits by machines are told apart."""
+
+    enabled: bool
+    base_url: str  # the tracking host's public URL, no trailing "/"; "" when off
+    opens: bool
+    clicks: bool
+    count_bots: bool  # bots' hits counted (engagement, unique) as people's; always flagged
+    trusted_proxies: tuple[Network, ...]  # whose X-Forwarded-For names the client
+    apple_networks: tuple[Network, ...]  # Apple Mail Privacy Protection's proxies
+    apple_user_agents: tuple[str, ...]  # RE2 patterns of their User-Agent
+    scanner_user_agents: tuple[str, ...]  # RE2 patterns (case-insensitive) of link scanners'
+    head_is_bot: bool  # a HEAD request is a scanner's (people's browsers GET)
+    click_window: float  # a click this soon after delivery is a scanner's; 0: no such rule
+    untracked: tuple[str, ...]  # URL prefixes never rewritten ([unsubscribe] url among them)
+
+    @property
+    def path(self) -> str:
+        """The base URL's path, as relayd's HTTP listener sees it: "" or "/t"."""
+        return urlsplit(self.base_url).path
+
+
+# Apple's egress range (its Mail Privacy Protection proxies fetch every image at delivery) and
+# the bare User-Agent they send; link scanners of mail gateways, by their User-Agent.
+APPLE_NETWORKS = ("17.0.0.0/8",)
+APPLE_USER_AGENTS = (r"^Mozilla/5\.0$",)
+SCANNER_USER_AGENTS = (
+    "barracuda",
+    "mimecast",
+    "proofpoint",
+    "bingpreview",
+    "safelinks",
+    "microsoft office",
+    "forcepoint",
+    "symantec",
+    "trend ?micro",
+    "cisco",
+    "sophos",
+    "fireeye",
+)
+TRACKING_URL_MAX = 200
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -546,6 +591,7 @@ class Config:
     unsubscribe: Unsubscribe
     return_path: ReturnPath
     warmup: WarmupSchedules
+    tracking: Tracking
     reports: Reports = Reports()
 
 
@@ -993,6 +1039,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
     reports = _reports(top.table("reports"))
+    tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
             raise ConfigError(
@@ -1046,6 +1093,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         return_path=return_path,
         warmup=schedules,
         reports=reports,
+        tracking=tracking,
     )
 
 
@@ -1407,8 +1455,90 @@ def _unsubscribe(sec: _Section, listeners: list[Listener]) -> Unsubscribe:
     return Unsubscribe(url, mailto, scope, max_age, tuple(streams))
 
 
+def _tracking(sec: _Section, listeners: list[Listener], links: Unsubscribe) -> Tracking:
+    enabled = sec.get("enabled", False, bool)
+    base = sec.get("base_url", "", str).rstrip("/")
+    if enabled and not base:
+        raise ConfigError(sec.path, sec.key("base_url"), "required when tracking is enabled")
+    if base:
+        problem = _public_url_problem(base, "https://t.example.com") or _path_problem(base + "/")
+        if not problem and len(base) > TRACKING_URL_MAX:
+            problem = f"must be at most {TRACKING_URL_MAX} characters"
+        if problem:
+            raise ConfigError(sec.path, sec.key("base_url"), f"{problem}, got {base!r}")
+    if enabled and not any(lsn.kind in HTTP_KINDS for lsn in listeners):
+        raise ConfigError(
+            sec.path,
+            sec.key("enabled"),
+            'needs an http or https listener ([[listeners]] kind = "https"), where the links lead',
+        )
+    untracked = [links.url] if links.enabled else []
+    for i, raw in enumerate(sec.get("untracked", [], list)):
+        if not isinstance(raw, str) or not raw.startswith(("http://", "https://")):
+            problem = f"must be an http(s) URL prefix, got {raw!r}"
+            raise ConfigError(sec.path, f"{sec.key('untracked')}[{i}]", problem)
+        untracked.append(raw)
+    tracking = Tracking(
+        enabled=enabled,
+        base_url=base,
+        opens=sec.get("opens", True, bool),
+        clicks=sec.get("clicks", True, bool),
+        count_bots=sec.get("count_bots", False, bool),
+        trusted_proxies=_networks(sec, "trusted_proxies", ()),
+        apple_networks=_networks(sec, "apple_networks", APPLE_NETWORKS),
+        apple_user_agents=_patterns(sec, "apple_user_agents", APPLE_USER_AGENTS),
+        scanner_user_agents=_patterns(sec, "scanner_user_agents", SCANNER_USER_AGENTS),
+        head_is_bot=sec.get("head_is_bot", True, bool),
+        click_window=sec.duration("click_window", "10s", allow_zero=True),
+        untracked=tuple(untracked),
+    )
+    sec.finish()
+    return tracking
+
+
+def _networks(sec: _Section, name: str, default: tuple[str, ...]) -> tuple[Network, ...]:
+    nets = []
+    for i, raw in enumerate(sec.get(name, list(default), list)):
+        try:
+            nets.append(ipaddress.ip_network(raw, strict=False))
+        except (ValueError, TypeError):
+            raise ConfigError(sec.path, f"{sec.key(name)}[{i}]", f"not a CIDR: {raw!r}") from None
+    return tuple(nets)
+
+
+def _patterns(sec: _Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of RE2 regular expressions, each checked."""
+    found = []
+    for i, raw in enumerate(sec.get(name, list(default), list)):
+        key = f"{sec.key(name)}[{i}]"
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(sec.path, key, f"must be a regular expression, got {raw!r}")
+        try:
+            re2.compile(raw, _RE2_CHECK)
+        except re2.error as exc:
+            problem = exc.args[0].decode() if isinstance(exc.args[0], bytes) else str(exc)
+            raise ConfigError(sec.path, key, f"not a regular expression: {problem}") from None
+        found.append(raw)
+    return tuple(found)
+
+
 def _unsubscribe_url_problem(url: str) -> str:
     """What is wrong with an unsubscribe base URL, or ""."""
+    problem = _public_url_problem(url, "https://mail.example.com/unsubscribe/")
+    if problem:
+        return problem
+    if not _URL_PATH.match(urlsplit(url).path):
+        return "its path must end in '/' (the token follows) and use only A-Z a-z 0-9 . _ ~ -"
+    problem = _path_problem(url)
+    if not problem and len(url) > URL_MAX:
+        return f"must be at most {URL_MAX} characters"
+    return problem
+
+
+def _public_url_problem(url: str, example: str) -> str:
+    """What is wrong with the public URL of a route on relayd's HTTP listener (unsubscribe
+    and tracking links), or "": https:// with a host (http:// only for a loopback host), no
+    query or fragment (the token is appended to it)."""
     try:
         parts = urlsplit(url)
         port = parts.port  # a port that is no number raises here
@@ -1416,17 +1546,22 @@ def _unsubscribe_url_problem(url: str) -> str:
         return "not a URL"
     host = parts.hostname or ""
     if parts.scheme not in ("https", "http") or not host or parts.username is not None or port == 0:
-        return "must be an https:// URL with a host, like 'https://mail.example.com/unsubscribe/'"
+        return f"must be an https:// URL with a host, like {example!r}"
     if parts.scheme == "http" and not _loopback(host):
-        return "must be https:// (RFC 8058; http:// only for a loopback host, as tests use)"
+        return "must be https:// (http:// only for a loopback host, as tests use)"
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         return "must have no query or fragment: the token is appended to it"
-    if not _URL_PATH.match(parts.path):
-        return "its path must end in '/' (the token follows) and use only A-Z a-z 0-9 . _ ~ -"
-    if parts.path.startswith(_API_PATHS):
+    return ""
+
+
+def _path_problem(url: str) -> str:
+    """A route's path (ending in "/"): only characters that reach it as written, outside the
+    API's own routes."""
+    path = urlsplit(url).path
+    if not _URL_PATH.match(path):
+        return "its path may use only A-Z a-z 0-9 . _ ~ - between its slashes"
+    if path.startswith(_API_PATHS):
         return "its path must not be under /v1/ or /api/, the API's own routes"
-    if len(url) > URL_MAX:
-        return f"must be at most {URL_MAX} characters"
     return ""
 
 

@@ -300,6 +300,8 @@ def _policy(args: argparse.Namespace, old: Credential | None) -> dict[str, Any]:
         if unknown:
             raise CtlError(f"--scope {unknown[0]!r}: not one of {', '.join(SCOPES)}")
         policy["scopes"] = tuple(dict.fromkeys(scopes))
+    if getattr(args, "tracking", None) is not None:
+        policy["tracking"] = args.tracking
     return policy
 
 
@@ -354,6 +356,7 @@ def _credential_row(cred: Credential) -> Row:
         row["scopes"] = list(cred.scopes)
         row["id"] = cred.key_id
         row["created"] = _iso(cred.created)
+        row["tracking"] = cred.tracking
     return row
 
 
@@ -1071,6 +1074,12 @@ def parser() -> argparse.ArgumentParser:
                         action="append",
                         metavar="SCOPES",
                         help=f"comma list of {','.join(SCOPES)} (default: send)",
+                    )
+                    u.add_argument(
+                        "--tracking",
+                        action=argparse.BooleanOptionalAction,
+                        help="--no-tracking: its HTML mail gets no open pixel or tracked links"
+                        " ([tracking]; default: it may)",
                     )
             u.set_defaults(run=credential_command, render=render_credentials, needs="config")
             u.set_defaults(kind=kind)

@@ -1,12 +1,12 @@
 """Signed tokens that come back to relayd: the per-message return path of asynchronous bounces
-(VERP) and the one-click unsubscribe links. Each carries what it names and an HMAC-SHA256 tag
-(truncated) under the spool's own secret, so none can be forged or altered; unsubscribe tokens
-also carry their issue time, so that they can be refused once too old."""
+(VERP), the one-click unsubscribe links, and the open pixel and click links of tracking. Each
+carries what it names and an HMAC-SHA256 tag (truncated) under the spool's own secret, so none
+can be forged or altered; unsubscribe tokens also carry their issue time, so that they can be
+refused once too old; a click token carries its target URL, so that no table is needed."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import struct
 
@@ -15,6 +15,8 @@ RETURN = b"r"
 UNSUBSCRIBE = b"u"
 LOGIN = b"l"  # a report page's login link (relayctl report --url)
 SESSION = b"s"  # the cookie that login sets
+OPEN = b"o"
+CLICK = b"c"
 
 
 class BadToken(ValueError):
@@ -25,7 +27,9 @@ class Tokens:
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must have at least 16 bytes")
-        self._secret = secret
+        # keyed once and copied per tag, without a key set-up each time: tracking makes a
+        # token per link of every message
+        self._mac = hmac.new(secret, digestmod="sha256")
 
     # -- return paths: bounces+TOKEN@domain -------------------------------------------------
 
@@ -58,13 +62,7 @@ class Tokens:
     def unsubscribed(self, token: str, now: float, max_age: float) -> tuple[str, str, str]:
         """(queue id, recipient, scope) of an unsubscribe token; raises BadToken when it is
         forged, altered, or older than ``max_age`` seconds."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (ValueError, TypeError):
-            raise BadToken("not an unsubscribe token") from None
-        body, tag = raw[:-_TAG], raw[-_TAG:]
-        if len(body) < 13 or not hmac.compare_digest(tag, self._tag(UNSUBSCRIBE, body)):
-            raise BadToken("not an unsubscribe token relayd made")
+        body = self._body(UNSUBSCRIBE, token, 13, "an unsubscribe token")
         (issued,) = struct.unpack(">I", body[8:12])
         if now - issued > max_age:
             raise BadToken("this unsubscribe link has expired")
@@ -82,20 +80,46 @@ class Tokens:
     def logged_in(self, token: str, now: float, max_age: float, kind: bytes = LOGIN) -> int:
         """The campaign id of a login token of ``kind``; raises BadToken when it is forged,
         altered, of another kind, or older than ``max_age`` seconds."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (ValueError, TypeError):
-            raise BadToken("not a login token") from None
-        body, tag = raw[:-_TAG], raw[-_TAG:]
-        if len(body) != 12 or not hmac.compare_digest(tag, self._tag(kind, body)):
+        body = self._body(kind, token, 12, "a login token")
+        if len(body) != 12:
             raise BadToken("not a login token relayd made")
         campaign_id, issued = struct.unpack(">QI", body)
         if not 0 <= now - issued <= max_age:
             raise BadToken("this login has expired: ask relayctl report ID --url for a new one")
         return campaign_id
 
+    # -- tracking: the open pixel and click links (relayd.tracking) ---------------------------
+
+    def track(self, kind: bytes, queue_id: str, rcpt: str, url: str = "") -> str:
+        """A URL-safe token of kind OPEN (the pixel) or CLICK (a link, with its target URL)
+        naming the message and the recipient: 8 bytes, the address, a newline, the URL."""
+        body = bytes.fromhex(queue_id) + f"{rcpt}\n{url}".encode()
+        return _b64(body + self._tag(kind, body))
+
+    def tracked(self, kind: bytes, token: str) -> tuple[str, str, str]:
+        """(queue id, recipient, URL) of a tracking token of that kind; raises BadToken when
+        it is forged, altered or truncated."""
+        body = self._body(kind, token, 9, "a tracking token")
+        rcpt, newline, url = body[8:].decode().partition("\n")
+        if not newline:
+            raise BadToken("not a tracking token relayd made")
+        return body[:8].hex().upper(), rcpt, url
+
+    def _body(self, kind: bytes, token: str, least: int, what: str) -> bytes:
+        """The signed content of a base64url token of ``kind``, of ``least`` bytes or more."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (ValueError, TypeError):
+            raise BadToken(f"not {what}") from None
+        body, tag = raw[:-_TAG], raw[-_TAG:]
+        if len(body) < least or not hmac.compare_digest(tag, self._tag(kind, body)):
+            raise BadToken(f"not {what} relayd made")
+        return body
+
     def _tag(self, kind: bytes, body: bytes) -> bytes:
-        return hmac.new(self._secret, kind + body, hashlib.sha256).digest()[:_TAG]
+        mac = self._mac.copy()
+        mac.update(kind + body)
+        return mac.digest()[:_TAG]
 
 
 class ReturnPaths:

@@ -82,6 +82,7 @@ class Credential:
     key_id: str = ""  # a key's public id, the middle of rk_<id>_<secret>
     created: float = 0.0
     stream: str = TRANSACTIONAL  # its mail's stream when the message does not name one
+    tracking: bool = True  # a key's HTML mail may get [tracking]'s pixel and links
 
     def may_send_as(self, address: str) -> bool:
         address = address.lower()
@@ -137,6 +138,7 @@ def load_credentials(path: Path) -> dict[str, Credential]:
                 entry.get("key_id", ""),
                 entry.get("created", 0.0),
                 entry.get("stream", TRANSACTIONAL),
+                entry.get("tracking", True),
             )
     return found
 
@@ -148,7 +150,7 @@ def save_credentials(path: Path, credentials: dict[str, Credential]) -> None:
     for cred in sorted(credentials.values(), key=lambda c: (c.kind, c.name)):
         entry = {k: v for k, v in asdict(cred).items() if k not in ("name", "kind")}
         if cred.kind == "login":
-            for k in ("scopes", "key_id"):
+            for k in ("scopes", "key_id", "tracking"):
                 entry.pop(k)
         data["users" if cred.kind == "login" else "keys"][cred.name] = entry
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".users.")

@@ -61,7 +61,7 @@ from relayd.config import (
     Suppression,
     WarmupSchedules,
 )
-from relayd.delivery.client import ConnectFailure, Connection
+from relayd.delivery.client import ConnectFailure, Connection, Unsendable
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
 from relayd.events.records import Event
@@ -423,12 +423,13 @@ class Scheduler:
         (site.bulk if job.bulk else site.queue).append(job)
         self._kick(site)
 
-    def _take(self, site: Site, shaping: Shaping) -> Job | None:
+    def _take(self, site: Site, shaping: Shaping, holding_bulk: bool = False) -> Job | None:
         """The job a connection of ``site`` takes next: transactional first; bulk while bulk
-        jobs are on fewer than ``bulk_connections`` connections."""
+        jobs are on fewer than ``bulk_connections`` connections (``holding_bulk``: this
+        connection is one of them already)."""
         if site.queue:
             return site.queue.popleft()
-        if site.bulk and site.bulk_busy < shaping.bulk_connections:
+        if site.bulk and site.bulk_busy - holding_bulk < shaping.bulk_connections:
             site.bulk_busy += 1
             return site.bulk.popleft()
         return None
@@ -501,11 +502,18 @@ class Scheduler:
         hostname, cfg = self.config.hostname, self.config.delivery
         conn: Connection | None = None
         first = True
+        # the job whose envelope went out with the last text (Connection.send's ``then``):
+        # it is sent next, whatever else happened
+        ahead: list[Job] = []
         try:
-            for _ in range(shaping.max_messages_per_connection):
-                if self.held.find(site.name, source.address if source else None, SUSPEND):
-                    break  # adaptive shaping suspended the source: it sends no more there
-                job = await self._next_job(site, shaping)
+            for left in range(shaping.max_messages_per_connection - 1, -1, -1):
+                went_ahead = bool(ahead)
+                if went_ahead:
+                    job = ahead.pop()
+                else:
+                    if self.held.find(site.name, source.address if source else None, SUSPEND):
+                        break  # adaptive shaping suspended the source: it sends no more there
+                    job = await self._next_job(site, shaping)
                 if first:
                     site.starting -= 1
                     first = False
@@ -527,14 +535,16 @@ class Scheduler:
                             self._connect_failed(site, job, exc, source)
                             break
                         site.open += 1
-                    if source is not None and not self._count_warmup(site, source, job):
-                        (site.bulk if job.bulk else site.queue).appendleft(job)
-                        break  # the source's volume is spent: another source takes the job
-                    await self._throttle(site, shaping, source, job.bulk)
-                    pairs = await self._send(conn, job)
+                    if not went_ahead:  # else counted and throttled as its envelope went out
+                        if source is not None and not self._count_warmup(site, source, job):
+                            (site.bulk if job.bulk else site.queue).appendleft(job)
+                            break  # the source's volume is spent: another source takes the job
+                        await self._throttle(site, shaping, source, job.bulk)
+                    then = functools.partial(self._ahead, site, shaping, source, conn, job, ahead)
+                    pairs = await self._send(conn, job, then if left else None)
                     self._finish(job, pairs, conn.mx, conn.source_ip)
                     self._adapt(site, source, conn.source_ip, pairs)
-                    if conn.broken:
+                    if conn.broken and not ahead:
                         break
                 finally:
                     site.bulk_busy -= job.bulk
@@ -550,7 +560,54 @@ class Scheduler:
             self._kick(site)
             self._forget_if_idle(site)
 
-    async def _send(self, conn: Connection, job: Job) -> list[tuple[int, Reply]]:
+    def _ahead(
+        self,
+        site: Site,
+        shaping: Shaping,
+        source: Source | None,
+        conn: Connection,
+        current: Job,
+        ahead: list[Job],
+    ) -> tuple[Job, list[bytes]] | None:
+        """The next job for this connection and its envelope, to go out with the current
+        job's text, when one can start at once: queued with its text in memory, under no rate
+        (a throttle would have to wait), its source neither suspended nor out of warm-up
+        volume. Taken from the site's queue and put in ``ahead``: the connection sends it next."""
+        address = source.address if source is not None else None
+        if (
+            site.limiter is not None
+            or (source is not None and shaping.max_rate_per_source)
+            or self.held.find(site.name, address, SUSPEND)
+            or self.held.find(site.name, address, RATE)
+        ):
+            return None
+        job = self._take(site, shaping, holding_bulk=current.bulk)
+        if job is None:
+            return None
+        if job.body is None and job.size <= STREAM:  # as _send would read it, a little earlier
+            job.body = store.text_of(self._spool_reader(), job.msg_id)
+            self.kept += len(job.body or b"")
+        if job.body is not None:
+            try:
+                mail_from = self.return_path(job.queue_id, job.sender)
+                commands = conn.envelope(job, job.body, mail_from)
+            except Unsendable:
+                commands = []  # sent the usual way, which answers it
+            if commands and (source is None or self._count_warmup(site, source, job)):
+                self.held.sent(site.name, address or SYSTEM, self.monotonic())
+                ahead.append(job)
+                return job, commands
+        if job.bulk:
+            site.bulk_busy -= 1
+        (site.bulk if job.bulk else site.queue).appendleft(job)
+        return None
+
+    async def _send(
+        self,
+        conn: Connection,
+        job: Job,
+        then: Callable[[], tuple[Job, list[bytes]] | None] | None = None,
+    ) -> list[tuple[int, Reply]]:
         """Send ``job`` with its text, held only for the transaction: the job's own (a fresh
         small message), read whole from the spool, or streamed from it in pieces. What the
         text costs in memory (it and its dot-stuffed copy, or two pieces) is taken from the
@@ -563,9 +620,7 @@ class Scheduler:
         blob = None
         try:
             if text is None:
-                reader = self._reader
-                if reader is None:
-                    reader = self._reader = schema.reader(self.writer.path)
+                reader = self._spool_reader()
                 if streamed:
                     text = blob = store.open_body(reader, job.msg_id)
                 else:
@@ -573,11 +628,16 @@ class Scheduler:
             if text is None:  # the message left the spool (relayctl delete): nothing to send
                 gone = Reply(421, "4.3.0 message no longer in the spool")
                 return [(r.id, gone) for r in job.recipients]
-            return await conn.send(job, text, self.return_path(job.queue_id, job.sender))
+            return await conn.send(job, text, self.return_path(job.queue_id, job.sender), then)
         finally:
             if blob is not None:
                 blob.close()
             self.budget.release(charge)
+
+    def _spool_reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = schema.reader(self.writer.path)
+        return self._reader
 
     def _forget_if_idle(self, site: Site) -> None:
         """Drop a site with no work and no rate debt, so memory follows the active sites only."""

@@ -32,6 +32,7 @@ class Conn:
     ended: float | None = None
     commands: list[str] = field(default_factory=list)  # every command line, in order
     pipelined: list[str] = field(default_factory=list)  # commands read with more behind them
+    ahead: int = 0  # message texts whose end came with more behind it (the next MAIL)
 
 
 @dataclass
@@ -332,6 +333,8 @@ class FakeMX:
                 )
                 if self.accept_delay:
                     await asyncio.sleep(self.accept_delay)
+                if reader._buffer:  # type: ignore[attr-defined]  # sent on before our reply
+                    conn.ahead += 1
                 if answer.startswith("2"):
                     with self._cond:
                         self.messages.append(

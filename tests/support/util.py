@@ -9,7 +9,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
+
+from relayd.model.ids import new_queue_id
+from relayd.model.message import NewMessage
+from relayd.spool import schema, store
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,3 +100,29 @@ def steady_load(
         stop.set()
         for t in threads:
             t.join(30)
+
+
+def seed_deferred_backlog(path: Path, count: int, domain: str) -> None:
+    """Write ``count`` messages that were tried once and are due again now, as a crash or an
+    outage would leave them."""
+    schema.prepare(path)
+    conn = schema.connect(path)
+    now = time.time()
+    conn.execute("BEGIN")
+    for i in range(count):
+        msg = NewMessage(
+            new_queue_id(),
+            "app@sender.test",
+            [f"r{i}@{domain}"],
+            b"Subject: backlog\r\n\r\nbody\r\n",
+            "127.0.0.1",
+            "seed",
+            "smtp",
+            False,
+            now - 60,
+            False,
+        )
+        store.insert_message(conn, msg, now)
+    conn.execute("UPDATE recipients SET state = 1, attempts = 1, next_attempt = ?", (now - 1,))
+    conn.execute("COMMIT")
+    conn.close()

@@ -27,6 +27,7 @@ from relayd.mime import headers
 from relayd.model.ids import new_queue_id
 from relayd.model.message import META_MAX, NewMessage
 from relayd.spool.suppression import Entry
+from relayd.tracking import Tracker
 
 MAX_SEND_AHEAD = 30 * 86400.0  # send_at at most this far ahead
 MAX_TAGS, MAX_TAG = 10, 100
@@ -80,10 +81,17 @@ Suppressed = Callable[[str, str | None, list[str]], dict[str, Entry]]
 
 
 def compose(
-    req: Send, cred: Credential, client: str, limits: Limits, now: float, lookup: Suppressed
+    req: Send,
+    cred: Credential,
+    client: str,
+    limits: Limits,
+    now: float,
+    lookup: Suppressed,
+    tracker: Tracker | None = None,
 ) -> tuple[list[NewMessage], list[Outcome]]:
     """The messages of a request and each recipient's outcome (a suppressed recipient's
-    message carries only its event); raises Invalid."""
+    message carries only its event); raises Invalid. With a ``tracker`` ([tracking] on), the
+    HTML of each message is rewritten for it, as the key and the request allow."""
     sender = _address(req.sender, "from")
     envelope = req.envelope_sender or sender.email
     if not valid_address(envelope, True) or _has_newline(envelope):
@@ -134,6 +142,8 @@ def compose(
             outcomes[index].error = stopped[address.email].why()
 
     build = _Builder(req, sender, reply_to, extra, parts, limits, client, cred)
+    if tracker is not None and cred.tracking:
+        build.tracking(tracker)
     msgs: list[NewMessage] = []
     if personal:
         for _, index, address, r in ok:
@@ -221,6 +231,14 @@ class _Builder:
             parts,
         )
         self.limits, self.client, self.cred = limits, client, cred
+        self.tracker: Tracker | None = None
+
+    def tracking(self, tracker: Tracker) -> None:
+        """Rewrite the HTML for ``tracker``, as far as the request's "tracking" allows."""
+        asked = self.req.tracking
+        self.opens, self.clicks = (asked.opens, asked.clicks) if asked else (True, True)
+        if self.opens or self.clicks:
+            self.tracker = tracker
 
     def message(
         self,
@@ -244,6 +262,13 @@ class _Builder:
             except metadata.MetadataError as exc:
                 raise Invalid("raw", exc.reply.split(" ", 2)[2]) from None  # without the codes
         else:
+            html = rendered.get("html")
+            if html is not None and self.tracker is not None:
+                # after substitution (the links are the recipient's), before MIME: each
+                # token names the message and its one recipient ("" when it has several)
+                rcpt = rcpts[0].email if len(rcpts) == 1 else ""
+                html = self.tracker.rewrite(html, queue_id, rcpt, self.opens, self.clicks)
+                rendered = {**rendered, "html": html}
             text, named = self._mime(queue_id, to, cc, rendered), None
         head = headers.trace_headers(text, hostname, self.client, "", utf8, queue_id, "HTTP")
         return NewMessage(

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from relayd.events.records import Type
 from relayd.ingress.api.schema import (
     Conversion,
     KumoInject,
@@ -201,7 +202,7 @@ def document() -> dict[str, Any]:
                         {"name": n, "in": "query", "schema": s}
                         for n, s in (
                             ("after", {"type": "integer", "minimum": 0}),
-                            ("type", {"type": "string", "description": "comma list"}),
+                            ("type", {"type": "string", "description": _TYPES}),
                             ("recipient", {"type": "string"}),
                             ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                         )
@@ -331,6 +332,8 @@ def document() -> dict[str, Any]:
             },
             "/unsubscribe/{token}": _unsubscribe(),
             **_reports(components),
+            "/t/o/{token}.gif": _tracking("open"),
+            "/t/c/{token}": _tracking("click"),
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": {"200": {}}}
             },
@@ -402,6 +405,39 @@ def _reports(components: dict[str, Any]) -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+_TYPES = "comma list of event types: " + ", ".join(t.value for t in Type)
+
+
+def _tracking(kind: str) -> dict[str, Any]:
+    """The open pixel and the click links of [tracking]: no API key (the signed token is the
+    credential)."""
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    if kind == "open":
+        summary = "The open pixel: an `opened` event; the token may end in .gif"
+        ok = {"200": {"description": "a 1x1 GIF, never cached", "content": {"image/gif": {}}}}
+    else:
+        summary = "A tracked link: a `clicked` event and a redirect to its target"
+        ok = {"302": {"description": "to the link's target (Location)"}}
+    get = {
+        "summary": summary,
+        "security": [],
+        "responses": {
+            **ok,
+            "404": {"description": "a forged, altered or truncated token", "content": problem},
+            "405": {"description": "neither GET nor HEAD", "content": problem},
+        },
+    }
+    return {
+        "description": "Tracking links ([tracking]) in HTML mail: the path is that of"
+        " [tracking] base_url (here its example's, /t), then /o/ (opens) or /c/ (clicks) and"
+        " the token. Mail clients and recipients follow them, without an API key; HEAD too.",
+        "parameters": [
+            {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "get": get,
     }
 
 

@@ -32,6 +32,13 @@ class Attachment(msgspec.Struct, forbid_unknown_fields=True):
     content_id: str = ""  # set: an inline part the HTML refers to as cid:...
 
 
+class TrackingOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """What a message's HTML may get of [tracking]: false turns either off for it."""
+
+    opens: bool = True
+    clicks: bool = True
+
+
 class Send(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``POST /v1/messages``: one message to ``to``/``cc``/``bcc``, or one template sent to
     each of ``recipients`` personalised; composed from parts, or ``raw`` RFC 5322 text."""
@@ -54,6 +61,7 @@ class Send(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     send_at: str | float | None = None
     raw: str | None = None
     stream: Literal["transactional", "bulk"] | None = None  # None: the key's (Credential.stream)
+    tracking: TrackingOptions | None = None  # None: as [tracking] and the key allow
 
 
 # -- KumoMTA's inject/v1 (https://docs.kumomta.com/reference/http/api_inject_v1/) -----------

@@ -49,6 +49,7 @@ from relayd.senderauth.report import domain_name
 from relayd.spool import admin, schema, suppression
 from relayd.spool import api as queries
 from relayd.spool.space import FreeSpace, is_full
+from relayd.tracking import Tracker, hits
 
 Store = Callable[[list[NewMessage], Guard | None], Awaitable[Answer | None]]
 PROBLEM = "application/problem+json"
@@ -141,9 +142,17 @@ class Api:
         # domain checks block on DNS for seconds (checkdmarc and pyspf are blocking libraries)
         self.check_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-check")
         self.document = json.dumps(openapi.document()).encode()
+        self._tracking(settings)
 
     def reload(self, settings: Settings, directory: Directory, space: FreeSpace) -> None:
         self.settings, self.directory, self.space = settings, directory, space
+        self._tracking(settings)
+
+    def _tracking(self, settings: Settings) -> None:
+        """[tracking]: the rewriting of composed HTML (None: off) and the routes of its links."""
+        cfg = settings.config.tracking
+        self.tracker = Tracker(cfg, self.tokens) if cfg.enabled else None
+        self.hits = hits.Hits(cfg, self.tokens)
 
     def close(self) -> None:
         self.compose_pool.shutdown()
@@ -168,6 +177,8 @@ class Api:
         token = path.removeprefix(links.path) if links.enabled else ""
         if token and "/" not in token:  # a link's last segment (the path's own): no API key
             return await self._unsubscribe(req, token)
+        if tracked := self.hits.match(path):  # a tracking link: no API key either
+            return await self._track(req, *tracked)
         if path == "/v1/openapi.json":
             _allow(method, "GET")
             return Reply(200, self.document)
@@ -271,6 +282,7 @@ class Api:
                 limits,
                 now,
                 self.suppressions.find,
+                self.tracker,
             )
         except Invalid as exc:
             title = "Forbidden" if exc.status == 403 else "Invalid request"
@@ -504,6 +516,23 @@ class Api:
         sender = event.data.get("sender") if event is not None else None
         whom = page.whom(scope, sender, hostname)
         return Reply(200, page.done(rcpt, whom), "text/html", page.HEADERS)
+
+    # -- open and click tracking ([tracking]) -----------------------------------------------
+
+    async def _track(self, req: Request, kind: bytes, token: str) -> Reply:
+        """The open pixel and the click links, taken without an API key: the signed token is
+        the credential. A forged, altered or truncated one is a 404 and counts nothing."""
+        if req.method not in ("GET", "HEAD"):
+            raise Refused(405, "Method not allowed", "use GET", headers={"Allow": "GET, HEAD"})
+        try:
+            hit = self.hits.hit(kind, token, req.method, req.headers, req.client, self.clock())
+        except BadToken as exc:
+            log.info("tracking_refused", client=req.client, path=req.path, error=str(exc))
+            raise Refused(404, "Not found", f"no resource {req.path}") from None
+        cfg = self.settings.config.tracking
+        event = await self.reader.write(hits.record, hit, cfg.count_bots, cfg.click_window)
+        emit([event])  # committed: its log line
+        return Reply(*self.hits.answer(hit))
 
     @staticmethod
     def _may_manage(cred: Credential, scope: str, mine: list[str], field: str) -> None:
