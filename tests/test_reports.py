@@ -24,6 +24,7 @@ from support.util import free_port, listening, mx_zone, wait_until
 
 from relayd.campaigns import stats
 from relayd.campaigns.page import BAR_HEIGHT, BARS, LINES
+from relayd.config import ConfigError, load
 from relayd.spool import admin
 
 OWNER = "key:shop"
@@ -439,3 +440,34 @@ def test_the_page_in_chromium_draws_the_real_figures(campaign, tmp_path):
     for _, colour in LINES:
         rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
         assert sum(row.count(rgb) for row in pixels) > 50, f"the {colour} line is not drawn"
+
+
+_HTTP = '[[listeners]]\naddress = "0.0.0.0:8025"\nkind = "http"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('[reports]\nurl = "ftp://relay.test"\n', "reports.url", "http(s)://"),
+        ('[reports]\nurl = "https://relay.test/ui"\n', "reports.url", "no path"),
+        ('[reports]\nlogin_max_age = "10s"\n', "reports.login_max_age", "from 1m to 1d"),
+        ('[reports]\nsession_max_age = "30d"\n', "reports.session_max_age", "from 1m to 7d"),
+        ("[reports]\nlogin = 1\n", "reports.login", "unknown key"),
+    ],
+)
+def test_report_settings_are_checked(tmp_path, text, key, problem):
+    path = tmp_path / "relayd.toml"
+    path.write_text(_HTTP + text)
+    with pytest.raises(ConfigError, match=re.escape(key)) as info:
+        load(path)
+    assert problem in str(info.value)
+
+
+def test_the_page_is_found_at_the_listener_unless_a_url_is_given(tmp_path):
+    path = tmp_path / "relayd.toml"
+    path.write_text(_HTTP)
+    cfg = load(path)
+    assert cfg.reports.base_url(cfg.listeners) == "http://127.0.0.1:8025"  # wildcard: loopback
+    path.write_text(_HTTP + '[reports]\nurl = "https://relay.example.com:8443/"\n')
+    cfg = load(path)
+    assert cfg.reports.base_url(cfg.listeners) == "https://relay.example.com:8443"
