@@ -206,6 +206,9 @@ class Folder:
             except (sqlite3.Error, admin.Refused) as exc:  # busy, a disk error: next time
                 log.warning("campaign_stats_failed", error=repr(exc))
                 read = 0
+            except Exception as exc:  # a bug: logged, and the figures wait for the fix
+                log.error("campaign_stats_failed", error=repr(exc))
+                read = 0
             else:
                 if added:
                     log.debug("campaign_stats_folded", events=read, counts=added)

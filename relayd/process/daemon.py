@@ -467,8 +467,9 @@ class IngressProcess:
         own = (*HTTP_KINDS, "bounce")  # served by their own handlers
         smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in own]
         self.servers = await start_listeners(self.handler, self.tls, smtp)
-        self.folder = Folder(cfg.server.spool_path)
-        self.folding = asyncio.get_running_loop().create_task(self.folder.run())
+        if self.folding is None:
+            self.folder = Folder(cfg.server.spool_path)
+            self.folding = asyncio.get_running_loop().create_task(self.folder.run())
         bounce = [(lsn, socks) for lsn, socks in self.bound if lsn.kind == "bounce"]
         if bounce:  # its own handler: its own connection limits, apart from the applications'
             # imported here, with a bounce listener only (flufl.bounce: ~1 MB a process)
