@@ -22,10 +22,11 @@ import pytest
 from support import browser
 from support.util import free_port, listening, mx_zone, wait_until
 
-from relayd.campaigns import stats
+from relayd.campaigns import page, report, stats
 from relayd.campaigns.page import BAR_HEIGHT, BARS, LINES
 from relayd.config import ConfigError, load
-from relayd.spool import admin
+from relayd.events.records import Event
+from relayd.spool import admin, store
 
 OWNER = "key:shop"
 # contact -> variant; bad@ is refused with 550 5.1.1
@@ -477,3 +478,87 @@ def test_the_page_is_found_at_the_listener_unless_a_url_is_given(tmp_path):
     path.write_text(_HTTP + '[reports]\nurl = "https://relay.example.com:8443/"\n')
     cfg = load(path)
     assert cfg.reports.base_url(cfg.listeners) == "https://relay.example.com:8443"
+
+
+def _event(conn: sqlite3.Connection, at: float, kind: str, queue_id: str, **data: Any) -> None:
+    store.append_events(conn, [Event(kind, queue_id, at, data)])
+
+
+def test_each_kind_of_event_is_folded_into_its_metrics_once(spool_conn):
+    """The fold alone, on a spool: what each event type adds, and what it does not."""
+    db = spool_conn
+    db.execute("INSERT INTO lists (owner, name, created) VALUES ('', 'l', 0)")
+    db.execute(
+        "INSERT INTO campaigns (owner, name, sender, list_id, spec, state, send_at, created)"
+        " VALUES ('', 'c', 's@example.test', 1, '{}', 'sending', 0, 0)"
+    )
+    meta = {"campaign": 1, "variant": "A"}
+    for contact, queue_id in ((1, "0A"), (2, "0B"), (3, "0C")):
+        db.execute(
+            "INSERT INTO campaign_sends VALUES (1, ?, 'A', ?, ?, 0)",
+            (contact, queue_id, "suppressed" if contact == 3 else "queued"),
+        )
+    t = 1_800_000_000.0  # a minute's start
+    for queue_id in ("0A", "0B"):
+        _event(db, t, "accepted", queue_id, rcpt=["x@d.test"], meta=meta)
+    _event(db, t, "suppressed", "0C", rcpt="z@d.test", meta=meta)
+    _event(db, t + 1, "deferred", "0A", rcpt="x@d.test", meta=meta)
+    _event(db, t + 2, "deferred", "0A", rcpt="x@d.test", meta=meta)
+    _event(db, t + 61, "delivered", "0A", rcpt="x@d.test", meta=meta)
+    _event(db, t + 62, "expired", "0B", rcpt="y@d.test", meta=meta)
+    for _ in range(2):  # a second report of the same: counted once
+        _event(db, t + 70, "unsubscribed", "0A", rcpt="x@d.test", meta=meta)
+        _event(db, t + 71, "complained", "0A", rcpt="x@d.test", meta=meta)
+    _event(db, t + 72, "opened", "0A", rcpt="x@d.test", human=False, bot="scanner", meta=meta)
+    _event(db, t + 73, "opened", "0A", rcpt="x@d.test", human=False, counted=True, meta=meta)
+    _event(db, t + 74, "delivered", "0A", rcpt="x@d.test", meta={"campaign": 2})  # another's
+    _event(db, t + 75, "delivered", "0A", rcpt="x@d.test")  # no campaign meta at all
+    _event(db, t + 76, "campaign", "", campaign=1, state="done")
+    assert stats.fold(db, limit=4) == (4, 2 + 1 + 1)  # in passes of 4 events
+    while stats.fold(db, limit=4)[0]:
+        pass
+    assert stats.fold(db) == (0, 0)
+    rows = db.execute(
+        "SELECT metric, minute, count FROM campaign_stats ORDER BY metric, minute"
+    ).fetchall()
+    m = int(t // 60)
+    assert rows == [
+        ("bounced", m + 1, 1),
+        ("bounced:expired", m + 1, 1),
+        ("complained", m + 1, 1),
+        ("deferred", m, 2),
+        ("delivered", m + 1, 1),
+        ("opened", m + 1, 1),  # the bot whose event says it counts
+        ("opened_bot", m + 1, 1),
+        ("opened_unique", m + 1, 1),
+        ("sent", m, 2),
+        ("suppressed", m, 1),
+        ("unsubscribed", m + 1, 1),
+    ]
+    flags = dict(db.execute("SELECT queue_id, flags FROM campaign_sends").fetchall())
+    assert flags == {
+        "0A": stats.DELIVERED | stats.UNSUBSCRIBED | stats.COMPLAINED | stats.OPENED,
+        "0B": stats.BOUNCED,
+        "0C": 0,
+    }
+    assert stats.cursor(db) == db.execute("SELECT max(id) FROM events").fetchone()[0]
+
+
+def test_a_long_campaigns_series_is_in_steps_of_several_minutes(spool_conn):
+    db = spool_conn
+    db.execute("INSERT INTO lists (owner, name, created) VALUES ('', 'l', 0)")
+    db.execute(
+        "INSERT INTO campaigns (owner, name, sender, list_id, spec, state, send_at, created)"
+        " VALUES ('', 'c', 's@example.test', 1, '{\"criterion\": \"open\"}', 'done', 0, 0)"
+    )
+    start = 29_000_000
+    db.executemany(
+        "INSERT INTO campaign_stats VALUES (1, 'A', 'delivered', ?, 1)",
+        [(start + i,) for i in range(0, 2000, 7)],
+    )
+    doc = report.report(db, 1)
+    series = doc["series"]
+    assert series["step_s"] == 180 and len(series["at"]) == 666  # 1,996 minutes, 3 a step
+    assert sum(series["total"]["delivered"]) == doc["total"]["counts"]["delivered"] == 286
+    assert doc["campaign"]["criterion"] == "open" and doc["comparison"] is None  # one variant
+    assert page.line_chart(series)["lines"][0]["last"] == 286
