@@ -22,6 +22,9 @@
  D13a priority lanes (issue 10): transactional latency (sink arrival - acceptance) while 100,000
      bulk messages drain to one destination at 500/s: p99 <= 1 s
  D13b end-to-end msgs/s, row 2's load, with 1,000,000 suppressed addresses >= 0.95 x without
+ C9  campaign (issue 11): 100,000 contacts, A/B test of 20 %, 1,000 domains, 4 sinks, tracking
+     and Ed25519 DKIM: msgs/s from "send" to the last delivery without the wait >= 5,000, peak
+     RSS <= 300 MB; Postfix relays as many pre-rendered messages of the same size (SMTP, -d)
 
 Phases: "rates" (rows 1-5, 9: per rep, interleaved: relayd 1 KB, Postfix 1 KB, relayd DKIM,
 relayd 20 KB, Postfix 20 KB; the relayd/Postfix order alternates from rep to rep), "spool"
@@ -1007,6 +1010,71 @@ class Suite:
             f" transactional, max {1000 * out['max_s']:.0f} ms, p50 by door {out['p50_by_door_s']}"
         )
 
+    # -- phase: campaign (issue 11, row C9) ---------------------------------------------------
+
+    def campaign_rep(self, rep: int) -> dict:
+        """benchmarks/campaign.py: its own relayd, sinks and contacts; one campaign."""
+        a = self.args
+        la = float(load1())
+        argv = [
+            str(VPY),
+            str(REPO / "benchmarks" / "campaign.py"),
+            *("--contacts", str(a.campaign_n), "--domains", "1000", "--test", "20"),
+            *("--wait", str(a.campaign_wait), "--max-seconds", str(a.max_seconds)),
+        ]
+        r = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=2 * a.max_seconds + 120,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(SRC)),
+        )
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            raise SuiteError(f"campaign.py failed: {(r.stderr or r.stdout).strip()[-400:]}")
+        out = json.loads(lines[-1])
+        n = a.campaign_n
+        if out["errors"] or out["delivered_events"] != n or out["at_sinks"] != n:
+            self.anomalies.append(f"campaign rep {rep}: {out}")
+        self.campaign_size = out["avg_size"]
+        self.details.append(f"relayd campaign-{rep:<6} load1={la:.2f} {json.dumps(out)}")
+        log(f"campaign-{rep}: {out['msgs_per_s']:.0f}/s, RSS {out['peak_rss_mb']} MB, load {la}")
+        self.campaign_cmd = " ".join(shlex.quote(x) for x in argv[1:])
+        return {"e2e": out["msgs_per_s"], "load1": la, "rss": out["peak_rss_mb"], **out}
+
+    def phase_campaign(self) -> None:
+        """Row C9: a campaign against Postfix relaying the same number of pre-rendered
+        messages of the campaign's average size over SMTP with connection reuse (smtp-source
+        -d), interleaved rep by rep."""
+        a = self.args
+        n = a.campaign_n
+        self.campaign_size, self.campaign_cmd = 16384, "benchmarks/campaign.py"
+
+        def postfix(rep: int) -> dict:
+            size = self.campaign_size
+            label = f"postfix-campaign-{rep}"
+            r = self.load_rep(label, "postfix", a.postfix_port, n, size, flags="-d")
+            self.detail(f"postfix campaign rep {rep}", r, f" size={size}")
+            return r
+
+        res = self.interleaved("campaign", self.campaign_rep, postfix)
+        row = self.ratio_row(
+            "C9",
+            f"campaign: {n:,} contacts, A/B test of 20 % (wait excluded), 1,000 domains, 4 sinks,"
+            " tracking links, Ed25519 DKIM: msgs/s from send to the last delivery (Postfix: as"
+            " many pre-rendered messages of the same size over SMTP, connections reused)",
+            res,
+            0,
+        )
+        rss = max((r["rss"] for r in res["r"]), default=None)
+        fast = med([r["e2e"] for r in res["r"]])
+        row.target = "≥ 5,000 msgs/s, RSS ≤ 300 MB"
+        row.met = fast is not None and rss is not None and fast >= 5000 and rss <= 300
+        row.relayd += f" (RSS {rss} MB)" if rss is not None else ""
+        self.rows["C9"] = row
+        self.notes.append(f"row C9: `{self.campaign_cmd}`; message size {self.campaign_size} B")
+
     # -- phase: memory (rows 11, 12) ---------------------------------------------------------
 
     def relayctl(self, config: Path, *args: str) -> str:
@@ -1649,6 +1717,8 @@ class Suite:
             "13b",
             "13c",
             "D13a",
+            "D13b",
+            "C9",
         ]
         for k in [*order, *(k for k in self.rows if k not in order)]:  # then newer rows
             r = self.rows.get(k)
@@ -1983,9 +2053,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--phases",
-        default="rates,body,spool,restart,fault,memory,api,lanes,suppression",
+        default="rates,body,spool,restart,fault,memory,api,lanes,suppression,campaign",
         help="comma list of rates (rows 1-5, 9), body (4b, 9b), spool (6, 8), restart (7), "
-        "fault (10), memory (11, 12), api (13a-c), lanes (D13a), suppression (D13b)",
+        "fault (10), memory (11, 12), api (13a-c), lanes (D13a), suppression (D13b), "
+        "campaign (C9)",
     )
     p.add_argument("--n", type=int, help="messages per rate rep (full 20000, quick 2000)")
     p.add_argument("--reps", type=int, help="reps per rate row and of row 7 (full 3, quick 1)")
@@ -2026,6 +2097,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--lanes-seconds", type=float, help="row D13a: seconds of transactional mail (60, quick 10)"
     )
+    p.add_argument("--campaign-n", type=int, help="row C9: contacts (full 100000, quick 10000)")
+    p.add_argument("--campaign-wait", type=float, default=5.0, help="row C9: A/B wait, s")
     p.add_argument(
         "--idle", type=float, help="row 6: seconds idle before reading VmRSS (full 5, quick 3)"
     )
@@ -2054,9 +2127,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.suppressed = a.suppressed or (100_000 if q else 1_000_000)
     a.lanes_bulk = a.lanes_bulk or (10_000 if q else 100_000)
     a.lanes_seconds = a.lanes_seconds or (10.0 if q else 60.0)
+    a.campaign_n = a.campaign_n or (10_000 if q else 100_000)
     a.idle = a.idle if a.idle is not None else (3 if q else 5)
     a.phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    known = {"rates", "body", "spool", "restart", "fault", "memory", "api", "lanes", "suppression"}
+    known = {
+        "rates",
+        "body",
+        "spool",
+        "restart",
+        "fault",
+        "memory",
+        "api",
+        "lanes",
+        "suppression",
+        "campaign",
+    }
     bad = set(a.phases) - known
     if bad:
         p.error(f"unknown phases {sorted(bad)}")

@@ -993,7 +993,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=states, help="only recipients in this state")
     p.set_defaults(run=queue_shape, render=render_queue, write=False)
 
-    p = sub.add_parser("list", parents=[common], help="one line per queued message")
+    p = sub.add_parser(
+        "list", parents=[common], help="one line per queued message (list add|ls: contact lists)"
+    )
     p.add_argument("--domain", help="messages with a recipient at this domain")
     p.add_argument("--state", choices=states, help="messages with a recipient in this state")
     p.add_argument("--sender", metavar="TEXT", help="sender contains TEXT (case-insensitive)")
@@ -1206,6 +1208,12 @@ def parser() -> argparse.ArgumentParser:
         run=check_domain, render=report.render, needs="config", exit_status=_check_status
     )
     reports.register(sub, common)
+    from relayd.ctl import contacts  # its commands use this module's helpers
+
+    contacts.register(sub, common)
+    from relayd.ctl import templates  # it builds on this module (CtlError)
+
+    templates.register(sub, common)
     return top
 
 

@@ -222,8 +222,9 @@ CREATE TABLE warmup_sources (
 # Version 5: campaigns. Every object belongs to an owner (the credential that made it, as in a
 # message's origin: "key:NAME" or "auth:NAME"; "" for the operator's, made with relayctl); an
 # owner sees and uses its own, an admin key all. Contacts: an address (lower case) with JSON
-# attributes, unique per owner; lists of contacts; segments: a list narrowed by a JSON filter
-# over the attributes (relayd.contacts.segments). A contact's unsubscribe state is the
+# attributes, unique per owner; lists of contacts (attrs: the attribute names its contacts
+# have had, a JSON array, for checking segment filters); segments: a list narrowed by a JSON
+# filter over the attributes (relayd.contacts.segments). A contact's unsubscribe state is the
 # suppression list's: no column here. Templates: versioned (a new version per change, never
 # rewritten), kind 'html' or 'mjml' (the source in ``html``), subject and from name, an
 # optional text source, defaults (JSON) for the substitutions. Campaigns: to a list (or a
@@ -251,6 +252,7 @@ CREATE TABLE lists (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     owner TEXT NOT NULL DEFAULT '',
     name TEXT NOT NULL,
+    attrs TEXT NOT NULL DEFAULT '[]',
     created REAL NOT NULL,
     UNIQUE (owner, name)
 );

@@ -17,7 +17,6 @@ from email.utils import formataddr
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from relayd.ingress import metadata
 from relayd.ingress.api.schema import Address, Recipient, Send
@@ -27,6 +26,7 @@ from relayd.mime import headers
 from relayd.model.ids import new_queue_id
 from relayd.model.message import META_MAX, NewMessage
 from relayd.spool.suppression import Entry
+from relayd.templates import template
 from relayd.tracking import Tracker
 
 MAX_SEND_AHEAD = 30 * 86400.0  # send_at at most this far ahead
@@ -36,11 +36,6 @@ _FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, and a sane leng
 _OWN_HEADERS = {"from", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id"}
 _OWN_HEADERS |= {"mime-version", "content-type", "content-transfer-encoding", "received"}
 _OWN_HEADERS.add(metadata.STREAM_HEADER.lower())  # the request's field "stream" says it
-
-# The minimal template language of the sending API: Jinja2's sandbox, immutable (no template
-# can change the data it is given); HTML parts autoescaped. Campaigns bring the full engine.
-_PLAIN = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
-_HTML = ImmutableSandboxedEnvironment(autoescape=True, keep_trailing_newline=True)
 
 
 class Invalid(Exception):
@@ -502,16 +497,16 @@ def _attachments(given: list[Any]) -> list[tuple[bytes, str, str, str]]:
 
 
 def _templates(req: Send) -> dict[str, jinja2.Template]:
-    """The request's texts compiled once for all its recipients; a syntax error names the
+    """The request's texts compiled once for all its recipients, in relayd's one template
+    environment (the immutable sandbox, the HTML part autoescaped); a syntax error names the
     field, line and problem before anything is queued."""
     sources = {"subject": req.subject, "text": req.text, "html": req.html, "raw": req.raw}
     compiled = {}
     for field, source in sources.items():
         if source is None:
             continue
-        env = _HTML if field == "html" else _PLAIN
         try:
-            compiled[field] = env.from_string(source)
+            compiled[field] = template(source, field)
         except jinja2.TemplateSyntaxError as exc:
             raise Invalid(field, f"template error at line {exc.lineno}: {exc.message}") from None
     return compiled

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from relayd.events.records import Type
+from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
     Conversion,
     KumoInject,
@@ -100,6 +101,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key lacks the scope, sender or network",
         404: "no such resource",
+        409: "a name already taken, or in use",
         413: "body too large",
         415: "not JSON",
         422: "a field is invalid (named in `field`)",
@@ -117,11 +119,17 @@ def document() -> dict[str, Any]:
     ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
     endpoint = {"description": "the endpoint with its health (state, backlog, failures, dropped)"}
     components.update(Problem=_PROBLEM, Result=_RESULT, DomainCheck=_DOMAIN_CHECK)
+    from relayd.ingress.api import templates  # it builds on the service, which imports this
+
+    template_paths, template_schemas = templates.openapi(_problems)
+    components.update(template_schemas)
     bearer = [{"apiKey": []}]
     json_body = lambda schema: {  # noqa: E731
         "required": True,
         "content": {"application/json": {"schema": schema}},
     }
+    contact_paths, contact_components = contacts_schema.paths(_problems, json_body)
+    components.update(contact_components)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -136,6 +144,7 @@ def document() -> dict[str, Any]:
         },
         "security": bearer,
         "paths": {
+            **template_paths,
             "/v1/messages": {
                 "post": {
                     "summary": "Queue one message, or one template per recipient",
@@ -330,6 +339,7 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            **contact_paths,
             "/unsubscribe/{token}": _unsubscribe(),
             **_reports(components),
             "/t/o/{token}.gif": _tracking("open"),

@@ -201,9 +201,17 @@ class Api:
             return await self._webhooks(req, self._key(req, "webhooks"))
         if path == "/v1/suppressions" or _SUPPRESSION.match(path):
             return await self._suppressions(req, self._key(req, "suppressions"))
+        if path == "/v1/templates" or path.startswith("/v1/templates/"):
+            from relayd.ingress.api import templates  # it builds on this module
+
+            return await templates.handle(self, req, self._key(req, "campaigns"))
         if m := _DOMAIN_CHECK.match(path):
             _allow(method, "GET")
             return await self._check_domain(req, self._key(req, "read"), m.group(1))
+        from relayd.ingress.api import contacts  # which imports this module
+
+        if contacts.handles(path):
+            return await contacts.route(self, req, self._key(req, "campaigns"))
         raise Refused(404, "Not found", f"no resource {path}")
 
     # -- authentication -------------------------------------------------------------------
