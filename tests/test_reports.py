@@ -438,15 +438,36 @@ def test_the_page_in_chromium_draws_the_real_figures(campaign, tmp_path):
     ):
         values = [int(v) for v in lines[metric]["data-values"].split(",")]
         assert values[0] == 0 and values[-1] == total[key], (metric, values)
-    # drawn: each chart colour is on the screen, in the bars' and lines' places
+    # drawn: each bar's colour stands as tall on the screen as the tallest of its bars should
+    # (a rate r: r * BAR_HEIGHT pixels), and the lines are there
     pixels = browser.screenshot(url, 1200, 1400, tmp_path / "report.png")
-    seen = {p for row in pixels for p in row}
-    for _, _, colour in BARS[:5]:  # the rates above zero (unsubscribes and complaints: none)
-        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
-        assert rgb in seen, f"{colour} is not drawn"
-    for _, colour in LINES:
-        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
-        assert sum(row.count(rgb) for row in pixels) > 50, f"the {colour} line is not drawn"
+    bottom = 0  # of the bars
+    for metric, _, colour in BARS[:5]:  # the rates above zero (unsubscribes, complaints: none)
+        tallest = max(v["rates"][metric] for v in doc["variants"].values()) * BAR_HEIGHT
+        run, end = _longest_run(pixels, _rgb(colour))
+        assert run == pytest.approx(tallest, abs=1), f"the {metric} bars"
+        bottom = max(bottom, end)
+    for _, colour in LINES:  # below the bars: the line chart
+        count = sum(row.count(_rgb(colour)) for row in pixels[bottom + 1 :])
+        assert count > 100, f"the {colour} line is not drawn"
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def _longest_run(
+    pixels: list[list[tuple[int, int, int]]], rgb: tuple[int, int, int]
+) -> tuple[int, int]:
+    """The most pixels of that colour one above another in a column of the screenshot, and
+    the row where that run ends."""
+    best = (0, 0)
+    for x in range(len(pixels[0])):
+        run = 0
+        for y, row in enumerate(pixels):
+            run = run + 1 if row[x] == rgb else 0
+            best = max(best, (run, y))
+    return best
 
 
 _HTTP = '[[listeners]]\naddress = "0.0.0.0:8025"\nkind = "http"\n'
