@@ -476,7 +476,8 @@ _HTTP = '[[listeners]]\naddress = "0.0.0.0:8025"\nkind = "http"\n'
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
-        ('[reports]\nurl = "ftp://relay.test"\n', "reports.url", "http(s)://"),
+        ('[reports]\nurl = "ftp://relay.test"\n', "reports.url", "https://"),
+        ('[reports]\nurl = "http://relay.test:8025"\n', "reports.url", "loopback"),
         ('[reports]\nurl = "https://relay.test/ui"\n', "reports.url", "no path"),
         ('[reports]\nlogin_max_age = "10s"\n', "reports.login_max_age", "from 1m to 1d"),
         ('[reports]\nsession_max_age = "30d"\n', "reports.session_max_age", "from 1m to 7d"),

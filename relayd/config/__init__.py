@@ -1099,18 +1099,12 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
 
 def _reports(sec: _Section) -> Reports:
     url = sec.get("url", "", str)
-    if url:
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018  # a port that is no number raises here
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(sec.path, sec.key("url"), f"must be an http(s):// URL, got {url!r}")
-        if parts.query or parts.fragment or parts.path.strip("/"):
-            raise ConfigError(
-                sec.path, sec.key("url"), f"must be the listener's base URL, no path, got {url!r}"
-            )
+    if url:  # the login link's token rides in it, and its cookie: https:// unless loopback
+        problem = _public_url_problem(url, "https://relay.example.com:8025")
+        if not problem and urlsplit(url).path.strip("/"):
+            problem = "must be the listener's base URL, with no path"
+        if problem:
+            raise ConfigError(sec.path, sec.key("url"), f"{problem}, got {url!r}")
     login = sec.duration("login_max_age", "15m")
     session = sec.duration("session_max_age", "8h")
     for name, value, low, high in (

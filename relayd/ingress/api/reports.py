@@ -142,7 +142,7 @@ def _login(api: Api, req: Request, token: str) -> Reply:
     morsel = cookie[COOKIE]
     morsel.update({"path": where, "httponly": True, "samesite": "Strict"})
     morsel["max-age"] = str(int(cfg.session_max_age))
-    morsel["secure"] = cfg.url.startswith("https:")
+    morsel["secure"] = cfg.base_url(api.settings.config.listeners).startswith("https:")
     log.info("report_login", client=req.client, campaign=campaign)
     headers = {**page.HEADERS, "Location": where, "Set-Cookie": morsel.OutputString()}
     return Reply(303, b"", "text/html", headers)
