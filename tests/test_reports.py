@@ -275,6 +275,8 @@ def test_the_report_counts_what_happened_to_each_variant(campaign):
     assert "campaign 1 'spring sale': sending" in text and "not significant" in text
     assert re.search(r"^A\s+6\s+5\s+0\s+1\s+0\s+3\s+2\s+1\s+0\s+0$", text, re.M), text
     assert re.search(r"^B\s+5\s+5\s+0\s+0\s+0\s+1\s+0\s+0\s+0\s+0$", text, re.M), text
+    missing = r.ctl("report", "99", check=False)
+    assert missing.returncode == 1 and "no campaign 99" in missing.stderr
 
 
 def test_folding_again_or_after_a_restart_never_counts_twice(campaign):
