@@ -9,9 +9,11 @@ import email
 import email.policy
 import http.client
 import json
+import re
 import signal
 import sqlite3
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -108,7 +110,12 @@ def api(relay, dns_server):
             "auth": {"users_file": "users.json"},
             "campaigns": {"batch": 25, "poll_interval": "0.1s", "min_wait": "1s"},
             "unsubscribe": {"url": f"http://127.0.0.1:{port}/unsubscribe/"},
-            "tracking": {"enabled": True, "base_url": f"http://127.0.0.1:{port}/t"},
+            # clicks at once after delivery count (a test clicks before any scanner would)
+            "tracking": {
+                "enabled": True,
+                "base_url": f"http://127.0.0.1:{port}/t",
+                "click_window": "0s",
+            },
             **(extra or {}),
         }
         r = relay(config)
@@ -196,20 +203,34 @@ def test_a_campaign_reaches_every_contact_once_personalised_in_the_bulk_stream(a
 AB = {
     **BODY,
     "variants": [
-        {"name": "A", "subject": "A for {{ contact.first }}", "text": "a\n"},
-        {"name": "B", "subject": "B for {{ contact.first }}", "text": "b\n", "weight": 1},
+        {
+            "name": "A",
+            "subject": "A for {{ contact.first }}",
+            "text": "a\n",
+            "html": '<p>A <a href="https://shop.test/a">shop</a></p>',
+        },
+        {
+            "name": "B",
+            "subject": "B for {{ contact.first }}",
+            "text": "b\n",
+            "weight": 1,
+            "html": '<p>B <a href="https://shop.test/b">shop</a></p>',
+        },
     ],
     "test_percent": 20,
     "criterion": "click",
     "wait": "2s",
 }
+_CLICK = re.compile(r'href="(http://127\.0\.0\.1:\d+/t/c/[^"]+)"')
 
 
 def test_an_ab_test_sends_the_clicked_variant_to_everyone_not_in_the_test_group(api, fake_mx):
+    """B's test group follows its tracked link; the statistics folded from those clicks make B
+    the winner when the wait ends, and B goes to everyone else."""
     mx = fake_mx()
     c = api()
     list_id, ids = c.contacts(200)
-    doc = c.create({**AB, "list_id": list_id})
+    doc = c.create({**AB, "list_id": list_id, "wait": "10s"})
     cid, variants = doc["id"], doc["variants"]
     c.wait_state(cid, "testing")
     tested = {i for i in ids if abtest.in_test(cid, i, 20)}
@@ -218,10 +239,14 @@ def test_an_ab_test_sends_the_clicked_variant_to_everyone_not_in_the_test_group(
     assert {i: v for i, (v, _) in sends.items()} == {
         i: abtest.variant_of(cid, i, variants) for i in tested
     }
-    conn = c.db()  # B's test group clicks (as tracking will record it)
-    conn.execute("UPDATE campaign_sends SET flags = 9 WHERE campaign_id = ? AND variant = 'B'",
-                 (cid,))  # fmt: skip
-    conn.close()
+    clicks = 0
+    for m in mx.wait_for_messages(len(tested), timeout=60):
+        html = _parse(m.data).get_body(("html",)).get_content()
+        if "<p>B " in html:
+            assert _follow(_CLICK.search(html)[1]) == "https://shop.test/b"
+            clicks += 1
+    assert clicks
+    wait_until(lambda: _clicked(c, cid) == clicks, 30, "B's clicks folded")
     done = c.wait_state(cid, "done")
     assert done["winner"] == "B" and done["phase"] == "rest"
     mx.wait_for_messages(200, timeout=60)
@@ -235,6 +260,24 @@ def test_an_ab_test_sends_the_clicked_variant_to_everyone_not_in_the_test_group(
     assert picked["phase"] == "rest" and picked["criterion"] == "click"
     assert picked["rates"]["B"]["click_rate"] == 1.0 and picked["rates"]["A"]["click_rate"] == 0
     assert picked["p"] < 0.05 and picked["z"] > 0
+
+
+def _follow(link: str) -> str:
+    """A person's click on a tracked link: where its 302 sends them."""
+    url = urllib.parse.urlsplit(link)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", url.path, headers={"User-Agent": "Mozilla/5.0 (X11; Linux) Firefox/140"})
+    resp = conn.getresponse()
+    conn.close()
+    assert resp.status == 302
+    return resp.getheader("Location")
+
+
+def _clicked(c: Client, cid: int) -> int:
+    """Variant B's contacts who clicked, as the campaign's report counts them."""
+    status, doc = c.call("GET", f"/v1/campaigns/{cid}/report")
+    assert status == 200, doc
+    return doc["variants"].get("B", {}).get("counts", {}).get("clicked", 0)
 
 
 def test_assignment_is_a_pure_function_of_campaign_and_contact():

@@ -58,6 +58,6 @@ def winner(
     second = max(others, key=lambda n: (score[n], -names.index(n)))
     count, got = COUNT_OF[criterion], lambda n, k: int(rates.get(n, {}).get(k, 0))
     z, p = two_proportion(
-        got(best, count), got(best, "sent"), got(second, count), got(second, "sent")
+        got(best, count), got(best, "delivered"), got(second, count), got(second, "delivered")
     )
     return best, {"criterion": criterion, "rates": rates, "runner_up": second, "z": z, "p": p}

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from relayd import templates
-from relayd.campaigns import abtest
+from relayd.campaigns import abtest, stats
 from relayd.config import Config
 from relayd.events.log import emit, log
 from relayd.feedback.tokens import Tokens
@@ -96,7 +96,7 @@ class Runner:
                 return  # paused or cancelled meanwhile
             log.info("campaign_started", campaign=cid, total=total)
         elif c["state"] == "testing":
-            rates = await self.db.run(sql.variant_rates, cid)
+            rates = await self.db.run(stats.rates, cid)
             names = [v["name"] for v in spec["variants"]]
             winner, detail = abtest.winner(rates, spec["criterion"], names)
             if not await self._write(sql.pick, cid, winner, detail, self.clock()):

@@ -511,6 +511,28 @@ URL_MAX, MAILTO_MAX = 200, 128
 
 
 @dataclass(frozen=True)
+class Reports:
+    """[reports]: the campaign report pages on relayd's HTTP listener (relayd.ingress.api.
+    reports) and the login links relayctl report --url prints for them."""
+
+    url: str = ""  # the listener's base URL as the operator's browser reaches it; "" = derived
+    login_max_age: float = 900.0  # seconds a login link works
+    session_max_age: float = 8 * 3600.0  # seconds the cookie it sets works
+
+    def base_url(self, listeners: Iterable[Listener]) -> str:
+        """Where the pages are: ``url``, or the first http/https listener's own address (a
+        wildcard address as loopback), without a trailing "/"."""
+        if self.url:
+            return self.url.rstrip("/")
+        for lsn in listeners:
+            if lsn.kind in HTTP_KINDS:
+                wild = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+                where = HostPort(wild.get(lsn.address.host, lsn.address.host), lsn.address.port)
+                return f"{'https' if lsn.kind == 'https' else 'http'}://{where}"
+        return ""
+
+
+@dataclass(frozen=True)
 class Tracking:
     """[tracking]: the open pixel and rewritten links of HTML mail, served by relayd's HTTP
     listener under ``base_url`` (relayd.tracking), and how hits by machines are told apart."""
@@ -583,6 +605,7 @@ class Config:
     return_path: ReturnPath
     warmup: WarmupSchedules
     tracking: Tracking
+    reports: Reports = Reports()
 
 
 class _Section:
@@ -1040,6 +1063,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     reputation = _reputation(top.table("reputation"))
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
+    reports = _reports(top.table("reports"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
@@ -1094,8 +1118,30 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         unsubscribe=unsubscribe,
         return_path=return_path,
         warmup=schedules,
+        reports=reports,
         tracking=tracking,
     )
+
+
+def _reports(sec: _Section) -> Reports:
+    url = sec.get("url", "", str)
+    if url:  # the login link's token rides in it, and its cookie: https:// unless loopback
+        problem = _public_url_problem(url, "https://relay.example.com:8025")
+        if not problem and urlsplit(url).path.strip("/"):
+            problem = "must be the listener's base URL, with no path"
+        if problem:
+            raise ConfigError(sec.path, sec.key("url"), f"{problem}, got {url!r}")
+    login = sec.duration("login_max_age", "15m")
+    session = sec.duration("session_max_age", "8h")
+    for name, value, low, high in (
+        ("login_max_age", login, 60, 86400),
+        ("session_max_age", session, 60, 7 * 86400),
+    ):
+        if not low <= value <= high:
+            problem = f"must be from {_human(low)} to {_human(high)}, got {_human(value)}"
+            raise ConfigError(sec.path, sec.key(name), problem)
+    sec.finish()
+    return Reports(url, login, session)
 
 
 def _return_path(sec: _Section) -> ReturnPath:

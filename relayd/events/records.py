@@ -35,6 +35,7 @@ class Type(StrEnum):
     OPEN = "opened"  # a message's tracking pixel was loaded
     CLICK = "clicked"  # a tracked link of a message was followed
     CAMPAIGN = "campaign"  # a campaign changed state: started, tested, winner, paused, ... done
+    CONVERSION = "converted"  # an application reported a campaign message's conversion
 
 
 @dataclass(slots=True)

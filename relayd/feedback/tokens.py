@@ -13,6 +13,8 @@ import struct
 _TAG = 10  # bytes of HMAC-SHA256 kept: 80 bits, beyond any guessing over SMTP or HTTP
 RETURN = b"r"
 UNSUBSCRIBE = b"u"
+LOGIN = b"l"  # a report page's login link (relayctl report --url)
+SESSION = b"s"  # the cookie that login sets
 OPEN = b"o"
 CLICK = b"c"
 
@@ -66,6 +68,25 @@ class Tokens:
             raise BadToken("this unsubscribe link has expired")
         rcpt, _, scope = body[12:].decode().partition("\n")
         return body[:8].hex().upper(), rcpt, scope
+
+    # -- report page logins --------------------------------------------------------------
+
+    def login(self, campaign_id: int, issued: float, kind: bytes = LOGIN) -> str:
+        """A URL-safe token that lets its bearer see one campaign's report page: a login
+        link's (LOGIN) or the cookie's it is exchanged for (SESSION)."""
+        body = struct.pack(">QI", campaign_id, int(issued))
+        return _b64(body + self._tag(kind, body))
+
+    def logged_in(self, token: str, now: float, max_age: float, kind: bytes = LOGIN) -> int:
+        """The campaign id of a login token of ``kind``; raises BadToken when it is forged,
+        altered, of another kind, or older than ``max_age`` seconds."""
+        body = self._body(kind, token, 12, "a login token")
+        if len(body) != 12:
+            raise BadToken("not a login token relayd made")
+        campaign_id, issued = struct.unpack(">QI", body)
+        if not 0 <= now - issued <= max_age:
+            raise BadToken("this login has expired: ask relayctl report ID --url for a new one")
+        return campaign_id
 
     # -- tracking: the open pixel and click links (relayd.tracking) ---------------------------
 

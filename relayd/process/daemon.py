@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relayd import config as configuration
+from relayd.campaigns.stats import Folder
 from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
 from relayd.events import log as events
@@ -440,6 +441,8 @@ class IngressProcess:
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
+        self.folder: Folder | None = None  # campaign statistics, folded from the event log
+        self.folding: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -467,6 +470,9 @@ class IngressProcess:
         own = (*HTTP_KINDS, "bounce")  # served by their own handlers
         smtp = [(lsn, socks) for lsn, socks in self.bound if lsn.kind not in own]
         self.servers = await start_listeners(self.handler, self.tls, smtp)
+        if self.folding is None:
+            self.folder = Folder(cfg.server.spool_path)
+            self.folding = asyncio.get_running_loop().create_task(self.folder.run())
         bounce = [(lsn, socks) for lsn, socks in self.bound if lsn.kind == "bounce"]
         if bounce:  # its own handler: its own connection limits, apart from the applications'
             # imported here, with a bounce listener only (flufl.bounce: ~1 MB a process)
@@ -617,6 +623,9 @@ class IngressProcess:
             self.api.close()
         if self.bounces is not None:
             self.bounces.close()
+        if self.folding is not None and self.folder is not None:
+            self.folding.cancel()
+            self.folder.close()
         while self.link.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self.link.channel.close()

@@ -300,27 +300,3 @@ def progress(conn: sqlite3.Connection, campaign_id: int) -> dict[str, Any]:
         "remaining": max(total - queued - suppressed - failed_, 0),
         "delivery": {**in_spool, "sent": queued - unfinished - in_spool["bounced"]},
     }
-
-
-def variant_rates(conn: sqlite3.Connection, campaign_id: int) -> dict[str, dict[str, Any]]:
-    """Per variant, from campaign_sends.flags (the reports' folding sets them): sent,
-    delivered, opened, clicked, conversions, and their rates over those sent. Stands in for
-    relayd.campaigns.stats.rates."""
-    out = {}
-    for variant, sent, delivered, opened, clicked, converted in conn.execute(
-        "SELECT variant, count(*), sum(flags & 1 > 0), sum(flags & 4 > 0), sum(flags & 8 > 0),"
-        " sum(flags & 16 > 0) FROM campaign_sends WHERE campaign_id = ? AND status = 'queued'"
-        " GROUP BY variant",
-        (campaign_id,),
-    ):
-        out[variant] = {
-            "sent": sent,
-            "delivered": delivered,
-            "opened": opened,
-            "clicked": clicked,
-            "conversions": converted,
-            "open_rate": opened / sent,
-            "click_rate": clicked / sent,
-            "conversion_rate": converted / sent,
-        }
-    return out

@@ -15,6 +15,7 @@ from relayd.campaigns.spec import CampaignAdd
 from relayd.events.records import Type
 from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
+    Conversion,
     KumoInject,
     Send,
     SuppressionAdd,
@@ -345,6 +346,7 @@ def document() -> dict[str, Any]:
             **contact_paths,
             **_campaigns(json_body(campaign), ident),
             "/unsubscribe/{token}": _unsubscribe(),
+            **_reports(components),
             "/t/o/{token}.gif": _tracking("open"),
             "/t/c/{token}": _tracking("click"),
             "/v1/openapi.json": {
@@ -391,6 +393,73 @@ def _campaigns(body: dict[str, Any], ident: list[dict[str, Any]]) -> dict[str, A
             "post": {"summary": text, "responses": {"200": one, **_problems(401, 403, 404, 409)}},
         }
     return paths
+
+
+def _reports(components: dict[str, Any]) -> dict[str, Any]:
+    """Campaign reports (relayd.ingress.api.reports): the JSON report, conversions, the page."""
+    (conversion,), more = msgspec.json.schema_components(
+        [Conversion], ref_template="#/components/schemas/{name}"
+    )
+    components.update(more)
+    ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+    html = {"text/html": {"schema": {"type": "string"}}}
+    return {
+        "/v1/campaigns/{id}/report": {
+            "get": {
+                "summary": "A campaign's report: per variant sent, delivered, deferred, bounced"
+                " (by class), suppressed, opened, clicked, converted, unsubscribed, complained"
+                " with their rates; the A/B comparison by the campaign's criterion (z, p,"
+                " significant, winner); the series per minute. Scope campaigns or read",
+                "parameters": ident,
+                "responses": {
+                    "200": {"description": "the report (relayctl report ID --json prints it)"},
+                    **_problems(401, 403, 404),
+                },
+            }
+        },
+        "/v1/campaigns/{id}/conversions": {
+            "post": {
+                "summary": "Report that a campaign's contact converted (the criterion"
+                " conversion counts each contact once): a `converted` event with the message's"
+                " meta. Scope campaigns",
+                "parameters": ident,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": conversion}},
+                },
+                "responses": {
+                    "201": {"description": "recorded: campaign, variant, rcpt, message_id"},
+                    **_problems(400, 401, 403, 404, 422),
+                },
+            }
+        },
+        "/ui/campaigns/{id}": {
+            "get": {
+                "summary": "The report page: the figures, a bar chart of each variant's rates"
+                " and a line chart over time (inline SVG). An API key (scope campaigns or read)"
+                " or the cookie a login link sets",
+                "parameters": ident,
+                "responses": {
+                    "200": {"description": "the page", "content": html},
+                    "401": {"description": "a page saying how to log in", "content": html},
+                },
+            }
+        },
+        "/ui/login/{token}": {
+            "get": {
+                "summary": "A login link (relayctl report ID --url): sets an HttpOnly,"
+                " SameSite=Strict cookie for the campaign's page and redirects there",
+                "security": [],
+                "parameters": [
+                    {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "303": {"description": "to /ui/campaigns/{id}, with the cookie"},
+                    "401": {"description": "a forged, altered or expired link", "content": html},
+                },
+            }
+        },
+    }
 
 
 _TYPES = "comma list of event types: " + ", ".join(t.value for t in Type)

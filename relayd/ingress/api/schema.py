@@ -177,3 +177,11 @@ class SuppressionIn(msgspec.Struct, forbid_unknown_fields=True):
 
 class SuppressionAdd(msgspec.Struct, forbid_unknown_fields=True):
     suppressions: list[SuppressionIn]
+
+
+class Conversion(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/campaigns/{id}/conversions``: a campaign's contact converted; name the
+    contact's address or the message (its queue id), one of them."""
+
+    email: str | None = None
+    message_id: str | None = None

@@ -183,6 +183,10 @@ class Api:
         if path == "/v1/openapi.json":
             _allow(method, "GET")
             return Reply(200, self.document)
+        from relayd.ingress.api import reports  # campaign reports, their page and its login
+
+        if (answer := await reports.route(self, req)) is not None:
+            return answer
         if path in ("/v1/messages", "/api/inject/v1"):
             _allow(method, "POST")
             return await self._send(req, self._key(req, "send"), kumo=path == "/api/inject/v1")
