@@ -34,6 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def waited(api: Api, campaign: int) -> float:
             at.setdefault(key, e.get("at") or e.get("timestamp"))
     if "testing" not in at or "rest" not in at:
         raise SystemExit(f"no testing/rest campaign events: {doc['events'][:5]}")
-    return float(at["rest"]) - float(at["testing"])
+    rest, testing = (datetime.fromisoformat(at[k]) for k in ("rest", "testing"))
+    return (rest - testing).total_seconds()
 
 
 def config(tmp: Path, smtp: int, api: int, sink_port: int, domains: int, key: Path) -> str:
@@ -229,12 +231,6 @@ def main() -> None:
 
         added = ctl("key", "add", "news", "--sender", "news.test", "--scope", "send,read,campaigns")
         token = next(w for w in added.split() if w.startswith("rk_"))
-        csv = tmp / "contacts.csv"
-        contacts_csv(csv, args.contacts, args.domains)
-        t0 = time.monotonic()
-        ctl("list", "add", "everyone", "--owner", "key:news")
-        imported = ctl("contacts", "import", "everyone", str(csv), "--owner", "key:news")
-        import_s = time.monotonic() - t0
         relayd = subprocess.Popen(
             [str(VENV / "relayd"), "--config", str(conf)],
             stdout=open(tmp / "relayd.log", "wb"),  # noqa: SIM115
@@ -244,6 +240,12 @@ def main() -> None:
         )
         procs.append(relayd)
         wait_port("127.0.0.1", api_port, time.monotonic() + 60)
+        csv = tmp / "contacts.csv"
+        contacts_csv(csv, args.contacts, args.domains)
+        t0 = time.monotonic()  # into the running relayd's spool, as an operator would
+        ctl("list", "add", "everyone", "--owner", "key:news")
+        imported = ctl("contacts", "import", "everyone", str(csv), "--owner", "key:news")
+        import_s = time.monotonic() - t0
         api = Api(api_port, token)
         source = (ROOT / "conf" / "templates" / "newsletter.mjml").read_text()
         status, doc = api.call(
@@ -254,7 +256,10 @@ def main() -> None:
         if status != 201:
             raise SystemExit(f"template: {status} {doc}")
         status, lists = api.call("GET", "/v1/lists")
-        list_id = next(x["id"] for x in lists["lists"] if x["name"] == "everyone")
+        found = [x["id"] for x in lists["lists"] if x["name"] == "everyone"]
+        if not found:
+            raise SystemExit(f"no list 'everyone': {imported}")
+        list_id = found[0]
         campaign = {
             "name": "bench",
             "from": {"name": "The Relay Letter", "email": "letter@news.test"},

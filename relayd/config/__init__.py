@@ -318,6 +318,18 @@ class Api:
 
 
 @dataclass(frozen=True)
+class Campaigns:
+    """[campaigns]: the campaign runner (relayd.campaigns.runner)."""
+
+    batch: int  # contacts rendered and queued per transaction
+    poll_interval: float  # seconds between looks for campaigns due
+    min_wait: float  # the shortest A/B test wait a campaign may ask for
+
+
+MAX_CAMPAIGN_WAIT = 30 * 86400.0
+
+
+@dataclass(frozen=True)
 class Webhooks:
     """[webhooks]: how events are posted to the endpoints added with ``relayctl webhook``.
     The endpoints themselves live in the spool, so adding one needs no reload."""
@@ -584,6 +596,7 @@ class Config:
     pools: Pools
     events: Events
     api: Api
+    campaigns: Campaigns
     webhooks: Webhooks
     suppression: Suppression
     bounces: Bounces
@@ -638,7 +651,7 @@ class _Section:
     def duration(self, name: str, default: str | int, allow_zero: bool = False) -> float:
         """Seconds, finite and at most MAX_DURATION: a nan delay never comes due."""
         raw = self.get(name, default, (str, int, float))
-        seconds = _parse_duration(raw)
+        seconds = parse_duration(raw)
         if seconds is None or math.isnan(seconds):
             raise ConfigError(
                 self.path, self.key(name), f"must be a duration like '30s', '5m', '2h', got {raw!r}"
@@ -706,7 +719,7 @@ def parse_rate(raw: str) -> Rate:
     return rate
 
 
-def _parse_duration(raw: str | int | float) -> float | None:
+def parse_duration(raw: str | int | float) -> float | None:
     if isinstance(raw, int | float):
         return float(raw)
     m = _DURATION.match(raw)
@@ -1024,6 +1037,18 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     )
     api_sec.finish()
 
+    camp_sec = top.table("campaigns")
+    campaigns = Campaigns(
+        batch=camp_sec.positive_int("batch", 500, maximum=10_000),
+        poll_interval=camp_sec.duration("poll_interval", "1s"),
+        min_wait=camp_sec.duration("min_wait", "10m"),
+    )
+    if not 0.05 <= campaigns.poll_interval <= 60:
+        raise ConfigError(path, "campaigns.poll_interval", "must be from 0.05s to 1m")
+    if not 1 <= campaigns.min_wait <= 86400:
+        raise ConfigError(path, "campaigns.min_wait", "must be from 1s to 1d")
+    camp_sec.finish()
+
     webhooks = _webhooks(top.table("webhooks"))
 
     sup_sec = top.table("suppression")
@@ -1085,6 +1110,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         pools=pools,
         events=Events(events_retention),
         api=api,
+        campaigns=campaigns,
         webhooks=webhooks,
         suppression=suppression,
         bounces=bounces,

@@ -1175,6 +1175,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("warmup", parents=[common], help="source addresses in warm-up, today")
     p.set_defaults(run=warmup_status, render=render_warmup, write=False)
 
+    from relayd.ctl import campaigns  # it imports this module's helpers
+
+    campaigns.register(sub, common)
+
     p = sub.add_parser("tls", parents=[common], help="TLS certificates")
     tls = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tls.add_parser("self-signed", parents=[common], help="write a development certificate")

@@ -60,21 +60,29 @@ class Links:
         if _FIELD.search(b"\n" + text[:head].lower()):
             log.debug("list_unsubscribe_kept", queue_id=msg.queue_id, sender=msg.sender)
             return
-        token = self.tokens.unsubscribe(msg.queue_id, msg.recipients[0], self.scope_of(msg), now)
-        mailto = f"{self.mailto}{token}>" if self.mailto else ""
+        link = self.link(msg.queue_id, msg.recipients[0], self.scope_of(msg), now)
+        mailto = f"{self.mailto}{link.removeprefix(self.url)}>" if self.mailto else ""
         fields = (
-            f"List-Unsubscribe: <{self.url}{token}>{mailto}\r\n"
+            f"List-Unsubscribe: <{link}>{mailto}\r\n"
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
         ).encode()
         view = memoryview(text)
         msg.body = b"".join((view[:at], fields, view[at:]))
 
+    def link(self, queue_id: str, rcpt: str, scope: str, now: float) -> str:
+        """The one-click URL of a message's recipient: the List-Unsubscribe field's, and the
+        one a campaign's template shows (its ``unsubscribe_url``)."""
+        return f"{self.url}{self.tokens.unsubscribe(queue_id, rcpt, scope, now)}"
+
     def scope_of(self, msg: NewMessage) -> str:
         """The suppression scope an unsubscribe from this message applies to."""
-        if self.scope == "sender_domain" and msg.sender:
-            return f"domain:{domain_of(msg.sender)}"
-        if self.scope == "key" and msg.origin.startswith(ACCOUNTS):
-            return msg.origin
+        return self.scope_for(msg.sender, msg.origin)
+
+    def scope_for(self, sender: str, origin: str) -> str:
+        if self.scope == "sender_domain" and sender:
+            return f"domain:{domain_of(sender)}"
+        if self.scope == "key" and origin.startswith(ACCOUNTS):
+            return origin
         return suppression.GLOBAL
 
 

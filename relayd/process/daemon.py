@@ -57,14 +57,15 @@ from relayd.outcomes.classify import Classifier
 from relayd.process.handoff import IngressLink, SpoolLink
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
-from relayd.queue.scheduler import Scheduler, Settings
+from relayd.queue.scheduler import Scheduler, Settings, keep_running
 from relayd.receipts.dispatcher import Dispatcher
 from relayd.reputation.watch import Watch
-from relayd.spool import schema, store
+from relayd.spool import campaigns, schema, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
 if TYPE_CHECKING:  # imported where they run (the ingress process, with an API listener)
+    from relayd.campaigns.runner import Runner
     from relayd.feedback.record import Policy
     from relayd.ingress.api.server import HttpServer
     from relayd.ingress.api.service import Api
@@ -435,6 +436,8 @@ class IngressProcess:
         self.handler: IngressHandler | None = None
         self.bounces: BounceHandler | None = None  # with a bounce listener
         self.api: Api | None = None  # with an API listener
+        self.runner: Runner | None = None  # the campaigns', once there is one
+        self.campaigns_woken = asyncio.Event()
         self.http: HttpServer | None = None
         self.stopped = asyncio.Event()
         self.stopping = False
@@ -512,7 +515,43 @@ class IngressProcess:
             )
             self.http = HttpServer(self.api, cfg.api.max_body_size, cfg.server.shutdown_timeout)
             await self.http.start(http)
+        # campaigns go out from here, through the API's door, with or without an API listener
+        self.campaigns_task = asyncio.get_running_loop().create_task(self._campaigns())
+        if self.api is not None:
+            self.api.campaigns_changed = self._campaigns_changed
         self.link.serving()
+
+    async def _campaigns(self) -> None:
+        """The campaign runner, started once the spool has a campaign that is not over: its
+        imports (Jinja2, the API's composer) would cost an ingress process that sends no
+        campaigns ~13 MB of memory."""
+        conn = schema.reader(self.config.server.spool_path)
+        try:
+            await keep_running(
+                "campaigns", lambda: self._no_campaign(conn), lambda: self.runner is None
+            )
+        finally:
+            conn.close()
+        assert self.runner is not None
+        await self.runner.run()
+
+    async def _no_campaign(self, conn: sqlite3.Connection) -> None:
+        """Wait for a campaign with work ahead of it; then make the runner."""
+        if not await asyncio.to_thread(campaigns.any_open, conn):
+            with contextlib.suppress(TimeoutError):
+                poll = self.config.campaigns.poll_interval
+                await asyncio.wait_for(self.campaigns_woken.wait(), poll)
+            self.campaigns_woken.clear()
+            return
+        from relayd.campaigns.runner import Runner
+
+        self.runner = Runner(self.config, self.link.store, _tokens(self.config.server.spool_path))
+
+    def _campaigns_changed(self) -> None:
+        """The API made or resumed a campaign: look now."""
+        if self.runner is not None:
+            self.runner.wake()
+        self.campaigns_woken.set()
 
     async def accept(self, msg: NewMessage) -> None:
         """Store a message durably (the queue process signs it); the caller answers 250 only
@@ -536,6 +575,8 @@ class IngressProcess:
             )
             if self.api is not None:
                 self.api.reload(_api_settings(new), self.handler.users, _space(new.server))
+        if self.runner is not None:
+            self.runner.reload(new)
         if self.bounces is not None:
             self.bounces.reload_reports(
                 new.ingress,
@@ -570,6 +611,12 @@ class IngressProcess:
             await asyncio.sleep(0.05)
         for session in list(sessions):
             session.close()
+        if hasattr(self, "campaigns_task"):  # a batch in flight commits or not: it resumes
+            self.campaigns_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.campaigns_task
+        if self.runner is not None:
+            self.runner.close()
         if self.http is not None:  # requests in flight finish (with their commits) first
             await self.http.close()
         if self.api is not None:

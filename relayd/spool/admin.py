@@ -229,7 +229,11 @@ def change(
     conn: sqlite3.Connection, action: str, queue_ids: list[str], domain: str | None, now: float
 ) -> Row:
     """Apply one action and record it as an operator event, in the caller's transaction."""
-    sel = select(conn, queue_ids, domain)
+    return apply(conn, action, select(conn, queue_ids, domain), now)
+
+
+def apply(conn: sqlite3.Connection, action: str, sel: Selection, now: float) -> Row:
+    """An action on a selection (relayctl's, or a campaign's messages), with its event."""
     changed = ACTIONS[action](conn, sel, now)
     msg_ids = sorted({*changed.touched, *changed.removed})
     names = _queue_ids(conn, msg_ids) | changed.removed

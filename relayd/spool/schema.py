@@ -232,12 +232,13 @@ CREATE TABLE warmup_sources (
 # and overrides; the test group, criterion and wait; data; tracking); state 'scheduled',
 # 'sending', 'testing' (the test group is queued, the wait runs), 'paused', 'cancelled',
 # 'done' or 'failed' (``error`` says why); phase 'test' or 'rest' (the remaining contacts,
-# after the winner is picked). campaign_sends: one row per contact queued (or suppressed), in
-# the transaction of its message, so that a restart resumes after the last committed contact
-# and never queues one twice. campaign_stats: the figures of the report per variant and
-# minute, folded from the event log (``cursors`` holds the last event each reader of the log
-# has folded, by name). engagement: opens and clicks per message and recipient, for
-# unique counts (the events carry each one).
+# after the winner is picked; a campaign without a test has one pass, phase 'rest').
+# campaign_sends: one row per contact queued, suppressed or failed (its message could not be
+# made: a `campaign` event says why), in the transaction of its message, so that a restart
+# resumes after the last committed contact and never queues one twice. campaign_stats: the
+# figures of the report per variant and minute, folded from the event log (``cursors`` holds
+# the last event each reader of the log has folded, by name). engagement: opens and clicks
+# per message and recipient, for unique counts (the events carry each one).
 _V5 = """
 CREATE TABLE contacts (
     id INTEGER PRIMARY KEY,

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from relayd.campaigns.spec import CampaignAdd
 from relayd.events.records import Type
 from relayd.ingress.api import contacts_schema
 from relayd.ingress.api.schema import (
@@ -101,7 +102,7 @@ def _problems(*codes: int) -> dict[str, Any]:
         401: "missing or unknown API key",
         403: "the key lacks the scope, sender or network",
         404: "no such resource",
-        409: "a name already taken, or in use",
+        409: "a name already taken, or in use; a campaign's state that does not allow it",
         413: "body too large",
         415: "not JSON",
         422: "a field is invalid (named in `field`)",
@@ -112,10 +113,13 @@ def _problems(*codes: int) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    (send, kumo, hook, rotate, enable, suppress), components = msgspec.json.schema_components(
-        [Send, KumoInject, WebhookAdd, WebhookRotate, WebhookEnable, SuppressionAdd],
-        ref_template="#/components/schemas/{name}",
-    )
+    (send, kumo, hook, rotate, enable, suppress, campaign), components = (
+        msgspec.json.schema_components(
+            [Send, KumoInject, WebhookAdd, WebhookRotate, WebhookEnable, SuppressionAdd,
+             CampaignAdd],
+            ref_template="#/components/schemas/{name}",
+        )
+    )  # fmt: skip
     ident = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
     endpoint = {"description": "the endpoint with its health (state, backlog, failures, dropped)"}
     components.update(Problem=_PROBLEM, Result=_RESULT, DomainCheck=_DOMAIN_CHECK)
@@ -340,6 +344,7 @@ def document() -> dict[str, Any]:
                 }
             },
             **contact_paths,
+            **_campaigns(json_body(campaign), ident),
             "/unsubscribe/{token}": _unsubscribe(),
             **_reports(components),
             "/t/o/{token}.gif": _tracking("open"),
@@ -416,6 +421,45 @@ def _reports(components: dict[str, Any]) -> dict[str, Any]:
             }
         },
     }
+
+
+def _campaigns(body: dict[str, Any], ident: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scope campaigns; a key sees and controls its own campaigns, an admin key everyone's."""
+    one = {"description": "the campaign: state, phase, winner, variants, times"}
+    shown = {"description": "the campaign with `progress`: total, queued, suppressed, failed,"
+             " remaining, and `delivery`: its mail in the spool by state, and sent"}  # fmt: skip
+    paths: dict[str, Any] = {
+        "/v1/campaigns": {
+            "get": {
+                "summary": "The campaigns with their states",
+                "responses": {"200": {"description": "campaigns: a list"}, **_problems(401, 403)},
+            },
+            "post": {
+                "summary": "Make a campaign to a list or segment, now or at send_at; its"
+                " templates are compiled first (a template error is a 422 with `line` and"
+                " `column`) and nothing is stored when anything is wrong",
+                "requestBody": body,
+                "responses": {"201": one, **_problems(400, 401, 403, 415, 422)},
+            },
+        },
+        "/v1/campaigns/{id}": {
+            "parameters": ident,
+            "get": {
+                "summary": "A campaign and its live progress",
+                "responses": {"200": shown, **_problems(401, 403, 404)},
+            },
+        },
+    }
+    for action, text in (
+        ("pause", "No new batches; its queued, undelivered mail is held"),
+        ("resume", "Its held mail released; sending goes on"),
+        ("cancel", "Stopped for good; its undelivered mail removed, without DSNs"),
+    ):
+        paths[f"/v1/campaigns/{{id}}/{action}"] = {
+            "parameters": ident,
+            "post": {"summary": text, "responses": {"200": one, **_problems(401, 403, 404, 409)}},
+        }
+    return paths
 
 
 _TYPES = "comma list of event types: " + ", ".join(t.value for t in Type)

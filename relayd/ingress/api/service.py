@@ -136,12 +136,13 @@ class Api:
     ) -> None:
         self.settings, self.directory, self.store, self.space = settings, directory, store, space
         self.tokens, self.clock = tokens, clock
-        self.reader = _Reader(spool)
+        self.reader = Reader(spool)
         self.suppressions = Lookup(spool, clock)  # asked in the compose thread
         self.compose_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-compose")
         # domain checks block on DNS for seconds (checkdmarc and pyspf are blocking libraries)
         self.check_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-check")
         self.document = json.dumps(openapi.document()).encode()
+        self.campaigns_changed: Callable[[], None] = lambda: None  # wakes the campaign runner
         self._tracking(settings)
 
     def reload(self, settings: Settings, directory: Directory, space: FreeSpace) -> None:
@@ -201,6 +202,10 @@ class Api:
             return await self._webhooks(req, self._key(req, "webhooks"))
         if path == "/v1/suppressions" or _SUPPRESSION.match(path):
             return await self._suppressions(req, self._key(req, "suppressions"))
+        if path == "/v1/campaigns" or path.startswith("/v1/campaigns/"):
+            from relayd.ingress.api import campaigns  # it imports this module's helpers
+
+            return await campaigns.handle(self, req, self._key(req, "campaigns"))
         if path == "/v1/templates" or path.startswith("/v1/templates/"):
             from relayd.ingress.api import templates  # it builds on this module
 
@@ -641,7 +646,7 @@ def _page_after(cursor: str | None) -> tuple[str, str] | None:
     return address, scope
 
 
-class _Reader:
+class Reader:
     """Spool reads on a thread of their own with a read-only connection, opened on first use:
     the event loop never waits for SQLite."""
 
