@@ -586,3 +586,40 @@ def test_a_long_campaigns_series_is_in_steps_of_several_minutes(spool_conn):
     assert sum(series["total"]["delivered"]) == doc["total"]["counts"]["delivered"] == 286
     assert doc["campaign"]["criterion"] == "open" and doc["comparison"] is None  # one variant
     assert page.line_chart(series)["lines"][0]["last"] == 286
+
+
+def test_a_campaign_the_runner_sends_is_counted_in_its_report(site):
+    """The campaign runner's own messages (campaign_sends in each message's transaction)."""
+    r, api, mx = site
+    status, made = api.json("POST", "/v1/lists", {"name": "runner"})
+    assert status == 201, made
+    people = [{"email": f"r{i}@dest.test"} for i in range(4)] + [{"email": "bad@dest.test"}]
+    status, doc = api.json("POST", f"/v1/lists/{made['id']}/contacts", people)
+    assert status == 200 and not doc.get("rejected"), doc
+    html = '<html><body><a href="https://shop.example/">Shop</a></body></html>'
+    status, doc = api.json(
+        "POST",
+        "/v1/campaigns",
+        {
+            "name": "runner",
+            "from": "news@example.test",
+            "list_id": made["id"],
+            "variants": [{"name": "A", "subject": "Hi", "text": "Hi\n", "html": html}],
+        },
+    )
+    assert status == 201, doc
+    cid = doc["id"]
+    mx.wait_for_messages(4, timeout=60)
+    _until(
+        api,
+        cid,
+        lambda d: (
+            d["variants"] and (_counts(d, "A")["delivered"], _counts(d, "A")["bounced"]) == (4, 1)
+        ),
+        "the runner's deliveries and bounce in the report",
+    )
+    assert _hit(_tracked(mx)["r0@dest.test"][1]) == 302
+    doc = _until(api, cid, lambda d: _counts(d, "A")["clicked"] == 1, "the click")
+    assert _counts(doc, "A")["sent"] == 5 and doc["campaign"]["name"] == "runner"
+    with sqlite3.connect(r.spool) as db:
+        assert stats.rates(db, cid)["A"]["click_rate"] == 0.25

@@ -201,7 +201,8 @@ def test_tracking_is_off_by_default_and_the_example_documents_every_key(tmp_path
     assert not default.enabled and default.click_window == 10 and not default.count_bots
     example = load(ROOT / "conf" / "relayd.toml").tracking
     assert example.enabled and example.base_url == "http://127.0.0.1:8025/t"
-    assert dataclasses.replace(example, enabled=False, base_url="") == default
+    assert example.untracked == ("http://127.0.0.1:8025/unsubscribe/",)  # its own links
+    assert dataclasses.replace(example, enabled=False, base_url="", untracked=()) == default
     section = (ROOT / "conf" / "relayd.toml").read_text().split("\n[tracking]", 1)[1]
     for name in default.__dataclass_fields__:
         assert f"\n{name} = " in section, name

@@ -123,6 +123,7 @@ def record(conn: sqlite3.Connection, hit: Hit, count_bots: bool, click_window: f
     data.update(
         human=not bot,
         bot=bot or None,
+        counted=counted,  # a bot's hit counts where [tracking] count_bots says so
         unique=unique,
         user_agent=hit.user_agent,
         client=hit.client,
