@@ -677,7 +677,11 @@ class Reader:
             return fn(self.writer, *args)
 
     def close(self) -> None:
+        """On the thread that opened them (SQLite refuses another), after the work queued."""
+        self.pool.submit(self._close)
         self.pool.shutdown()
+
+    def _close(self) -> None:
         for conn in (self.conn, self.writer):
             if conn is not None:
                 conn.close()
