@@ -239,14 +239,19 @@ def test_an_ab_test_sends_the_clicked_variant_to_everyone_not_in_the_test_group(
     assert {i: v for i, (v, _) in sends.items()} == {
         i: abtest.variant_of(cid, i, variants) for i in tested
     }
+    delivered = mx.wait_for_messages(len(tested), timeout=60)
+    # paused while the clicks are made and folded, so that the wait cannot end before them
+    # on a slow machine; resumed, the campaign picks its winner once the wait is over
+    assert c.call("POST", f"/v1/campaigns/{cid}/pause")[0] == 200
     clicks = 0
-    for m in mx.wait_for_messages(len(tested), timeout=60):
+    for m in delivered:
         html = _parse(m.data).get_body(("html",)).get_content()
         if "<p>B " in html:
             assert _follow(_CLICK.search(html)[1]) == "https://shop.test/b"
             clicks += 1
     assert clicks
     wait_until(lambda: _clicked(c, cid) == clicks, 30, "B's clicks folded")
+    assert c.call("POST", f"/v1/campaigns/{cid}/resume")[0] == 200
     done = c.wait_state(cid, "done")
     assert done["winner"] == "B" and done["phase"] == "rest"
     mx.wait_for_messages(200, timeout=60)

@@ -184,17 +184,11 @@ def _variants(conn: sqlite3.Connection, add: CampaignAdd, owner: str) -> list[di
 def _send_at(value: str | float | None, now: float) -> float:
     if value is None:
         return now
-    if isinstance(value, str):
-        try:
-            at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise SpecError("send_at", f"not an RFC 3339 time: {value!r}") from None
-        if at.tzinfo is None:
-            raise SpecError("send_at", "give a time zone (Z or an offset)")
-        when = at.timestamp()
-    else:
-        when = float(value)
-    if not math.isfinite(when) or when > now + MAX_AHEAD:
+    try:
+        when = compose.instant(value, "send_at")  # the API's own reading of a time
+    except compose.Invalid as exc:
+        raise SpecError(exc.field, exc.problem) from None
+    if when > now + MAX_AHEAD:
         raise SpecError("send_at", "a time within a year")
     return max(when, now)
 

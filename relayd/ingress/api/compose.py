@@ -443,21 +443,27 @@ def _has_newline(value: str) -> bool:
     return "\r" in value or "\n" in value
 
 
-def _send_at(value: str | float | None, now: float) -> float:
-    if value is None:
-        return 0.0
+def instant(value: str | float, field: str) -> float:
+    """An RFC 3339 time with its zone, or a Unix time: seconds since the epoch."""
     if isinstance(value, str):
         try:
             at = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise Invalid("send_at", f"not an RFC 3339 time: {value!r}") from None
+            raise Invalid(field, f"not an RFC 3339 time: {value!r}") from None
         if at.tzinfo is None:
-            raise Invalid("send_at", "give a time zone (Z or an offset)")
+            raise Invalid(field, "give a time zone (Z or an offset)")
         when = at.timestamp()
     else:
         when = float(value)
     if not math.isfinite(when):
-        raise Invalid("send_at", f"not a time: {value!r}")
+        raise Invalid(field, f"not a time: {value!r}")
+    return when
+
+
+def _send_at(value: str | float | None, now: float) -> float:
+    if value is None:
+        return 0.0
+    when = instant(value, "send_at")
     if when > now + MAX_SEND_AHEAD:
         raise Invalid("send_at", f"more than {MAX_SEND_AHEAD / 86400:.0f} days ahead")
     return when if when > now else 0.0
