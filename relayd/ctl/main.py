@@ -29,6 +29,7 @@ from typing import Any, TextIO
 from relayd import config as configuration
 from relayd.config import parse_rate
 from relayd.ctl import reports
+from relayd.ctl import top as top_command
 from relayd.ingress import suppression as suppressions
 from relayd.ingress.credentials import (
     SCOPES,
@@ -1212,6 +1213,7 @@ def parser() -> argparse.ArgumentParser:
         run=check_domain, render=report.render, needs="config", exit_status=_check_status
     )
     reports.register(sub, common)
+    top_command.register(sub, common)
     from relayd.ctl import contacts  # its commands use this module's helpers
 
     contacts.register(sub, common)
