@@ -4,9 +4,15 @@ of a real relayd in tmux (send-keys, capture-pane)."""
 from __future__ import annotations
 
 import io
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 from rich.console import Console
+from support.util import free_port, mx_zone, steady_load, wait_until
 
 from relayd.ctl import top, topview
 
@@ -171,3 +177,60 @@ def test_frame_fits_80x24_with_many_sites() -> None:
     screen = out.getvalue()
     assert "p50 614ms" in screen and "BLACKLISTED" in screen and "(+" in screen
     assert "deferred 40 (oldest 2h03m)" in screen and "(1 failing)" in screen
+
+
+@pytest.fixture
+def tmux(tmp_path) -> Iterator[list[str]]:
+    """A tmux server of the test's own (its own socket): the command prefix to talk to it."""
+    prefix = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    yield prefix
+    subprocess.run([*prefix, "kill-server"], capture_output=True)
+
+
+def test_top_in_tmux_shows_deliveries_and_the_site_then_quits_on_q(
+    relay, dns_server, fake_mx, tmux
+) -> None:
+    mx_zone(dns_server, "top.test", (10, "mx.top.test", "127.0.0.10"))
+    fake_mx("127.0.0.10")
+    r = relay({"monitoring": {"address": f"127.0.0.1:{free_port()}"}})
+    ctl = [sys.executable, "-m", "relayd.ctl", "--config", str(r.config_path)]
+    command = shlex.join([*ctl, "top", "--interval", "0.5"])
+    # the shell stays after top so that its exit status can be read off the pane
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", "top", "-x", "120", "-y", "40"],
+        check=True,
+    )
+    subprocess.run([*tmux, "send-keys", "-t", "top", f"{command}; echo top-exit-$?", "Enter"])
+
+    def pane() -> str:
+        return subprocess.run(
+            [*tmux, "capture-pane", "-p", "-t", "top"], capture_output=True, text=True
+        ).stdout
+
+    def delivering() -> str:
+        screen = pane()
+        rate = re.search(r"delivered (\d+\.\d)/s", screen)
+        site = re.search(r"^mx\.top\.test +\d", screen, re.MULTILINE)
+        return screen if rate and float(rate[1]) > 0 and site else ""
+
+    with steady_load(r.port, "top.test", clients=2, per_client=300):
+        screen = wait_until(delivering, 30, "relayctl top showing deliveries to mx.top.test")
+    assert "relayd " in screen and "latency (last" in screen
+    subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
+    wait_until(lambda: "top-exit-0" in pane(), 10, "relayctl top exiting on q")
+
+
+def test_top_without_a_relayd_says_so_in_one_line(tmp_path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    conf = tmp_path / "relayd.toml"
+    conf.write_text(f'[monitoring]\naddress = "{address}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "relayd.ctl", "--config", str(conf), "top", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == (
+        f"relayctl: no relayd answers at http://{address}/metrics: connection refused\n"
+    )
