@@ -93,14 +93,16 @@ def run(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 class Scraper:
-    """GET /metrics into ``history``, keeping the scrapes of the last window."""
+    """GET /metrics into ``history``, keeping the scrapes of the last window. Straight to
+    relayd: an http_proxy in the environment is for the world, not for relayd's own port."""
 
     def __init__(self, url: str, history: deque[topview.Scrape]) -> None:
         self.url, self.history = url, history
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __call__(self) -> None:
         try:
-            with urllib.request.urlopen(self.url, timeout=5) as response:
+            with self.opener.open(self.url, timeout=5) as response:
                 text = response.read().decode("utf-8")
         except urllib.error.HTTPError as exc:
             raise admin.Refused(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
