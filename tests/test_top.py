@@ -213,7 +213,7 @@ def test_top_in_tmux_shows_deliveries_and_the_site_then_quits_on_q(
         site = re.search(r"^mx\.top\.test +\d", screen, re.MULTILINE)
         return screen if rate and float(rate[1]) > 0 and site else ""
 
-    with steady_load(r.port, "top.test", clients=2, per_client=300):
+    with steady_load(r.port, "top.test", clients=2):  # until top shows it
         screen = wait_until(delivering, 30, "relayctl top showing deliveries to mx.top.test")
     assert "relayd " in screen and "latency (last" in screen
     subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
