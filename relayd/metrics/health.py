@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from relayd.metrics import Metrics
     from relayd.process.daemon import QueueProcess
 
-TICK = 1.0  # seconds between two looks
+TICK = 1.0  # seconds between two looks (shorter when the watchdog wants pings more often)
 
 
 def _probe(conn: sqlite3.Connection) -> None:
@@ -52,6 +52,7 @@ class Health:
         self.relay, self.metrics, self.notify, self.monotonic = relay, metrics, notify, monotonic
         self.written = monotonic()  # when the Writer last answered a probe
         self.interval = watchdog_interval()
+        self.tick = min(TICK, self.interval or TICK)  # a ping at least every interval
         self.pinged = float("-inf")
         self.stuck: dict[str, str] = {}  # what the last look found wrong
         self.task: asyncio.Task[None] | None = None
@@ -65,8 +66,8 @@ class Health:
             before = self.monotonic()
             self.relay.link.ping()
             asyncio.get_running_loop().create_task(self._write())
-            await asyncio.sleep(TICK)
-            self.metrics.loop_lag["queue"] = max(self.monotonic() - before - TICK, 0.0)
+            await asyncio.sleep(self.tick)
+            self.metrics.loop_lag["queue"] = max(self.monotonic() - before - self.tick, 0.0)
             self.metrics.loop_lag["ingress"] = self.relay.link.lag
             problems = self.live()
             if problems != self.stuck:
@@ -76,7 +77,11 @@ class Health:
                     log.info("loops_answering")
                 self.stuck = problems
             now = self.monotonic()
-            if self.interval and not problems and now - self.pinged >= self.interval:
+            if (
+                self.interval
+                and not problems
+                and now - self.pinged >= self.interval - self.tick / 2
+            ):
                 self.pinged = now
                 self.notify("WATCHDOG=1")
 
@@ -89,11 +94,11 @@ class Health:
         relay, limit = self.relay, self.relay.config.monitoring.ready_timeout
         now = self.monotonic()
         problems = {}
-        if now - self.written > limit + TICK:
+        if now - self.written > limit + self.tick:
             problems["spool"] = f"the spool writer has not committed for {now - self.written:.1f}s"
         if relay.ingress_gone.is_set():
             problems["ingress"] = "the ingress process has exited"
-        elif (silent := now - relay.link.ponged) > limit + TICK:
+        elif (silent := now - relay.link.ponged) > limit + self.tick:
             problems["ingress"] = f"the ingress process has not answered for {silent:.1f}s"
         tasks = {
             "scheduler": relay.scheduler.loader,
