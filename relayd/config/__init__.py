@@ -578,6 +578,17 @@ TRACKING_URL_MAX = 200
 
 
 @dataclass(frozen=True)
+class Monitoring:
+    """[monitoring]: the queue process's operations listener (relayd.metrics): /metrics,
+    /healthz, /readyz."""
+
+    address: HostPort | None = HostPort("127.0.0.1", 9465)  # None: no listener
+    max_sites: int = 50  # sites named in per-site metrics, by activity; the rest are "other"
+    refresh: float = 5.0  # the spool-backed gauges are read at most this often
+    ready_timeout: float = 2.0  # /readyz and the watchdog: how long a loop may take to answer
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -605,6 +616,7 @@ class Config:
     return_path: ReturnPath
     warmup: WarmupSchedules
     tracking: Tracking
+    monitoring: Monitoring = Monitoring()
     reports: Reports = Reports()
 
 
@@ -1064,6 +1076,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
     reports = _reports(top.table("reports"))
+    monitoring = _monitoring(top.table("monitoring"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
@@ -1112,6 +1125,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         api=api,
         campaigns=campaigns,
         webhooks=webhooks,
+        monitoring=monitoring,
         suppression=suppression,
         bounces=bounces,
         reputation=reputation,
@@ -1663,3 +1677,19 @@ def _source_warmup(
         )
         raise ConfigError(s.path, s.key("warmup"), problem)
     return name, start
+
+
+def _monitoring(sec: _Section) -> Monitoring:
+    raw = sec.get("address", "127.0.0.1:9465", str)
+    address = _hostport(sec, "address", raw, None) if raw else None
+    monitoring = Monitoring(
+        address=address,
+        max_sites=sec.positive_int("max_sites", 50, maximum=10_000),
+        refresh=sec.duration("refresh", "5s"),
+        ready_timeout=sec.duration("ready_timeout", "2s"),
+    )
+    for name, low, high in (("refresh", 0.1, 3600.0), ("ready_timeout", 0.1, 60.0)):
+        if not low <= getattr(monitoring, name) <= high:
+            raise ConfigError(sec.path, sec.key(name), f"must be from {low:g}s to {high:g}s")
+    sec.finish()
+    return monitoring
