@@ -188,7 +188,7 @@ def tmux(tmp_path) -> Iterator[list[str]]:
 
 
 def test_top_in_tmux_shows_deliveries_and_the_site_then_quits_on_q(
-    relay, dns_server, fake_mx, tmux
+    relay, dns_server, fake_mx, mx_port, tmux
 ) -> None:
     mx_zone(dns_server, "top.test", (10, "mx.top.test", "127.0.0.10"))
     fake_mx("127.0.0.10")
@@ -210,11 +210,14 @@ def test_top_in_tmux_shows_deliveries_and_the_site_then_quits_on_q(
     def delivering() -> str:
         screen = pane()
         rate = re.search(r"delivered (\d+\.\d)/s", screen)
-        site = re.search(r"^mx\.top\.test +\d", screen, re.MULTILINE)
+        site = re.search(rf"^mx\.top\.test:{mx_port} +\d", screen, re.MULTILINE)
         return screen if rate and float(rate[1]) > 0 and site else ""
 
     with steady_load(r.port, "top.test", clients=2):  # until top shows it
-        screen = wait_until(delivering, 30, "relayctl top showing deliveries to mx.top.test")
+        try:
+            screen = wait_until(delivering, 30, "relayctl top showing deliveries to mx.top.test")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pane:\n{pane()}") from None
     assert "relayd " in screen and "latency (last" in screen
     subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
     wait_until(lambda: "top-exit-0" in pane(), 10, "relayctl top exiting on q")

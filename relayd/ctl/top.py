@@ -70,7 +70,7 @@ def _interval(text: str) -> float:
 
 def run(cfg: Config, args: argparse.Namespace) -> Any:
     """Scrape; print one frame or snapshot (--once, --json), or run the live view until q."""
-    if not cfg.monitoring.address:
+    if cfg.monitoring.address is None:
         raise admin.Refused(
             f'{args.config}: monitoring.address is off (""): top reads relayd\'s /metrics there'
         )
@@ -207,7 +207,7 @@ def frame(snap: dict[str, Any], url: str, error: str | None, height: int) -> Gro
             "queue: "
             + "  ".join(
                 f"{state} {_n(v['recipients'])}"
-                + (f" (oldest {_dur(v['oldest_s'])})" if v["oldest_s"] is not None else "")
+                + (f" (oldest {_dur(v['oldest_s'])})" if v["recipients"] else "")
                 for state, v in q.items()
             )
         )
