@@ -4,6 +4,7 @@ of a real relayd in tmux (send-keys, capture-pane)."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -221,6 +222,10 @@ def test_top_in_tmux_shows_deliveries_and_the_site_then_quits_on_q(
     assert "relayd " in screen and "latency (last" in screen
     subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
     wait_until(lambda: "top-exit-0" in pane(), 10, "relayctl top exiting on q")
+    snap = json.loads(r.ctl("top", "--json", "--interval", "0.2").stdout)  # for scripts
+    assert snap["version"] and snap["interval_s"] >= 0.2
+    assert f"mx.top.test:{mx_port}" in {site["site"] for site in snap["sites"]}
+    assert snap["processes"]["ingress"]["rss_bytes"] > 0
 
 
 def test_top_without_a_relayd_says_so_in_one_line(tmp_path) -> None:
