@@ -53,7 +53,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--once",
         action="store_true",
-        help="print one frame (two scrapes an interval apart) and exit; with --json a snapshot",
+        help="print one frame (two scrapes an interval apart) and exit; --json: one snapshot",
     )
     p.set_defaults(run=run, render=str, needs="config")
 
