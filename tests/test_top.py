@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -181,9 +182,10 @@ def test_frame_fits_80x24_with_many_sites() -> None:
 
 
 @pytest.fixture
-def tmux(tmp_path) -> Iterator[list[str]]:
-    """A tmux server of the test's own (its own socket): the command prefix to talk to it."""
-    prefix = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+def tmux() -> Iterator[list[str]]:
+    """A tmux server of the test's own (its own socket, named by the worker's pid: a path in
+    tmp_path could pass the 108 bytes a socket's path may have): the prefix to talk to it."""
+    prefix = ["tmux", "-L", f"relayd-test-top-{os.getpid()}"]
     yield prefix
     subprocess.run([*prefix, "kill-server"], capture_output=True)
 
