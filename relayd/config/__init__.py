@@ -578,6 +578,16 @@ TRACKING_URL_MAX = 200
 
 
 @dataclass(frozen=True)
+class Backup:
+    """[backup]: scheduled backups of the spool, taken by the queue process (relayd.spool.
+    backup, as relayctl backup); dir None: none."""
+
+    dir: Path | None = None
+    interval: float = 6 * 3600.0
+    keep: int = 7
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -606,6 +616,7 @@ class Config:
     warmup: WarmupSchedules
     tracking: Tracking
     reports: Reports = Reports()
+    backup: Backup = Backup()
 
 
 class _Section:
@@ -1065,6 +1076,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     return_path = _return_path(top.table("return_path"))
     reports = _reports(top.table("reports"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
+    backup = _backup(top.table("backup"), spool_path)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
             raise ConfigError(
@@ -1120,7 +1132,22 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         warmup=schedules,
         reports=reports,
         tracking=tracking,
+        backup=backup,
     )
+
+
+def _backup(sec: _Section, spool_path: Path) -> Backup:
+    raw = sec.get("dir", "", str)
+    directory = (sec.path.parent / raw).resolve() if raw else None
+    if directory is not None and directory == spool_path.parent:
+        problem = "must not be the spool's own directory (a backup must outlive its loss)"
+        raise ConfigError(sec.path, sec.key("dir"), problem)
+    interval = sec.duration("interval", "6h")
+    if interval < 1:
+        raise ConfigError(sec.path, sec.key("interval"), f"must be at least 1s, got {interval:g}s")
+    backup = Backup(directory, interval, sec.positive_int("keep", 7, maximum=1000))
+    sec.finish()
+    return backup
 
 
 def _reports(sec: _Section) -> Reports:

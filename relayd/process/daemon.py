@@ -55,6 +55,7 @@ from relayd.model import ids
 from relayd.model.message import NewMessage
 from relayd.outcomes.classify import Classifier
 from relayd.process.handoff import IngressLink, SpoolLink
+from relayd.queue.backups import Schedule
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler, Settings, keep_running
@@ -262,6 +263,8 @@ class QueueProcess:
         )
         self.control_task = loop.create_task(self.control.run())
         self.reputation_task = loop.create_task(self.reputation.run())
+        self.backups = Schedule(server.spool_path, config.backup, self.clock)
+        self.backup_task = loop.create_task(self.backups.run())
         # webhooks read the outbox on a connection and a thread of their own: they never
         # hold the writer nor wait in delivery's way
         self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
@@ -343,6 +346,7 @@ class QueueProcess:
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
         self.reputation.reload(new.reputation, new.pools)
+        self.backups.reload(new.backup)
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -375,6 +379,7 @@ class QueueProcess:
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
         self.control_task.cancel()
         self.reputation_task.cancel()
+        self.backup_task.cancel()
         await self.webhooks.stop()
         self.intake.close()
         self.writer.close()

@@ -186,6 +186,8 @@ def restore(backup: Path, spool: Path, force: bool = False) -> Contents:
 def scheduled(spool: Path, directory: Path, keep: int, now: float) -> tuple[Contents, list[Path]]:
     """One scheduled backup into ``directory``, then the oldest beyond ``keep`` removed."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in directory.glob(f"{SCHEDULED}*.sqlite{PARTIAL}"):  # a killed relayd's
+        stale.unlink(missing_ok=True)
     name = f"{SCHEDULED}{time.strftime(_STAMP, time.gmtime(now))}.sqlite"
     contents = take(spool, directory / name, force=True)
     removed = existing(directory)[:-keep]
