@@ -6,6 +6,7 @@ attempt's MX, reply and the webhook that acknowledged it."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from support.receiver import Receiver
 from support.util import mx_zone, send, steady_load, wait_until
+
+from relayd.spool import backup
 
 DEFER = "451 4.3.0 busy, try later"
 
@@ -52,8 +55,8 @@ def test_backup_under_load_restored_on_a_lost_spool_delivers_all_acknowledged_be
         Path(f"{r.spool}{suffix}").unlink(missing_ok=True)
     mx.rcpt_reply = "250 2.1.5 ok"
     started = time.monotonic()
-    restored = r.ctl("restore", str(file))
-    assert "spool restored" in restored.stdout and "NOT in the spool" in restored.stdout
+    restored = json.loads(r.ctl("--json", "restore", str(file)).stdout)
+    assert restored["newest_event"] == doc["newest_event"] and restored["not_included"]
     r.start()
     wait_until(lambda: mx.messages, 30, "a first delivery after the restore")
     recovery = time.monotonic() - started
@@ -63,6 +66,11 @@ def test_backup_under_load_restored_on_a_lost_spool_delivers_all_acknowledged_be
         return got if set(before) <= got else set()
 
     wait_until(delivered, 60, f"the {len(before)} messages acknowledged before the backup")
+    # the restored relayd's events do not reuse the ids of those lost with the old spool
+    conn = sqlite3.connect(f"{r.spool.as_uri()}?mode=ro", uri=True)
+    ids = [i for (i,) in conn.execute("SELECT id FROM events WHERE id > ?", (doc["newest_event"],))]
+    conn.close()
+    assert ids[0] == doc["newest_event"] + backup.EVENT_ID_JUMP and len(ids) > len(before)
     print(f"recovery (restore start to first delivery): {recovery:.2f} s")
 
 

@@ -62,7 +62,7 @@ def take(cfg: configuration.Config, args: argparse.Namespace) -> Row:
 def restore(cfg: configuration.Config, args: argparse.Namespace) -> Row:
     started = time.monotonic()
     try:
-        put = backup.restore(args.file.resolve(), cfg.server.spool_path, args.force)
+        put = backup.restore(args.file.resolve(), cfg.server.spool_path, time.time(), args.force)
     except backup.Refused as exc:
         raise CtlError(f"restore: {exc}") from None
     took = round(time.monotonic() - started, 3)
@@ -78,6 +78,8 @@ def render_backup(doc: Row) -> str:
     ]
     if doc["action"] == "restore":
         lines.append("recipients that were being delivered are made due again when relayd starts")
+        jump = doc["newest_event"] + backup.EVENT_ID_JUMP
+        lines.append(f"new event ids start above {jump} (those after the backup are not reused)")
     lines.append("NOT in the spool (copy them yourself): " + ", ".join(doc["not_included"]))
     return "\n".join(lines)
 
