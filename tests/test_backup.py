@@ -103,6 +103,7 @@ def test_log_tells_a_message_deferred_then_delivered_and_its_webhook(relay, mx):
     assert deferred["code"] == 451 and delivered["code"] == 250
     lines = text.splitlines()
     assert len(lines) == 3 and "accepted" in lines[0] and "ann@example.test" in lines[0]
+    assert "sender=app@sender.test" in lines[0] and "origin=" in lines[0]
     assert "mx=mx.example.test" in lines[1] and "code=451" in lines[1] and "busy" in lines[1]
     assert "source_ip=127.0.0.1" in lines[2] and "code=250" in lines[2] and "attempt=2" in lines[2]
     assert all(f"webhook {hook['id']} acknowledged" in line for line in lines)

@@ -20,6 +20,7 @@ Row = dict[str, Any]
 FACTS = ("mx", "source_ip", "code", "response", "class", "attempt", "delay_s")
 FACTS += ("next_attempt_in_s", "kind", "original_queue_id", "failed", "delivered", "reason")
 FACTS += ("scope", "url", "bot", "feedback_type", "action", "campaign", "variant")
+RECEPTION = ("sender", "client", "helo", "origin", "size", "dkim", "stream")  # accepted's
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -128,7 +129,8 @@ def render_story(doc: Row) -> str:
     for e in doc["events"]:
         data = e["data"]
         rcpt = e["rcpt"] or (",".join(data["rcpt"]) if isinstance(data.get("rcpt"), list) else "")
-        facts = [f"{k}={_fact(data[k])}" for k in FACTS if data.get(k) not in (None, "", [])]
+        keys = RECEPTION if e["type"] == "accepted" else FACTS
+        facts = [f"{k}={_fact(data[k])}" for k in keys if data.get(k) not in (None, "", [])]
         if e["queue_id"] != doc["queue_id"]:
             facts.append(f"dsn={e['queue_id']}")
         for hook in e["webhooks"]:
