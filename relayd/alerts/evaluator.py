@@ -157,7 +157,7 @@ class Evaluator:
             return [((), value, rule.threshold)]
         if rule.kind is Kind.RATIO:
             part = sum(self._increase(m, rule.window) for m in rule.metrics)
-            whole = part + sum(self._increase(m, rule.window) for m in rule.others)
+            whole = sum(self._increase(m, rule.window) for m in rule.per)
             ok = whole >= max(rule.minimum, 1)
             return [((), part / whole if ok else None, rule.threshold)]
         return [((), self._quantile(rule.metrics[0], rule.window), rule.threshold)]

@@ -14,7 +14,7 @@ class Kind(StrEnum):
     """How a rule's value is computed from the samples (relayd.alerts.evaluator)."""
 
     GROWTH = "growth"  # the sum of ``metrics`` now minus its sum ``window`` ago
-    RATIO = "ratio"  # increase of ``metrics`` / increase of ``metrics + others``, over window
+    RATIO = "ratio"  # increase of ``metrics`` / increase of ``per``, over window
     GAUGE = "gauge"  # each series of ``metrics[0]``, one alert per value of label ``by``
     FLOOR = "floor"  # metrics[0] below threshold * metrics[1] (a limit the host configures)
     QUANTILE = "quantile"  # the 0.99 quantile of histogram metrics[0]'s increase over window
@@ -28,7 +28,7 @@ class Rule:
     window: float  # seconds; 0 for gauges
     for_: float  # the condition holds this long before the alert fires
     metrics: tuple[str, ...]
-    others: tuple[str, ...] = ()  # RATIO: the rest of the denominator
+    per: tuple[str, ...] = ()  # RATIO: the denominator's counters
     minimum: float = 0  # RATIO: the least denominator (attempts) for the rule to apply
     by: str = ""  # GAUGE: the label that makes one alert per series
     summary: str = ""  # str.format with value, threshold and the labels
@@ -58,7 +58,7 @@ RULES: tuple[Rule, ...] = (
         10 * _M,
         5 * _M,
         (DEFERRED,),
-        (DELIVERED, BOUNCED),
+        (DELIVERED, DEFERRED, BOUNCED),
         minimum=100,
         summary="{value:.1%} of the attempts deferred ({window})",
     ),
@@ -69,7 +69,7 @@ RULES: tuple[Rule, ...] = (
         _H,
         10 * _M,
         (BOUNCED,),
-        (DELIVERED,),
+        (DELIVERED, BOUNCED),
         minimum=100,
         summary="{value:.1%} of the recipients finished bounced ({window})",
     ),
