@@ -3,6 +3,7 @@ a fake clock (relayd.alerts.evaluator); the config refuses bad [alerts] keys by 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,3 +254,70 @@ def test_config_overrides_a_rule(tmp_path: Path) -> None:
     assert (rules["DeferralRate"].for_, rules["DeferralRate"].minimum) == (0, 5)
     assert not rules["BounceRate"].enabled and rules["QueueGrowing"].threshold == 10_000
     assert alerts.mail_to == "ops@example.com" and alerts.mail_from == "relayd@localhost"
+
+
+def test_deferral_alert_reaches_the_webhook_and_the_mailbox_then_resolves(
+    relay, dns_server, fake_mx
+):
+    """A real relayd, a fake MX deferring most mail: the DeferralRate alert arrives at a
+    webhook subscribed to "alert" (signed) and as a mail at the MX; after the MX answers 250,
+    its resolution does too, each once."""
+    from support.receiver import Receiver
+    from support.util import mx_zone, send
+
+    mx_zone(dns_server, "example.test", (10, "mx.example.test", "127.0.0.10"))
+    mx_zone(dns_server, "ops.test", (10, "mx.ops.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", rcpt_reply="451 4.7.1 try later")
+    mx.rcpt_replies["ops@ops.test"] = "250 2.1.5 ok"
+    rules = {r.name: {"enabled": False} for r in RULES}
+    rules["DeferralRate"] = {"window": "3s", "for": "0s", "minimum": 5}
+    receiver = Receiver().start()
+    try:
+        r = relay(
+            {
+                "webhooks": {"poll_interval": "50ms", "retry_first": "200ms"},
+                "alerts": {
+                    "interval": "200ms",
+                    "resolve_for": "1s",
+                    "mail_to": "ops@ops.test",
+                    "rules": rules,
+                },
+            }
+        )
+        hook = json.loads(
+            r.ctl("--json", "webhook", "add", receiver.url, "--events", "alert").stdout
+        )
+        receiver.secrets.append(hook["secret"])
+        for i in range(8):
+            send(r.port, [f"u{i}@example.test"])
+
+        def alerts(state: str) -> list[dict]:
+            return [e for e in receiver.events() if e["data"]["state"] == state]
+
+        (fired,) = receiver.wait(lambda: alerts("firing"), 20, "the firing alert's webhook")
+        assert fired["type"] == "relayd.alert" and receiver.bad == []
+        data = fired["data"]
+        assert (data["alert"], data["threshold"], data["labels"]) == ("DeferralRate", 0.2, {})
+        assert data["value"] > 0.2 and "attempts deferred" in data["summary"]
+
+        def mails(state: str) -> list:
+            return [
+                m
+                for m in mx.messages
+                if "ops@ops.test" in m.rcpts and f"[relayd {state}] DeferralRate".encode() in m.data
+            ]
+
+        mx.wait_for(lambda: mails("FIRING"), 20, "the firing alert's mail")
+        (mail,) = mails("FIRING")
+        assert (
+            mail.mail_from == "relayd@relay.test" and b"Auto-Submitted: auto-generated" in mail.data
+        )
+
+        mx.rcpt_reply = "250 2.1.5 ok"  # the site recovers: the retries go through
+        (resolved,) = receiver.wait(lambda: alerts("resolved"), 30, "the resolution's webhook")
+        assert resolved["data"]["alert"] == "DeferralRate"
+        mx.wait_for(lambda: mails("RESOLVED"), 20, "the resolution's mail")
+        assert len(alerts("firing")) == 1 and len(mails("FIRING")) == 1  # once each
+        assert [e["state"] for e in r.events("alert")] == ["firing", "resolved"]
+    finally:
+        receiver.stop()

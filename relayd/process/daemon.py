@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relayd import config as configuration
+from relayd.alerts.feed import SpoolSamples
+from relayd.alerts.service import Alerts
 from relayd.campaigns.stats import Folder
 from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
@@ -262,6 +264,19 @@ class QueueProcess:
         )
         self.control_task = loop.create_task(self.control.run())
         self.reputation_task = loop.create_task(self.reputation.run())
+        # built-in alerts: events through the writer, mail through intake's door
+        samples = SpoolSamples(server.spool_path, lambda: self.config.server.min_free_space)
+        self.alerts = Alerts(
+            config.alerts,
+            server.hostname,
+            self.writer,
+            self.intake,
+            self.scheduler.poke,
+            samples,
+            self.clock,
+        )
+        await self.alerts.restore(server.spool_path)
+        self.alerts_task = loop.create_task(self.alerts.run())
         # webhooks read the outbox on a connection and a thread of their own: they never
         # hold the writer nor wait in delivery's way
         self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
@@ -343,6 +358,7 @@ class QueueProcess:
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
         self.reputation.reload(new.reputation, new.pools)
+        self.alerts.reload(new.alerts, new.server.hostname)
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -375,6 +391,7 @@ class QueueProcess:
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
         self.control_task.cancel()
         self.reputation_task.cancel()
+        self.alerts_task.cancel()
         await self.webhooks.stop()
         self.intake.close()
         self.writer.close()
