@@ -321,3 +321,10 @@ def test_deferral_alert_reaches_the_webhook_and_the_mailbox_then_resolves(
         assert [e["state"] for e in r.events("alert")] == ["firing", "resolved"]
     finally:
         receiver.stop()
+
+
+def test_the_example_config_documents_the_rules_at_their_defaults() -> None:
+    example = configuration.load(Path(__file__).parent.parent / "conf" / "relayd.toml").alerts
+    assert example.rules == RULES
+    assert (example.interval, example.resolve_for, example.resolve_ratio) == (30, 300, 0.8)
+    assert example.enabled and example.mail_to == ""
