@@ -209,15 +209,17 @@ def test_restored_firing_alert_does_not_fire_again() -> None:
     ev = evaluator("SourceBlacklisted", clock)
     ev.restore([("SourceBlacklisted", {"source": "192.0.2.2"})])
     c.set("relayd_source_blacklisted", 1, source="192.0.2.2")
-    assert run(ev, clock, c, 5, lambda c: None) == []
-    assert ev.firing() == [("SourceBlacklisted", {"source": "192.0.2.2"})]
+    assert run(ev, clock, c, 5, lambda c: None) == []  # firing already: no second event
+    c.set("relayd_source_blacklisted", 0, source="192.0.2.2")
+    changes = run(ev, clock, c, 11, lambda c: None)
+    assert [(ch.state, ch.labels) for ch in changes] == [("resolved", {"source": "192.0.2.2"})]
 
 
 @pytest.mark.parametrize(
     ("text", "key", "problem"),
     [
         ('[alerts]\ninterval = "0s"', "alerts.interval", "must be a duration more than 0"),
-        ("[alerts]\nresolve_ratio = 1.5", "alerts.resolve_ratio", "must be in [0, 1]"),
+        ("[alerts]\nresolve_ratio = 0", "alerts.resolve_ratio", "must be in [0.01, 1]"),
         ('[alerts]\nmail_to = "nobody"', "alerts.mail_to", "not an address"),
         (
             "[alerts.rules.DeferralRate]\nthreshold = 2.0",

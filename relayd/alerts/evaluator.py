@@ -45,8 +45,7 @@ class Change:
 class _State:
     firing: bool = False
     since: float | None = None  # when the condition began to differ from ``firing``
-    value: float | None = None
-    threshold: float = 0.0
+    threshold: float = 0.0  # the last one: what a resolution says when the series is gone
 
 
 @dataclass
@@ -80,9 +79,6 @@ class Evaluator:
         again at start, and resolve as any other once their condition is gone."""
         for name, labels in firing:
             self.states[(name, _key(labels))] = _State(firing=True)
-
-    def firing(self) -> list[tuple[str, dict[str, str]]]:
-        return [(name, dict(labels)) for (name, labels), s in self.states.items() if s.firing]
 
     def observe(self, samples: Samples) -> list[Change]:
         """One evaluation: the samples of now, the alerts that changed."""
@@ -195,7 +191,7 @@ class Evaluator:
             if value is None:
                 return []
             state = self.states[key] = _State()
-        state.value, state.threshold = value, threshold
+        state.threshold = threshold
         if state.firing:
             level = (
                 threshold / self.resolve_ratio

@@ -1726,7 +1726,7 @@ def _alerts(sec: _Section, hostname: str) -> Alerts:
         enabled=sec.get("enabled", True, bool),
         interval=within(sec, "interval", 30, 0.1, 3600),
         resolve_for=within(sec, "resolve_for", 300, 0, 86400),
-        resolve_ratio=sec.factor("resolve_ratio", 0.8, 0.0, 1.0),
+        resolve_ratio=sec.factor("resolve_ratio", 0.8, 0.01, 1.0),
         mail_to=addresses["mail_to"],
         mail_from=addresses["mail_from"],
         rules=tuple(rules),
