@@ -262,8 +262,8 @@ def test_deferral_alert_reaches_the_webhook_and_the_mailbox_then_resolves(
     relay, dns_server, fake_mx
 ):
     """A real relayd, a fake MX deferring most mail: the DeferralRate alert arrives at a
-    webhook subscribed to "alert" (signed) and as a mail at the MX; after the MX answers 250,
-    its resolution does too, each once."""
+    webhook subscribed to "alert" (signed) and as a mail at the MX; relayd restarts and does not
+    fire it again; after the MX answers 250 its resolution arrives too, each once."""
     from support.receiver import Receiver
     from support.util import mx_zone, send
 
@@ -315,6 +315,11 @@ def test_deferral_alert_reaches_the_webhook_and_the_mailbox_then_resolves(
             mail.mail_from == "relayd@relay.test" and b"Auto-Submitted: auto-generated" in mail.data
         )
 
+        # a restart while it fires: every message deferred again, no second firing
+        r.stop()
+        deferred = len(r.events("deferred"))
+        r.start()
+        r.wait_event("deferred", n=deferred + 8, timeout=20)
         mx.rcpt_reply = "250 2.1.5 ok"  # the site recovers: the retries go through
         (resolved,) = receiver.wait(lambda: alerts("resolved"), 30, "the resolution's webhook")
         assert resolved["data"]["alert"] == "DeferralRate"
