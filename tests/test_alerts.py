@@ -335,3 +335,44 @@ def test_the_example_config_documents_the_rules_at_their_defaults() -> None:
     assert example.rules == RULES
     assert (example.interval, example.resolve_for, example.resolve_ratio) == (30, 300, 0.8)
     assert example.enabled and example.mail_to == ""
+
+
+def test_spool_samples_count_the_events_since_start(spool_conn, tmp_path: Path) -> None:
+    from relayd.alerts.feed import SpoolSamples
+    from relayd.events.records import Event
+    from relayd.spool import store
+
+    def add(kind: str, **data: object) -> None:
+        store.append_events(spool_conn, [Event(kind, "q1", 0.0, {"rcpt": "r@x.test", **data})])
+        spool_conn.commit()
+
+    add("delivered", delay_s=1.0)  # before the start: not counted
+    feed = SpoolSamples(tmp_path / "spool.sqlite", lambda: 4096)
+    feed.read()
+    add("delivered", delay_s=2.0)
+    add("delivered", delay_s=400.0)
+    add("deferred")
+    add("bounced", **{"class": "user"})
+    add("complained")
+    samples = feed.read()
+    assert samples["relayd_recipients_delivered_total"] == [({}, 2)]
+    assert samples["relayd_recipients_deferred_total"] == [({}, 1)]
+    assert samples["relayd_recipients_bounced_total"] == [({"class": "user"}, 1)]
+    assert samples["relayd_complaints_total"] == [({}, 1)]
+    buckets = dict(
+        (labels["le"], n) for labels, n in samples["relayd_delivery_latency_seconds_bucket"]
+    )
+    assert (buckets["1"], buckets["5"], buckets["300"], buckets["900"], buckets["+Inf"]) == (
+        0,
+        1,
+        1,
+        2,
+        2,
+    )
+    assert samples["relayd_disk_min_free_bytes"] == [({}, 4096)]
+    assert {labels["state"] for labels, _ in samples["relayd_queue_recipients"]} == {
+        "pending",
+        "deferred",
+        "held",
+        "active",
+    }
