@@ -593,6 +593,17 @@ class Alerts:
 
 
 @dataclass(frozen=True)
+class Monitoring:
+    """[monitoring]: the queue process's operations listener (relayd.metrics): /metrics,
+    /healthz, /readyz."""
+
+    address: HostPort | None = HostPort("127.0.0.1", 9465)  # None: no listener
+    max_sites: int = 50  # sites named in per-site metrics, by activity; the rest are "other"
+    refresh: float = 5.0  # the spool-backed gauges are read at most this often
+    ready_timeout: float = 2.0  # /readyz and the watchdog: how long a loop may take to answer
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -620,6 +631,7 @@ class Config:
     return_path: ReturnPath
     warmup: WarmupSchedules
     tracking: Tracking
+    monitoring: Monitoring = Monitoring()
     reports: Reports = Reports()
     alerts: Alerts = Alerts()
 
@@ -1080,6 +1092,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
     reports = _reports(top.table("reports"))
+    monitoring = _monitoring(top.table("monitoring"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
@@ -1129,6 +1142,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         api=api,
         campaigns=campaigns,
         webhooks=webhooks,
+        monitoring=monitoring,
         suppression=suppression,
         bounces=bounces,
         reputation=reputation,
@@ -1733,3 +1747,19 @@ def _alerts(sec: _Section, hostname: str) -> Alerts:
     )
     sec.finish()
     return alerts
+
+
+def _monitoring(sec: _Section) -> Monitoring:
+    raw = sec.get("address", "127.0.0.1:9465", str)
+    address = _hostport(sec, "address", raw, None) if raw else None
+    monitoring = Monitoring(
+        address=address,
+        max_sites=sec.positive_int("max_sites", 50, maximum=10_000),
+        refresh=sec.duration("refresh", "5s"),
+        ready_timeout=sec.duration("ready_timeout", "2s"),
+    )
+    for name, low, high in (("refresh", 0.1, 3600.0), ("ready_timeout", 0.1, 60.0)):
+        if not low <= getattr(monitoring, name) <= high:
+            raise ConfigError(sec.path, sec.key(name), f"must be from {low:g}s to {high:g}s")
+    sec.finish()
+    return monitoring

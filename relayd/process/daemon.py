@@ -52,6 +52,9 @@ from relayd.feedback.unsubscribe import Links
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.ingress.suppression import Lookup
+from relayd.metrics import Metrics
+from relayd.metrics.health import Health
+from relayd.metrics.server import MonitoringServer
 from relayd.mime.dkim import Signer
 from relayd.model import ids
 from relayd.model.message import NewMessage
@@ -288,6 +291,14 @@ class QueueProcess:
         submit = self.intake.submit
         self.link = IngressLink(submit, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+        # /metrics, /healthz, /readyz and the systemd watchdog (relayd.metrics)
+        self.metrics = Metrics(self, self.clock)
+        await self.metrics.start()
+        self.health = Health(self, self.metrics, sd_notify)
+        self.health.start()
+        self.monitoring = MonitoringServer(self.metrics, self.health)
+        if config.monitoring.address is not None:
+            await self.monitoring.start(config.monitoring.address)
 
     def _requests(self, events: list[Event]) -> None:
         """relayctl's requests, read from the operator events: ip check, shaping clear."""
@@ -392,6 +403,10 @@ class QueueProcess:
         self.control_task.cancel()
         self.reputation_task.cancel()
         self.alerts_task.cancel()
+        if self.health.task is not None:
+            self.health.task.cancel()
+        await self.monitoring.close()
+        self.metrics.close()
         await self.webhooks.stop()
         self.intake.close()
         self.writer.close()
