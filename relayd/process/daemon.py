@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relayd import config as configuration
-from relayd.alerts.feed import SpoolSamples
 from relayd.alerts.service import Alerts
 from relayd.campaigns.stats import Folder
 from relayd.config import HTTP_KINDS
@@ -267,19 +266,6 @@ class QueueProcess:
         )
         self.control_task = loop.create_task(self.control.run())
         self.reputation_task = loop.create_task(self.reputation.run())
-        # built-in alerts: events through the writer, mail through intake's door
-        samples = SpoolSamples(server.spool_path, lambda: self.config.server.min_free_space)
-        self.alerts = Alerts(
-            config.alerts,
-            server.hostname,
-            self.writer,
-            self.intake,
-            self.scheduler.poke,
-            samples,
-            self.clock,
-        )
-        await self.alerts.restore(server.spool_path)
-        self.alerts_task = loop.create_task(self.alerts.run())
         # webhooks read the outbox on a connection and a thread of their own: they never
         # hold the writer nor wait in delivery's way
         self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
@@ -299,6 +285,19 @@ class QueueProcess:
         self.monitoring = MonitoringServer(self.metrics, self.health)
         if config.monitoring.address is not None:
             await self.monitoring.start(config.monitoring.address)
+        # built-in alerts over the same samples: events through the writer, mail through
+        # intake's door
+        self.alerts = Alerts(
+            config.alerts,
+            server.hostname,
+            self.writer,
+            self.intake,
+            self.scheduler.poke,
+            self.metrics.samples,
+            self.clock,
+        )
+        await self.alerts.restore(server.spool_path)
+        self.alerts_task = loop.create_task(self.alerts.run())
 
     def _requests(self, events: list[Event]) -> None:
         """relayctl's requests, read from the operator events: ip check, shaping clear."""
