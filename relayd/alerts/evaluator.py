@@ -65,6 +65,7 @@ class Evaluator:
         self.clock = clock
         self.states: dict[tuple[str, Labels], _State] = {}
         self.history: deque[_Point] = deque()
+        self._bases: dict[float, _Point] = {}
         self.configure(rules, resolve_for, resolve_ratio)
 
     def configure(self, rules: Iterable[Rule], resolve_for: float, resolve_ratio: float) -> None:
@@ -112,18 +113,23 @@ class Evaluator:
                         point.sums.get(f"{name}|{labels['le']}", 0.0) + v
                     )
         self.history.append(point)
+        self._bases: dict[float, _Point] = {}
         longest = max((rule.window for rule in self.rules), default=0.0)
         # keep the newest point at least ``longest`` old: it is the base of that window
         while len(self.history) > 2 and self.history[1].at <= now - longest:
             self.history.popleft()
 
     def _base(self, window: float) -> _Point:
-        """The newest point at least ``window`` old, or the oldest there is."""
+        """The newest point at least ``window`` old, or the oldest there is (looked up once
+        per window and evaluation: a 24 h ring at 30 s holds 2,880 points)."""
+        if window in self._bases:
+            return self._bases[window]
         now, base = self.history[-1], self.history[0]
         for point in self.history:
             if point.at > now.at - window:
                 break
             base = point
+        self._bases[window] = base
         return base
 
     def _increase(self, key: str, window: float) -> float:
