@@ -217,6 +217,8 @@ def relay(
             # Tests mail the same unresolvable or refusing addresses again and again; the
             # suppression tests turn hard-bounce entries back on where they test them.
             "suppression": {"bounce_ttl": "0"},
+            # the operations listener's default port would be shared by every test relayd
+            "monitoring": {"address": ""},
         }
         process = RelayProcess(tmp_path, deep_merge(config, extra or {}))
         started.append(process)

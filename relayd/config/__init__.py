@@ -14,13 +14,15 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import re2
+
+from relayd.alerts.rules import RULES, Kind, Rule
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "conf" / "relayd.toml"  # the bundled example
@@ -588,6 +590,30 @@ class Backup:
 
 
 @dataclass(frozen=True)
+class Alerts:
+    """[alerts]: built-in alerting (relayd.alerts), the shipped Prometheus rules' conditions."""
+
+    enabled: bool = True
+    interval: float = 30.0  # seconds between evaluations
+    resolve_for: float = 300.0  # a firing alert resolves after this long below its level
+    resolve_ratio: float = 0.8  # ... that level: threshold * resolve_ratio
+    mail_to: str = ""  # "" = events only
+    mail_from: str = ""  # "" = relayd@<server.hostname>
+    rules: tuple[Rule, ...] = RULES
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """[monitoring]: the queue process's operations listener (relayd.metrics): /metrics,
+    /healthz, /readyz."""
+
+    address: HostPort | None = HostPort("127.0.0.1", 9465)  # None: no listener
+    max_sites: int = 50  # sites named in per-site metrics, by activity; the rest are "other"
+    refresh: float = 5.0  # the spool-backed gauges are read at most this often
+    ready_timeout: float = 2.0  # /readyz and the watchdog: how long a loop may take to answer
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole file, a dataclass per TOML table; each component is given its own tables."""
 
@@ -615,8 +641,10 @@ class Config:
     return_path: ReturnPath
     warmup: WarmupSchedules
     tracking: Tracking
+    monitoring: Monitoring = Monitoring()
     reports: Reports = Reports()
     backup: Backup = Backup()
+    alerts: Alerts = Alerts()
 
 
 class _Section:
@@ -1075,6 +1103,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     unsubscribe = _unsubscribe(top.table("unsubscribe"), listeners)
     return_path = _return_path(top.table("return_path"))
     reports = _reports(top.table("reports"))
+    monitoring = _monitoring(top.table("monitoring"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
     backup = _backup(top.table("backup"), spool_path)
     for i, listener in enumerate(listeners):
@@ -1082,6 +1111,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
             raise ConfigError(
                 path, f"listeners[{i}].kind", "a bounce listener needs return_path.domain"
             )
+    alerts = _alerts(top.table("alerts"), hostname)
     top.finish()
 
     return Config(
@@ -1124,6 +1154,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         api=api,
         campaigns=campaigns,
         webhooks=webhooks,
+        monitoring=monitoring,
         suppression=suppression,
         bounces=bounces,
         reputation=reputation,
@@ -1133,6 +1164,7 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         reports=reports,
         tracking=tracking,
         backup=backup,
+        alerts=alerts,
     )
 
 
@@ -1690,3 +1722,71 @@ def _source_warmup(
         )
         raise ConfigError(s.path, s.key("warmup"), problem)
     return name, start
+
+
+def _alerts(sec: _Section, hostname: str) -> Alerts:
+    """[alerts] and one [alerts.rules.NAME] table per rule, over the rules' defaults."""
+
+    def within(s: _Section, name: str, default: float, low: float, high: float) -> float:
+        value = s.duration(name, _human(default) if default else "0s", allow_zero=low == 0)
+        if not low <= value <= high:
+            span = f"from {_human(low) if low else '0s'} to {_human(high)}"
+            raise ConfigError(s.path, s.key(name), f"must be {span}, got {_human(value)}")
+        return value
+
+    addresses = {}
+    for name, default in (("mail_to", ""), ("mail_from", f"relayd@{hostname}")):
+        address = sec.get(name, "", str) or default
+        local, _, domain = address.rpartition("@")
+        if address and (not _MAILTO_LOCAL.match(local) or not _HOSTNAME.match(domain)):
+            raise ConfigError(sec.path, sec.key(name), f"not an address: {address!r}")
+        addresses[name] = address
+    table = sec.table("rules")
+    known = {rule.name: rule for rule in RULES}
+    rules = []
+    for name, rule in known.items():
+        r = table.table(name)
+        high = {Kind.RATIO: 1.0, Kind.FLOOR: 100.0}.get(rule.kind, float(MAX_DISK))
+        changes: dict[str, Any] = {
+            "enabled": r.get("enabled", True, bool),
+            "threshold": r.factor("threshold", rule.threshold, 0.0, high),
+            "for_": within(r, "for", rule.for_, 0, 86400),
+        }
+        if rule.window:
+            changes["window"] = within(r, "window", rule.window, 1, 30 * 86400)
+        if rule.minimum:
+            changes["minimum"] = float(r.positive_int("minimum", int(rule.minimum)))
+        r.finish()
+        rules.append(replace(rule, **changes))
+    unknown = sorted(set(table.data) - set(known))
+    if unknown:
+        raise ConfigError(
+            sec.path, table.key(unknown[0]), f"no such rule, not one of {', '.join(known)}"
+        )
+    alerts = Alerts(
+        enabled=sec.get("enabled", True, bool),
+        interval=within(sec, "interval", 30, 0.1, 3600),
+        resolve_for=within(sec, "resolve_for", 300, 0, 86400),
+        resolve_ratio=sec.factor("resolve_ratio", 0.8, 0.01, 1.0),
+        mail_to=addresses["mail_to"],
+        mail_from=addresses["mail_from"],
+        rules=tuple(rules),
+    )
+    sec.finish()
+    return alerts
+
+
+def _monitoring(sec: _Section) -> Monitoring:
+    raw = sec.get("address", "127.0.0.1:9465", str)
+    address = _hostport(sec, "address", raw, None) if raw else None
+    monitoring = Monitoring(
+        address=address,
+        max_sites=sec.positive_int("max_sites", 50, maximum=10_000),
+        refresh=sec.duration("refresh", "5s"),
+        ready_timeout=sec.duration("ready_timeout", "2s"),
+    )
+    for name, low, high in (("refresh", 0.1, 3600.0), ("ready_timeout", 0.1, 60.0)):
+        if not low <= getattr(monitoring, name) <= high:
+            raise ConfigError(sec.path, sec.key(name), f"must be from {low:g}s to {high:g}s")
+    sec.finish()
+    return monitoring

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relayd import config as configuration
+from relayd.alerts.service import Alerts
 from relayd.campaigns.stats import Folder
 from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
@@ -50,6 +51,9 @@ from relayd.feedback.unsubscribe import Links
 from relayd.ingress import tls
 from relayd.ingress.smtp import IngressHandler, start_listeners
 from relayd.ingress.suppression import Lookup
+from relayd.metrics import Metrics
+from relayd.metrics.health import Health
+from relayd.metrics.server import MonitoringServer
 from relayd.mime.dkim import Signer
 from relayd.model import ids
 from relayd.model.message import NewMessage
@@ -276,6 +280,27 @@ class QueueProcess:
         submit = self.intake.submit
         self.link = IngressLink(submit, self._serving, self._reloaded, self._ingress_lost)
         await loop.create_unix_connection(lambda: self.link.channel, sock=self.link_socket)
+        # /metrics, /healthz, /readyz and the systemd watchdog (relayd.metrics)
+        self.metrics = Metrics(self, self.clock)
+        await self.metrics.start()
+        self.health = Health(self, self.metrics, sd_notify)
+        self.health.start()
+        self.monitoring = MonitoringServer(self.metrics, self.health)
+        if config.monitoring.address is not None:
+            await self.monitoring.start(config.monitoring.address)
+        # built-in alerts over the same samples: events through the writer, mail through
+        # intake's door
+        self.alerts = Alerts(
+            config.alerts,
+            server.hostname,
+            self.writer,
+            self.intake,
+            self.scheduler.poke,
+            self.metrics.samples,
+            self.clock,
+        )
+        await self.alerts.restore(server.spool_path)
+        self.alerts_task = loop.create_task(self.alerts.run())
 
     def _requests(self, events: list[Event]) -> None:
         """relayctl's requests, read from the operator events: ip check, shaping clear."""
@@ -347,6 +372,7 @@ class QueueProcess:
         self.scheduler.reload(_queue_settings(new))
         self.reputation.reload(new.reputation, new.pools)
         self.backups.reload(new.backup)
+        self.alerts.reload(new.alerts, new.server.hostname)
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -380,6 +406,11 @@ class QueueProcess:
         self.control_task.cancel()
         self.reputation_task.cancel()
         self.backup_task.cancel()
+        self.alerts_task.cancel()
+        if self.health.task is not None:
+            self.health.task.cancel()
+        await self.monitoring.close()
+        self.metrics.close()
         await self.webhooks.stop()
         self.intake.close()
         self.writer.close()

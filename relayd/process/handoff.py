@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import marshal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +35,12 @@ _MARSHAL_VERSION = 4
 MESSAGES = "m"  # (MESSAGES, request id, [fields of each NewMessage], guard, texts' length) + texts
 RELOADED = "r"  # (RELOADED, error or ""): ingress applied (or refused) a reload
 SERVING = "l"  # (SERVING,): the listeners are open
+PONG = "P"  # (PONG, stamp): the answer to PING, the ingress loop turns
 # queue -> ingress
 SERVE = "L"  # (SERVE,): the queue process is ready, open the listeners
 STORED = "s"  # (STORED, [(request id, error or "", what the guard answered instead), ...])
 RELOAD = "R"  # (RELOAD,): reload the config file
+PING = "p"  # (PING, stamp): is the ingress loop turning? (/readyz, the watchdog)
 
 
 class Channel(asyncio.Protocol):
@@ -232,6 +235,8 @@ class SpoolLink:
             self.channel.send((RELOADED, self.on_reload()))
         elif frame[0] == SERVE:
             self.on_serve()
+        elif frame[0] == PING:
+            self.channel.send((PONG, frame[1]))
 
     def serving(self) -> None:
         self.channel.send((SERVING,))
@@ -257,6 +262,13 @@ class IngressLink:
         self.store, self.on_serving, self.on_reloaded = store, on_serving, on_reloaded
         self.channel = Channel(self._frame, on_lost)
         self._done: list[tuple[int, str, Any]] = []
+        self.pinged = self.ponged = time.monotonic()  # the last PING's stamp, its answer's time
+        self.lag = 0.0  # the last PING's round trip: how late the ingress loop answers
+
+    def ping(self) -> None:
+        """Ask the ingress process to answer (relayd.metrics.health looks at ``ponged``)."""
+        self.pinged = time.monotonic()
+        self.channel.send((PING, self.pinged))
 
     def serve(self) -> None:
         self.channel.send((SERVE,))
@@ -272,6 +284,9 @@ class IngressLink:
             self.on_reloaded(frame[1])
         elif frame[0] == SERVING:
             self.on_serving()
+        elif frame[0] == PONG:
+            self.ponged = time.monotonic()
+            self.lag = self.ponged - frame[1]
 
     def _stored(self, request: int, fut: asyncio.Future[Any]) -> None:
         answer = None

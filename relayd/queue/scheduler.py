@@ -65,6 +65,7 @@ from relayd.delivery.client import ConnectFailure, Connection, Unsendable
 from relayd.delivery.dns import LookupFailure, Resolver, Route
 from relayd.events.log import emit, log
 from relayd.events.records import Event
+from relayd.metrics.tally import Tally
 from relayd.model.address import domain_of
 from relayd.model.message import BULK, TRANSACTIONAL, Job, NewMessage, Recipient, Result
 from relayd.model.status import Reply
@@ -248,6 +249,7 @@ class Scheduler:
         # provider is spent takes no more of its mail that day
         self.warmup = Warmup(plans(config.pools, config.warmup), clock)
         self._warmup_wake = asyncio.Event()
+        self.tally = Tally()  # /metrics: attempts, durations, throttle waits (relayd.metrics)
 
     # -- entry points -------------------------------------------------------------------
 
@@ -311,7 +313,7 @@ class Scheduler:
     def start(self, dsn: commit.DsnDoor) -> None:
         """Begin loading; ``dsn`` is intake's door, through which the DSNs owed go."""
         self.dsn = dsn
-        self._spawn(self._loader())
+        self.loader = self._spawn(self._loader())  # /readyz: the loader must be running
         self._spawn(self._lapse_loop())
         self._spawn(self._warmup_loop())
 
@@ -541,7 +543,9 @@ class Scheduler:
                             break  # the source's volume is spent: another source takes the job
                         await self._throttle(site, shaping, source, job.bulk)
                     then = functools.partial(self._ahead, site, shaping, source, conn, job, ahead)
+                    started = self.monotonic()
                     pairs = await self._send(conn, job, then if left else None)
+                    self.tally.attempt(site.name, pairs, self.monotonic() - started)
                     self._finish(job, pairs, conn.mx, conn.source_ip)
                     self._adapt(site, source, conn.source_ip, pairs)
                     if conn.broken and not ahead:
@@ -675,6 +679,7 @@ class Scheduler:
         if not bulk:
             wait = max((limiter.reserve() for _, limiter in rates), default=0.0)
             if wait > 0:
+                self.tally.waited(site.name, address)
                 await asyncio.sleep(wait)
             return
         for name, limiter in rates:
@@ -684,6 +689,7 @@ class Scheduler:
             async with gate:
                 wait = limiter.reserve()
                 if wait > 0:
+                    self.tally.waited(site.name, address)
                     await asyncio.sleep(wait)
 
     def _connect_failed(
@@ -712,9 +718,11 @@ class Scheduler:
         site.queue.clear()
         site.bulk.clear()
         for j in jobs:
+            replies = [(r.id, Reply(exc.code, exc.reply)) for r in j.recipients]
+            self.tally.failed(site.name, replies)
             self._finish(
                 j,
-                [(r.id, Reply(exc.code, exc.reply)) for r in j.recipients],
+                replies,
                 exc.mx,
                 source.address if source else "",
             )

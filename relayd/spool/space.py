@@ -57,20 +57,25 @@ class FreeSpace:
                 self._why = self._look()
         return bool(self._why)
 
+    def free_bytes(self) -> int:
+        """Bytes free for relayd's user under the spool's folder."""
+        st = os.statvfs(self.folder)
+        return st.f_bavail * st.f_frsize
+
+    def spool_bytes(self) -> int:
+        """The spool's size: the file and its WAL."""
+        return sum(
+            os.stat(f"{self.spool}{suffix}").st_size
+            for suffix in ("", "-wal")
+            if os.path.exists(f"{self.spool}{suffix}")
+        )
+
     def _look(self) -> str:
-        if self.minimum:
-            st = os.statvfs(self.folder)
-            if st.f_bavail * st.f_frsize < self.minimum:
-                return (
-                    f"less than {self.minimum} bytes free under {self.folder}"
-                    " (server.min_free_space)"
-                )
+        if self.minimum and self.free_bytes() < self.minimum:
+            free = f"less than {self.minimum} bytes free under {self.folder}"
+            return f"{free} (server.min_free_space)"
         if self.maximum:
-            size = sum(
-                os.stat(f"{self.spool}{suffix}").st_size
-                for suffix in ("", "-wal")
-                if os.path.exists(f"{self.spool}{suffix}")
-            )
+            size = self.spool_bytes()
             if size >= self.maximum:
                 return f"the spool {self.spool} holds {size} bytes (server.max_spool_size)"
         return ""
