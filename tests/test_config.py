@@ -488,3 +488,24 @@ def test_the_example_config_ships_a_warm_up_schedule(tmp_path):
     assert schedules["default"].days[:3] == (50, 100, 200)
     assert all(not src.warmup for pool in load(ROOT / "conf" / "relayd.toml").pools.values()
                for src in pool)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ("keep = 0", "backup.keep", "must be from 1 to 1000, got 0"),
+        ("keep = 1001", "backup.keep", "must be from 1 to 1000, got 1001"),
+        ('interval = "500ms"', "backup.interval", "must be at least 1s, got 0.5s"),
+        ('dir = "spool"', "backup.dir", "must not be the spool's own directory"),
+    ],
+)
+def test_backup_mistakes_are_refused(tmp_path, line, key, problem):
+    text = f'[server]\nspool_path = "spool/s.sqlite"\n[backup]\n{line}\n'
+    assert problem in _refused(tmp_path, text, key)
+
+
+def test_backups_are_off_by_default_and_documented_at_their_defaults(tmp_path):
+    assert load(_write(tmp_path, "")).backup == load(ROOT / "conf" / "relayd.toml").backup
+    assert load(_write(tmp_path, "")).backup.dir is None
+    cfg = load(_write(tmp_path, '[backup]\ndir = "backups"\ninterval = "1h"\nkeep = 3\n'))
+    assert (cfg.backup.dir, cfg.backup.interval, cfg.backup.keep) == (tmp_path / "backups", 3600, 3)

@@ -14,13 +14,15 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import re2
+
+from relayd.alerts.rules import RULES, Kind, Rule
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "conf" / "relayd.toml"  # the bundled example
@@ -578,6 +580,29 @@ TRACKING_URL_MAX = 200
 
 
 @dataclass(frozen=True)
+class Backup:
+    """[backup]: scheduled backups of the spool, taken by the queue process (relayd.spool.
+    backup, as relayctl backup); dir None: none."""
+
+    dir: Path | None = None
+    interval: float = 6 * 3600.0
+    keep: int = 7
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """[alerts]: built-in alerting (relayd.alerts), the shipped Prometheus rules' conditions."""
+
+    enabled: bool = True
+    interval: float = 30.0  # seconds between evaluations
+    resolve_for: float = 300.0  # a firing alert resolves after this long below its level
+    resolve_ratio: float = 0.8  # ... that level: threshold * resolve_ratio
+    mail_to: str = ""  # "" = events only
+    mail_from: str = ""  # "" = relayd@<server.hostname>
+    rules: tuple[Rule, ...] = RULES
+
+
+@dataclass(frozen=True)
 class Monitoring:
     """[monitoring]: the queue process's operations listener (relayd.metrics): /metrics,
     /healthz, /readyz."""
@@ -618,6 +643,8 @@ class Config:
     tracking: Tracking
     monitoring: Monitoring = Monitoring()
     reports: Reports = Reports()
+    backup: Backup = Backup()
+    alerts: Alerts = Alerts()
 
 
 class _Section:
@@ -1078,11 +1105,13 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
     reports = _reports(top.table("reports"))
     monitoring = _monitoring(top.table("monitoring"))
     tracking = _tracking(top.table("tracking"), listeners, unsubscribe)
+    backup = _backup(top.table("backup"), spool_path)
     for i, listener in enumerate(listeners):
         if listener.kind == "bounce" and not return_path.domain:
             raise ConfigError(
                 path, f"listeners[{i}].kind", "a bounce listener needs return_path.domain"
             )
+    alerts = _alerts(top.table("alerts"), hostname)
     top.finish()
 
     return Config(
@@ -1134,7 +1163,23 @@ def _build(path: Path, raw: dict[str, Any]) -> Config:
         warmup=schedules,
         reports=reports,
         tracking=tracking,
+        backup=backup,
+        alerts=alerts,
     )
+
+
+def _backup(sec: _Section, spool_path: Path) -> Backup:
+    raw = sec.get("dir", "", str)
+    directory = (sec.path.parent / raw).resolve() if raw else None
+    if directory is not None and directory == spool_path.parent:
+        problem = "must not be the spool's own directory (a backup must outlive its loss)"
+        raise ConfigError(sec.path, sec.key("dir"), problem)
+    interval = sec.duration("interval", "6h")
+    if interval < 1:
+        raise ConfigError(sec.path, sec.key("interval"), f"must be at least 1s, got {interval:g}s")
+    backup = Backup(directory, interval, sec.positive_int("keep", 7, maximum=1000))
+    sec.finish()
+    return backup
 
 
 def _reports(sec: _Section) -> Reports:
@@ -1677,6 +1722,58 @@ def _source_warmup(
         )
         raise ConfigError(s.path, s.key("warmup"), problem)
     return name, start
+
+
+def _alerts(sec: _Section, hostname: str) -> Alerts:
+    """[alerts] and one [alerts.rules.NAME] table per rule, over the rules' defaults."""
+
+    def within(s: _Section, name: str, default: float, low: float, high: float) -> float:
+        value = s.duration(name, _human(default) if default else "0s", allow_zero=low == 0)
+        if not low <= value <= high:
+            span = f"from {_human(low) if low else '0s'} to {_human(high)}"
+            raise ConfigError(s.path, s.key(name), f"must be {span}, got {_human(value)}")
+        return value
+
+    addresses = {}
+    for name, default in (("mail_to", ""), ("mail_from", f"relayd@{hostname}")):
+        address = sec.get(name, "", str) or default
+        local, _, domain = address.rpartition("@")
+        if address and (not _MAILTO_LOCAL.match(local) or not _HOSTNAME.match(domain)):
+            raise ConfigError(sec.path, sec.key(name), f"not an address: {address!r}")
+        addresses[name] = address
+    table = sec.table("rules")
+    known = {rule.name: rule for rule in RULES}
+    rules = []
+    for name, rule in known.items():
+        r = table.table(name)
+        high = {Kind.RATIO: 1.0, Kind.FLOOR: 100.0}.get(rule.kind, float(MAX_DISK))
+        changes: dict[str, Any] = {
+            "enabled": r.get("enabled", True, bool),
+            "threshold": r.factor("threshold", rule.threshold, 0.0, high),
+            "for_": within(r, "for", rule.for_, 0, 86400),
+        }
+        if rule.window:
+            changes["window"] = within(r, "window", rule.window, 1, 30 * 86400)
+        if rule.minimum:
+            changes["minimum"] = float(r.positive_int("minimum", int(rule.minimum)))
+        r.finish()
+        rules.append(replace(rule, **changes))
+    unknown = sorted(set(table.data) - set(known))
+    if unknown:
+        raise ConfigError(
+            sec.path, table.key(unknown[0]), f"no such rule, not one of {', '.join(known)}"
+        )
+    alerts = Alerts(
+        enabled=sec.get("enabled", True, bool),
+        interval=within(sec, "interval", 30, 0.1, 3600),
+        resolve_for=within(sec, "resolve_for", 300, 0, 86400),
+        resolve_ratio=sec.factor("resolve_ratio", 0.8, 0.01, 1.0),
+        mail_to=addresses["mail_to"],
+        mail_from=addresses["mail_from"],
+        rules=tuple(rules),
+    )
+    sec.finish()
+    return alerts
 
 
 def _monitoring(sec: _Section) -> Monitoring:

@@ -1218,6 +1218,9 @@ def parser() -> argparse.ArgumentParser:
     from relayd.ctl import templates  # it builds on this module (CtlError)
 
     templates.register(sub, common)
+    from relayd.ctl import operations  # backup, restore, log: it uses CtlError
+
+    operations.register(sub, common)
     return top
 
 

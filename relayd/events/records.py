@@ -36,6 +36,7 @@ class Type(StrEnum):
     CLICK = "clicked"  # a tracked link of a message was followed
     CAMPAIGN = "campaign"  # a campaign changed state: started, tested, winner, paused, ... done
     CONVERSION = "converted"  # an application reported a campaign message's conversion
+    ALERT = "alert"  # a built-in alert fired or resolved (relayd.alerts)
 
 
 @dataclass(slots=True)

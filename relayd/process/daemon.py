@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relayd import config as configuration
+from relayd.alerts.service import Alerts
 from relayd.campaigns.stats import Folder
 from relayd.config import HTTP_KINDS
 from relayd.delivery.dns import Resolver
@@ -58,6 +59,7 @@ from relayd.model import ids
 from relayd.model.message import NewMessage
 from relayd.outcomes.classify import Classifier
 from relayd.process.handoff import IngressLink, SpoolLink
+from relayd.queue.backups import Schedule
 from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler, Settings, keep_running
@@ -265,6 +267,8 @@ class QueueProcess:
         )
         self.control_task = loop.create_task(self.control.run())
         self.reputation_task = loop.create_task(self.reputation.run())
+        self.backups = Schedule(server.spool_path, config.backup, self.clock)
+        self.backup_task = loop.create_task(self.backups.run())
         # webhooks read the outbox on a connection and a thread of their own: they never
         # hold the writer nor wait in delivery's way
         self.webhooks = Dispatcher(server.spool_path, self.writer.submit, config.webhooks)
@@ -284,6 +288,19 @@ class QueueProcess:
         self.monitoring = MonitoringServer(self.metrics, self.health)
         if config.monitoring.address is not None:
             await self.monitoring.start(config.monitoring.address)
+        # built-in alerts over the same samples: events through the writer, mail through
+        # intake's door
+        self.alerts = Alerts(
+            config.alerts,
+            server.hostname,
+            self.writer,
+            self.intake,
+            self.scheduler.poke,
+            self.metrics.samples,
+            self.clock,
+        )
+        await self.alerts.restore(server.spool_path)
+        self.alerts_task = loop.create_task(self.alerts.run())
 
     def _requests(self, events: list[Event]) -> None:
         """relayctl's requests, read from the operator events: ip check, shaping clear."""
@@ -354,6 +371,8 @@ class QueueProcess:
         self.webhooks.reload(new.webhooks)
         self.scheduler.reload(_queue_settings(new))
         self.reputation.reload(new.reputation, new.pools)
+        self.backups.reload(new.backup)
+        self.alerts.reload(new.alerts, new.server.hostname)
         self.link.reload()
 
     def _reloaded(self, error: str) -> None:
@@ -386,6 +405,8 @@ class QueueProcess:
         await self.scheduler.stop(max(deadline - time.monotonic(), 1.0))
         self.control_task.cancel()
         self.reputation_task.cancel()
+        self.backup_task.cancel()
+        self.alerts_task.cancel()
         if self.health.task is not None:
             self.health.task.cancel()
         await self.monitoring.close()

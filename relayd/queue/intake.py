@@ -163,8 +163,14 @@ class Intake:
             smtputf8=False,
             received_at=now,
         )
+        return self.own(conn, msg)
+
+    def own(self, conn: sqlite3.Connection, msg: NewMessage) -> list[Event]:
+        """The door for relayd's own mail (a DSN, an alert) inside a transaction of the
+        writer thread: signed like any message and stored with its reception event; the
+        loader takes it from the spool once the transaction is durable."""
         if self.signer.enabled:
-            signed = self.signer.sign(msg.body, now)
+            signed = self.signer.sign(msg.body, msg.received_at)
             msg.signed, msg.body = len(signed) > len(msg.body), signed
         return store_message(conn, msg)
 

@@ -47,8 +47,12 @@ def secret_key(secret: str) -> bytes:
 
 
 def event_type(kind: str) -> str:
-    """The payload's type: ``message.<event>``, and ``queue.operator`` for relayctl's actions."""
-    return "queue.operator" if kind == Type.OPERATOR else f"message.{kind}"
+    """The payload's type: ``message.<event>``, ``queue.operator`` for relayctl's actions and
+    ``relayd.alert`` for the built-in alerts."""
+    return _TYPES.get(kind, f"message.{kind}")
+
+
+_TYPES = {Type.OPERATOR: "queue.operator", Type.ALERT: "relayd.alert"}
 
 
 def iso(ts: float) -> str:
