@@ -33,7 +33,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from relayd.ctl.main import AGE_EDGES, BUCKETS
 from relayd.events.records import Type
 from relayd.metrics.tally import ATTEMPT_BUCKETS, DEFAULT_SOURCE, OTHER
 from relayd.model.message import State
@@ -187,9 +186,9 @@ class Metrics:
             ):
                 g.queue[names[state]] = (count, max(now - first, 0.0))
             for _, bucket, count in admin.shape_counts(
-                conn, list(QUEUE_STATES.values()), AGE_EDGES, now
+                conn, list(QUEUE_STATES.values()), admin.AGE_EDGES, now
             ):
-                g.ages[BUCKETS[bucket]] += count
+                g.ages[admin.BUCKETS[bucket]] += count
             g.events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             g.webhooks = [
                 (ep, backlog, bool(failing))
@@ -351,7 +350,7 @@ class _Live(Collector):
             "Unfinished recipients by their message's age (relayctl queue's buckets)",
             labels=["age"],
         )
-        for bucket in BUCKETS:
+        for bucket in admin.BUCKETS:
             ages.add_metric([bucket], g.ages[bucket])
         yield from (queue, oldest, ages)
         yield GaugeMetricFamily("relayd_spool_bytes", "Spool file and WAL", value=g.spool_bytes)
