@@ -53,6 +53,7 @@ def test_metrics_of_deliveries_deferrals_and_bounces(relay, fake_mx, dns_server,
         mx_zone(dns_server, d, (10, f"mx.{d}", "127.0.0.10"))
     fake_mx(
         "127.0.0.10",
+        accept_delay=0.2,  # each transaction holds its connection a while
         rcpt_replies={
             "later@a.test": "451 4.3.0 try later",
             "gone@a.test": "550 5.1.1 no such user",
@@ -64,6 +65,12 @@ def test_metrics_of_deliveries_deferrals_and_bounces(relay, fake_mx, dns_server,
     assert get(f"{base}/healthz") == (200, b"ok\n")
     for i in range(3):
         send(r.port, [f"ok{i}@a.test", f"ok{i}@b.test", f"ok{i}@c.test"])
+    # connections stay open for delivery.idle_connection_time (0.5 s) after their last message
+    open_now = wait_until(
+        lambda: scrape(base).get("relayd_site_connections"), 5, "open connections in /metrics"
+    )
+    assert {lab["source"] for lab, _ in open_now} == {"default"}  # no pool: the system's address
+    assert sum(v for _, v in open_now) >= 1
     send(r.port, ["later@a.test", "gone@a.test"])
 
     def settled():
