@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -184,3 +185,20 @@ def test_bad_monitoring_keys_are_named(tmp_path, table, key, problem) -> None:
     blank = tmp_path / "off.toml"
     blank.write_text('[[listeners]]\naddress = "127.0.0.1:2525"\n[monitoring]\naddress = ""\n')
     assert config.load(blank).monitoring.address is None
+
+
+def test_monitoring_port_in_use_is_named(relay) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        r = relay({"monitoring": {"address": address}}, start=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "relayd", "--config", str(r.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    assert done.returncode == 71, done.stderr
+    assert f"cannot start: [Errno 98] monitoring.address {address}:" in done.stderr
