@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from relayd.events.records import Type
 from relayd.metrics.tally import ATTEMPT_BUCKETS, DEFAULT_SOURCE, OTHER
-from relayd.model.message import State
+from relayd.model.message import STREAMS, State
 from relayd.shaping.adaptive import SUSPEND, SYSTEM
 from relayd.spool import admin, schema
 
@@ -235,7 +235,8 @@ class _Live(Collector):
         )
         events = CounterMetricFamily("relayd_events", "Events logged, per type", labels=["type"])
         per_type: Counter[str] = Counter()
-        for (kind, label), n in sorted(counts.items()):
+        streams = {(Type.RECEPTION.value, stream): 0 for stream in STREAMS}  # 0 before the first
+        for (kind, label), n in sorted((streams | counts).items()):
             per_type[kind] += n
             if kind == Type.RECEPTION:
                 received.add_metric([label], n)
