@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,7 @@ def test_metrics_of_deliveries_deferrals_and_bounces(relay, fake_mx, dns_server,
         mx_zone(dns_server, d, (10, f"mx.{d}", "127.0.0.10"))
     fake_mx(
         "127.0.0.10",
+        accept_delay=0.2,  # each transaction holds its connection a while
         rcpt_replies={
             "later@a.test": "451 4.3.0 try later",
             "gone@a.test": "550 5.1.1 no such user",
@@ -64,6 +66,12 @@ def test_metrics_of_deliveries_deferrals_and_bounces(relay, fake_mx, dns_server,
     assert get(f"{base}/healthz") == (200, b"ok\n")
     for i in range(3):
         send(r.port, [f"ok{i}@a.test", f"ok{i}@b.test", f"ok{i}@c.test"])
+    # connections stay open for delivery.idle_connection_time (0.5 s) after their last message
+    open_now = wait_until(
+        lambda: scrape(base).get("relayd_site_connections"), 5, "open connections in /metrics"
+    )
+    assert {lab["source"] for lab, _ in open_now} == {"default"}  # no pool: the system's address
+    assert sum(v for _, v in open_now) >= 1
     send(r.port, ["later@a.test", "gone@a.test"])
 
     def settled():
@@ -177,3 +185,20 @@ def test_bad_monitoring_keys_are_named(tmp_path, table, key, problem) -> None:
     blank = tmp_path / "off.toml"
     blank.write_text('[[listeners]]\naddress = "127.0.0.1:2525"\n[monitoring]\naddress = ""\n')
     assert config.load(blank).monitoring.address is None
+
+
+def test_monitoring_port_in_use_is_named(relay) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        r = relay({"monitoring": {"address": address}}, start=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "relayd", "--config", str(r.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    assert done.returncode == 71, done.stderr
+    assert f"cannot start: [Errno 98] monitoring.address {address}:" in done.stderr

@@ -52,8 +52,7 @@ from relayd.spool import warmup as warmups
 from relayd.spool.suppression import REASONS
 
 STATE_CHOICES = {s.name.lower(): s for s in UNFINISHED}
-AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
-BUCKETS = (*(f"{m}m" for m in AGE_EDGES), f"{AGE_EDGES[-1]}m+")
+AGE_EDGES, BUCKETS = admin.AGE_EDGES, admin.BUCKETS  # qshape's buckets (/metrics has them too)
 WAITING = (State.PENDING, State.DEFERRED)
 VERBS = {"hold": "held", "release": "released", "retry": "rescheduled", "delete": "deleted"}
 

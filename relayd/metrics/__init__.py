@@ -33,10 +33,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from relayd.ctl.main import AGE_EDGES, BUCKETS
 from relayd.events.records import Type
 from relayd.metrics.tally import ATTEMPT_BUCKETS, DEFAULT_SOURCE, OTHER
-from relayd.model.message import State
+from relayd.model.message import STREAMS, State
 from relayd.shaping.adaptive import SUSPEND, SYSTEM
 from relayd.spool import admin, schema
 
@@ -187,9 +186,9 @@ class Metrics:
             ):
                 g.queue[names[state]] = (count, max(now - first, 0.0))
             for _, bucket, count in admin.shape_counts(
-                conn, list(QUEUE_STATES.values()), AGE_EDGES, now
+                conn, list(QUEUE_STATES.values()), admin.AGE_EDGES, now
             ):
-                g.ages[BUCKETS[bucket]] += count
+                g.ages[admin.BUCKETS[bucket]] += count
             g.events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             g.webhooks = [
                 (ep, backlog, bool(failing))
@@ -236,7 +235,8 @@ class _Live(Collector):
         )
         events = CounterMetricFamily("relayd_events", "Events logged, per type", labels=["type"])
         per_type: Counter[str] = Counter()
-        for (kind, label), n in sorted(counts.items()):
+        streams = {(Type.RECEPTION.value, stream): 0 for stream in STREAMS}  # 0 before the first
+        for (kind, label), n in sorted((streams | counts).items()):
             per_type[kind] += n
             if kind == Type.RECEPTION:
                 received.add_metric([label], n)
@@ -351,7 +351,7 @@ class _Live(Collector):
             "Unfinished recipients by their message's age (relayctl queue's buckets)",
             labels=["age"],
         )
-        for bucket in BUCKETS:
+        for bucket in admin.BUCKETS:
             ages.add_metric([bucket], g.ages[bucket])
         yield from (queue, oldest, ages)
         yield GaugeMetricFamily("relayd_spool_bytes", "Spool file and WAL", value=g.spool_bytes)

@@ -54,6 +54,7 @@ class Health:
         self.interval = watchdog_interval()
         self.tick = min(TICK, self.interval or TICK)  # a ping at least every interval
         self.pinged = float("-inf")
+        self.probing = False  # a probe of the Writer is on its way
         self.stuck: dict[str, str] = {}  # what the last look found wrong
         self.task: asyncio.Task[None] | None = None
 
@@ -65,7 +66,9 @@ class Health:
         while True:
             before = self.monotonic()
             self.relay.link.ping()
-            asyncio.get_running_loop().create_task(self._write())
+            if not self.probing:  # a hung writer gets one probe, not one per tick
+                self.probing = True
+                asyncio.get_running_loop().create_task(self._write())
             await asyncio.sleep(self.tick)
             self.metrics.loop_lag["queue"] = max(self.monotonic() - before - self.tick, 0.0)
             self.metrics.loop_lag["ingress"] = self.relay.link.lag
@@ -86,8 +89,13 @@ class Health:
                 self.notify("WATCHDOG=1")
 
     async def _write(self) -> None:
-        await self.relay.writer.submit(_probe)
-        self.written = self.monotonic()
+        try:
+            await self.relay.writer.submit(_probe)
+            self.written = self.monotonic()
+        except Exception:  # the spool refuses writes: ``written`` ages, live() says so
+            pass
+        finally:
+            self.probing = False
 
     def live(self) -> dict[str, str]:
         """The loops that do not answer (name -> why); the watchdog's condition."""

@@ -29,9 +29,13 @@ class MonitoringServer:
         self.server: asyncio.Server | None = None
 
     async def start(self, address: HostPort) -> None:
-        self.server = await asyncio.start_server(
-            self._serve, address.host, address.port, limit=HEAD_LIMIT
-        )
+        try:
+            self.server = await asyncio.start_server(
+                self._serve, address.host, address.port, limit=HEAD_LIMIT
+            )
+        except OSError as exc:  # relayd stops: say which key names the address
+            problem = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"monitoring.address {address}: {problem}") from None
         log.info("monitoring_listening", address=str(address))
 
     async def close(self) -> None:

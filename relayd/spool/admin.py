@@ -21,6 +21,8 @@ from relayd.spool.store import append_events
 IDS_IN = "(SELECT value FROM json_each(?))"  # one parameter for any number of ids
 Row = dict[str, Any]
 EVENT_IDS = 100  # queue ids named in an operator event
+AGE_EDGES = tuple(5 * 2**i for i in range(9))  # minutes, as qshape: 5 10 20 ... 1280
+BUCKETS = (*(f"{m}m" for m in AGE_EDGES), f"{AGE_EDGES[-1]}m+")  # relayctl queue, /metrics
 
 
 class Refused(Exception):
