@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.util import free_port, mx_zone, send, wait_until
 
 from relayd import config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -111,6 +114,15 @@ def test_metrics_of_deliveries_deferrals_and_bounces(relay, fake_mx, dns_server,
         ["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30
     )
     assert check.returncode == 0, check.stdout + check.stderr
+    # the shipped alert rules and dashboard read only series this relayd serves
+    served = set(re.findall(r"^# TYPE (relayd_[a-z_]+) (\w+)", text.decode(), re.M))
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    names = {
+        n.removesuffix("_total") + end for n, kind in served for end in suffixes.get(kind, ("",))
+    }
+    for shipped in ("conf/prometheus/alerts.yml", "conf/grafana/relayd.json"):
+        used = set(re.findall(r"\brelayd_[a-z_]+", (ROOT / shipped).read_text()))
+        assert used and used <= names, (shipped, used - names)
     status, body = get(f"{base}/readyz")
     assert (status, json.loads(body)) == (200, {"ready": True, "failing": {}})
     status, body = get(f"{base}/nothing")
