@@ -4,11 +4,11 @@
 
 Sends --n messages of about --size bytes, --concurrency sessions at a time, one new connection
 per message (as smtp-source does by default); --rate paces the starts (message I not before
-I / RATE seconds in), and --rcpt names each recipient ("{i}": the message's number). Each
-message has its own Message-ID <PREFIX-I@x.test>. A message whose transaction fails (connection
-refused or reset, timeout, any reply other than the expected one) is sent again, same
-Message-ID, after a short pause, up to --max-tries times, as an MTA client would. Every 250
-after DATA appends, flushed at once:
+I / RATE seconds in), and --rcpt names each recipient ("{i}": the message's number, "{d}": it
+modulo --domains). Each message has its own Message-ID <PREFIX-I@x.test>. A message whose
+transaction fails (connection refused or reset, timeout, any reply other than the expected one)
+is sent again, same Message-ID, after a short pause, up to --max-tries times, as an MTA client
+would. Every 250 after DATA appends, flushed at once:
 
     ack <unix time> <Message-ID> <queue id from "queued as ...">
 
@@ -108,7 +108,7 @@ async def run(args: argparse.Namespace, out: TextIO) -> dict[str, float]:
             if args.rate > 0:
                 await asyncio.sleep(max(0.0, t_start + i / args.rate - time.monotonic()))
             mid, data = message(args.prefix, i, args.size)
-            rcpt = args.rcpt.format(i=i)
+            rcpt = args.rcpt.format(i=i, d=i % args.domains)
             for attempt in range(1, args.max_tries + 1):
                 try:
                     final = await transaction(
@@ -147,6 +147,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rate", type=float, default=0.0, help="messages/s; 0 = unpaced")
     parser.add_argument("--rcpt", default="b@y.test", help='recipient; "{i}" = message number')
+    parser.add_argument("--domains", type=int, default=1, help='for "{d}" in --rcpt')
     parser.add_argument("--prefix", default=f"load{int(time.time())}")
     parser.add_argument("--acks", required=True, help="file to append ack/fail lines to")
     parser.add_argument("--max-tries", type=int, default=60)
