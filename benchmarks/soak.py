@@ -14,9 +14,10 @@ relayd (its own config and fresh spool in a temp dir) runs --minutes under a rea
 - a webhook endpoint subscribed to '*' (batch 100), a receiver in this process answering 200
   to every POST whose Standard Webhooks signature verifies (benchmarks/webhook_drain.Counter).
 
-Every --interval seconds it samples RSS (VmRSS) and open descriptors (/proc/PID/fd) of both
-relayd processes, the spool's size (file + WAL) and its event-log rows, the queue (recipients
-pending/deferred/held/active: all, and the transactional stream alone), the webhook backlog
+Every --interval seconds it samples RSS (VmRSS), open descriptors (/proc/PID/fd) and CPU (shown,
+per cent of one core, not judged) of both relayd processes, the spool's size (file + WAL) and
+its event-log rows, the queue (recipients pending/deferred/held/active: all, and the
+transactional stream alone), the webhook backlog
 (events after the endpoint's cursor), and the accept-to-delivery latency of the transactional
 mail delivered in the interval, measured here: the sink's arrival time minus the client's 250
 after DATA (smtp_load's ack line), joined on the Message-ID; p99 of the mail delivered at its
@@ -148,6 +149,7 @@ class Latency:
         self.early: list[tuple[float, str]] = []  # arrived before its ack line was read
         self.deferred: set[str] = set()
         self.sent = self.at_sink = 0
+        self.run_first: list[float] = []  # the whole run's, for its p50 / p99
 
     def read(self) -> tuple[list[float], list[float]]:
         """Latencies since the last call: of the mail delivered at its first attempt, of all."""
@@ -174,19 +176,23 @@ class Latency:
             i = int(mid[len(self.prefix) :].split("@")[0])
             if f"u{i}@t{i % TX_DOMAINS}.test" not in self.deferred:
                 first.append(lat)
+        self.run_first += first
         return first, every
 
 
-def proc_stats(pid: int) -> tuple[float, int]:
-    """VmRSS in MB and the open descriptors of one process (0, 0 once it is gone)."""
+def proc_stats(pid: int) -> tuple[float, int, float]:
+    """VmRSS in MB, the open descriptors and the CPU seconds so far of one process (zeros once
+    it is gone)."""
     with contextlib.suppress(OSError):
         rss = next(
             int(line.split()[1])
             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
             if line.startswith("VmRSS:")
         )
-        return rss / 1024, len(os.listdir(f"/proc/{pid}/fd"))
-    return 0.0, 0
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+        return rss / 1024, len(os.listdir(f"/proc/{pid}/fd")), cpu
+    return 0.0, 0, 0.0
 
 
 def spool_stats(spool: Path) -> dict[str, int]:
@@ -336,12 +342,17 @@ def main() -> int:
         latency = Latency(acks, arrivals, prefix)
         samples: list[dict[str, Any]] = []
         campaign_id = None
+        cpu_before = [proc_stats(relayd.pid)[2] + proc_stats(ingress_pid)[2], t0]
 
         def sample(t: float) -> None:
             first, every = latency.read()
             qpid, ipid = proc_stats(relayd.pid), proc_stats(ingress_pid)
+            cpu, now = qpid[2] + ipid[2], time.monotonic()
+            busy = (cpu - cpu_before[0]) / (now - cpu_before[1])
+            cpu_before[:] = [cpu, now]
             samples.append(
-                {"t_min": round(t / 60, 1), "rss_queue_mb": round(qpid[0], 1)}
+                {"t_min": round(t / 60, 1), "relayd_cpu_pct": round(100 * busy)}
+                | {"rss_queue_mb": round(qpid[0], 1)}
                 | {"rss_ingress_mb": round(ipid[0], 1), "fds_queue": qpid[1]}
                 | {"fds_ingress": ipid[1], "delivered_tx": len(every)}
                 | {"p99_first_s": round(p99(first), 3), "p99_all_s": round(p99(every), 3)}
@@ -430,6 +441,8 @@ def account(spool: Path, latency: Latency, receiver: Counter, contacts: int) -> 
     doomed = {r for r in mine if fate(r, DEFER, BOUNCE) == "bounce"}
     return {
         "sent_smtp": latency.sent,
+        "run_p50_first_s": round(statistics.median(latency.run_first or [0.0]), 3),
+        "run_p99_first_s": round(p99(latency.run_first), 3),
         "campaign_contacts": contacts,
         "accepted_events": by_type.get("accepted", 0),
         "delivered_events": by_type.get("delivered", 0),
