@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/smtp_load.py --port 2567 --n 20000 --acks acks.txt
 
 Sends --n messages of about --size bytes, --concurrency sessions at a time, one new connection
-per message (as smtp-source does by default). Each message has its own Message-ID
-<PREFIX-I@x.test>. A message whose transaction fails (connection refused or reset, timeout, any
-reply other than the expected one) is sent again, same Message-ID, after a short pause, up to
---max-tries times, as an MTA client would. Every 250 after DATA appends, flushed at once:
+per message (as smtp-source does by default); --rate paces the starts (message I not before
+I / RATE seconds in), and --rcpt names each recipient ("{i}": the message's number, "{d}": it
+modulo --domains). Each message has its own Message-ID <PREFIX-I@x.test>. A message whose
+transaction fails (connection refused or reset, timeout, any reply other than the expected one)
+is sent again, same Message-ID, after a short pause, up to --max-tries times, as an MTA client
+would. Every 250 after DATA appends, flushed at once:
 
     ack <unix time> <Message-ID> <queue id from "queued as ...">
 
@@ -98,14 +100,19 @@ async def run(args: argparse.Namespace, out: TextIO) -> dict[str, float]:
     stats = {"acked": 0, "failed_tries": 0, "given_up": 0}
     deadline = time.monotonic() + args.deadline
 
+    t_start = time.monotonic()
+
     async def worker() -> None:
         while not todo.empty() and time.monotonic() < deadline:
             i = todo.get_nowait()
+            if args.rate > 0:
+                await asyncio.sleep(max(0.0, t_start + i / args.rate - time.monotonic()))
             mid, data = message(args.prefix, i, args.size)
+            rcpt = args.rcpt.format(i=i, d=i % args.domains)
             for attempt in range(1, args.max_tries + 1):
                 try:
                     final = await transaction(
-                        args.host, args.port, "a@x.test", "b@y.test", data, args.timeout
+                        args.host, args.port, "a@x.test", rcpt, data, args.timeout
                     )
                 except (Failure, OSError, TimeoutError) as exc:
                     reason = re.sub(r"\s+", "_", f"{type(exc).__name__}:{exc}")[:120]
@@ -138,6 +145,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s; 0 = unpaced")
+    parser.add_argument("--rcpt", default="b@y.test", help='recipient; "{i}" = message number')
+    parser.add_argument("--domains", type=int, default=1, help='for "{d}" in --rcpt')
     parser.add_argument("--prefix", default=f"load{int(time.time())}")
     parser.add_argument("--acks", required=True, help="file to append ack/fail lines to")
     parser.add_argument("--max-tries", type=int, default=60)
