@@ -1046,16 +1046,23 @@ class Scheduler:
         sites = [q for site in self.sites.values() for q in (site.queue, site.bulk)]
         return [*sites, *self.routing.values()]
 
-    def queued(self) -> set[int]:
-        """The messages of the jobs waiting in memory (not those on a connection now)."""
-        return {job.msg_id for queue in self._queues() for job in queue}
+    def waiting(self) -> list[Job]:
+        """The jobs waiting in memory (not those on a connection now)."""
+        return [job for queue in self._queues() for job in queue]
 
-    def drop(self, active: set[int]) -> None:
-        """Keep, of the jobs waiting in memory, only the recipients still ACTIVE in the spool
-        (relayctl moved the others out); a job left with none leaves memory."""
+    def drop(self, looked: list[Job], active: set[int]) -> None:
+        """Keep, of the jobs ``looked`` at that still wait in memory, only the recipients
+        still ACTIVE in the spool (relayctl moved the others out); a job left with none
+        leaves memory. Jobs that came into memory after the look (while the spool was asked,
+        say a resumed campaign's next batch) are left alone: they came after the change, and
+        their recipients, missing from ``active`` yet ACTIVE, would be stranded so."""
+        seen = {id(job) for job in looked}  # ``looked`` keeps them alive: no id is reused
         for queue in self._queues():
             kept = []
             for job in queue:
+                if id(job) not in seen:
+                    kept.append(job)
+                    continue
                 retry = job.is_retry
                 job.recipients = [r for r in job.recipients if r.id in active]
                 if not job.recipients:
