@@ -113,3 +113,36 @@ def test_mail_arriving_while_a_hold_is_applied_stays_in_memory_and_goes_out(tmp_
         run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 1\n")
     finally:
         mx.stop()
+
+
+def test_mail_held_and_released_before_control_looks_goes_out_once(tmp_path):
+    """A hold and its release, both made while the job waits in memory and before Control
+    applies the hold, make the recipient due in the spool again: the loader must not add a
+    second job for it (two connections would each send one)."""
+    # two connections, busy with the first two messages for a while: the third waits
+    mx = FakeMX("127.0.0.10", 0, accept_delay=1.0, pipelining=False).start()
+    try:
+
+        async def body(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+            control = Control(scheduler.writer, scheduler, 86400.0, clock)
+            await control.step()  # start-up: its cursor at the last event
+            msgs = [message(f"{n}@example.test", clock.now) for n in "abc"]
+            await intake.submit(msgs[:2])
+            await until(lambda: len(mx.connections) == 2, "both connections busy")
+            await intake.submit(msgs[2:])
+            await until(scheduler.waiting, "the third message waiting in memory")
+            ctl = contextlib.closing(admin.open_spool(spool, write=True))  # relayctl's way
+            with ctl as conn:
+                for action in ("hold", "release"):
+                    with admin.transaction(conn, write=True):
+                        admin.change(conn, action, [msgs[2].queue_id], None, clock.now)
+            scheduler.poke()
+            await until(lambda: ("c@example.test", State.ACTIVE) in left(spool), "loaded again")
+            await control.step()
+            await until(lambda: not left(spool) and not scheduler.active, "all sent")
+            rcpts = sorted(r for m in mx.messages for r in m.rcpts)
+            assert rcpts == ["a@example.test", "b@example.test", "c@example.test"]
+
+        run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 2\n")
+    finally:
+        mx.stop()
