@@ -126,7 +126,9 @@ class RelayProcess:
 
     def events(self, event: str | None = None) -> list[dict[str, Any]]:
         out = []
-        for line in self.log_text().splitlines():
+        text = self.log_text()
+        # complete lines only: relayd may be writing the last one as it is read (seen under load)
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 record = json.loads(line)
                 if event is None or record.get("event") == event:

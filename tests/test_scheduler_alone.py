@@ -4,16 +4,21 @@ is decided by the clock the scheduler is given, never by the machine's."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+import threading
 from pathlib import Path
 
 from support.fakemx import FakeMX
 from support.queue import START, Clock, run_queue, until
 
 from relayd.model.ids import new_queue_id
-from relayd.model.message import NewMessage
+from relayd.model.message import NewMessage, State
+from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler
+from relayd.spool import admin
 
 
 def message(rcpt: str, received_at: float) -> NewMessage:
@@ -26,6 +31,11 @@ def message(rcpt: str, received_at: float) -> NewMessage:
 def recipient(spool: Path) -> tuple[int, int, float]:
     with sqlite3.connect(spool) as db:
         return db.execute("SELECT state, attempts, next_attempt FROM recipients").fetchone()
+
+
+def left(spool: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(spool) as db:
+        return db.execute("SELECT rcpt, state FROM recipients ORDER BY id").fetchall()
 
 
 def test_a_deferred_recipient_is_retried_when_the_given_clock_says_so(tmp_path):
@@ -60,5 +70,79 @@ def test_a_message_expires_by_the_given_clock_and_its_dsn_goes_out(tmp_path):
             assert b"Status: 4.4.7" in dsn.data
 
         run_queue(tmp_path, mx, body)
+    finally:
+        mx.stop()
+
+
+def test_mail_arriving_while_a_hold_is_applied_stays_in_memory_and_goes_out(tmp_path):
+    """A hold's operator event makes Control ask the spool which waiting recipients are still
+    ACTIVE; mail admitted meanwhile (a resumed campaign's next batch) is not in that answer
+    and must not be dropped for it: it would stay ACTIVE in the spool, in nobody's memory.
+    The writer is gated so that the new mail commits in the group commit of Control's read."""
+    # one connection, busy with the first message for a while: the others wait in memory
+    mx = FakeMX("127.0.0.10", 0, accept_delay=1.0, pipelining=False).start()
+    try:
+
+        async def body(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+            control = Control(scheduler.writer, scheduler, 86400.0, clock)
+            await control.step()  # start-up: its cursor at the last event
+            first, held, fresh = (message(f"{n}@example.test", clock.now) for n in "abc")
+            await intake.submit([first])
+            await until(lambda: mx.connections, "the first message on the connection")
+            await intake.submit([held])
+            await until(scheduler.waiting, "the second message waiting in memory")
+            ctl = contextlib.closing(admin.open_spool(spool, write=True))  # relayctl's way
+            with ctl as conn, admin.transaction(conn, write=True):
+                admin.change(conn, "hold", [held.queue_id], None, clock.now)
+            entered, gate = threading.Event(), threading.Event()
+            scheduler.writer.submit(lambda _: entered.set() or gate.wait(10))
+            await until(entered.is_set, "the writer held at the gate")
+            step = asyncio.ensure_future(control.step())
+            await asyncio.sleep(0)  # the step asks for the operator events, behind the gate
+            stored = intake.submit([fresh])  # commits with that read: admitted after the look
+            gate.set()
+            await step
+            await stored
+            await until(lambda: len(mx.messages) == 2, "the first and the fresh message")
+            assert sorted(r for m in mx.messages for r in m.rcpts) == [
+                "a@example.test",
+                "c@example.test",
+            ]
+            await until(lambda: left(spool) == [("b@example.test", State.HELD)], "the held one")
+
+        run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 1\n")
+    finally:
+        mx.stop()
+
+
+def test_mail_held_and_released_before_control_looks_goes_out_once(tmp_path):
+    """A hold and its release, both made while the job waits in memory and before Control
+    applies the hold, make the recipient due in the spool again: the loader must not add a
+    second job for it (two connections would each send one)."""
+    # two connections, busy with the first two messages for a while: the third waits
+    mx = FakeMX("127.0.0.10", 0, accept_delay=1.0, pipelining=False).start()
+    try:
+
+        async def body(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+            control = Control(scheduler.writer, scheduler, 86400.0, clock)
+            await control.step()  # start-up: its cursor at the last event
+            msgs = [message(f"{n}@example.test", clock.now) for n in "abc"]
+            await intake.submit(msgs[:2])
+            await until(lambda: len(mx.connections) == 2, "both connections busy")
+            await intake.submit(msgs[2:])
+            await until(scheduler.waiting, "the third message waiting in memory")
+            ctl = contextlib.closing(admin.open_spool(spool, write=True))  # relayctl's way
+            with ctl as conn:
+                for action in ("hold", "release"):
+                    with admin.transaction(conn, write=True):
+                        admin.change(conn, action, [msgs[2].queue_id], None, clock.now)
+            scheduler.poke()
+            await until(lambda: ("c@example.test", State.ACTIVE) in left(spool), "loaded again")
+            await control.step()
+            await until(lambda: not left(spool) and not scheduler.active, "all sent")
+            rcpts = sorted(r for m in mx.messages for r in m.rcpts)
+            assert rcpts == ["a@example.test", "b@example.test", "c@example.test"]
+
+        run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 2\n")
     finally:
         mx.stop()

@@ -54,11 +54,11 @@ class Control:
         events = await submit(functools.partial(store.operator_events, after=self.cursor))
         if events:
             if any(e.data.get("action") in ("hold", "delete") for e in events):
-                queued = self.scheduler.queued()
-                if queued:
-                    self.scheduler.drop(
-                        await submit(functools.partial(store.still_active, msg_ids=queued))
-                    )
+                waiting = self.scheduler.waiting()
+                if waiting:
+                    msg_ids = {job.msg_id for job in waiting}
+                    active = await submit(functools.partial(store.still_active, msg_ids=msg_ids))
+                    self.scheduler.drop(waiting, active)
             if any(e.data.get("action") == "delete" for e in events):
                 await self.settle()
             if self.requests is not None:

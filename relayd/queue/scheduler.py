@@ -232,6 +232,8 @@ class Scheduler:
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.active = 0  # jobs in memory
+        # their recipients (waiting or on a connection): never two jobs for one (see _load)
+        self.inside: set[int] = set()
         self.active_retries = 0
         self.active_bulk = 0  # ... of the bulk stream: at most half of max_active
         self.kept = 0  # bytes of text kept by fresh jobs (KEEP_TOTAL)
@@ -302,6 +304,7 @@ class Scheduler:
                     job.body = msg.body  # type: ignore[assignment]  # bytes: checked above
                     self.kept += size
             job.recipients.append(Recipient(rid, rcpt, 0, flags, original))
+        self.inside.update(msg.ids)
         for job in by_domain.values():
             self._route(job)
 
@@ -741,6 +744,7 @@ class Scheduler:
         self.active -= 1
         self.active_retries -= job.is_retry
         self.active_bulk -= job.bulk
+        self.inside.difference_update(r.id for r in job.recipients)
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
         self._commit(job, results, events, now, 0)
@@ -916,6 +920,7 @@ class Scheduler:
             self.active -= 1
             self.active_retries -= job.is_retry
             self.active_bulk -= job.bulk
+            self.inside.difference_update(r.id for r in job.recipients)
             if job.body is not None:
                 self.kept -= len(job.body)
                 job.body = None
@@ -1042,6 +1047,12 @@ class Scheduler:
             )
             jobs, self._spool_has_due = await self.writer.submit(load)
             for job in jobs:
+                # a recipient held while in memory and released before Control dropped it
+                # is due in the spool again, and still in memory: it goes out once, from there
+                job.recipients = [r for r in job.recipients if r.id not in self.inside]
+                if not job.recipients:
+                    continue
+                self.inside.update(r.id for r in job.recipients)
                 self.active += 1
                 self.active_retries += job.is_retry
                 self.active_bulk += job.bulk
@@ -1054,17 +1065,25 @@ class Scheduler:
         sites = [q for site in self.sites.values() for q in (site.queue, site.bulk)]
         return [*sites, *self.routing.values()]
 
-    def queued(self) -> set[int]:
-        """The messages of the jobs waiting in memory (not those on a connection now)."""
-        return {job.msg_id for queue in self._queues() for job in queue}
+    def waiting(self) -> list[Job]:
+        """The jobs waiting in memory (not those on a connection now)."""
+        return [job for queue in self._queues() for job in queue]
 
-    def drop(self, active: set[int]) -> None:
-        """Keep, of the jobs waiting in memory, only the recipients still ACTIVE in the spool
-        (relayctl moved the others out); a job left with none leaves memory."""
+    def drop(self, looked: list[Job], active: set[int]) -> None:
+        """Keep, of the jobs ``looked`` at that still wait in memory, only the recipients
+        still ACTIVE in the spool (relayctl moved the others out); a job left with none
+        leaves memory. Jobs that came into memory after the look (while the spool was asked,
+        say a resumed campaign's next batch) are left alone: they came after the change, and
+        their recipients, missing from ``active`` yet ACTIVE, would be stranded so."""
+        seen = {id(job) for job in looked}  # ``looked`` keeps them alive: no id is reused
         for queue in self._queues():
             kept = []
             for job in queue:
+                if id(job) not in seen:
+                    kept.append(job)
+                    continue
                 retry = job.is_retry
+                self.inside.difference_update(r.id for r in job.recipients if r.id not in active)
                 job.recipients = [r for r in job.recipients if r.id in active]
                 if not job.recipients:
                     self.active -= 1
