@@ -232,8 +232,10 @@ class Scheduler:
         self.routing: dict[str, list[Job]] = {}  # domain -> jobs waiting for its route
         self.rotations = {name: Rotation(pool) for name, pool in config.pools.items()}
         self.active = 0  # jobs in memory
-        # their recipients (waiting or on a connection): never two jobs for one (see _load)
-        self.inside: set[int] = set()
+        # their recipients (waiting or on a connection): never two jobs for one (see _load);
+        # by queue id and recipient id: SQLite reuses the rowid of a deleted last row, so a
+        # recipient deleted while in flight may lend its id to the next message's (a DSN's)
+        self.inside: set[tuple[str, int]] = set()
         self.active_retries = 0
         self.active_bulk = 0  # ... of the bulk stream: at most half of max_active
         self.kept = 0  # bytes of text kept by fresh jobs (KEEP_TOTAL)
@@ -304,7 +306,7 @@ class Scheduler:
                     job.body = msg.body  # type: ignore[assignment]  # bytes: checked above
                     self.kept += size
             job.recipients.append(Recipient(rid, rcpt, 0, flags, original))
-        self.inside.update(msg.ids)
+        self.inside.update((msg.queue_id, rid) for rid in msg.ids)
         for job in by_domain.values():
             self._route(job)
 
@@ -744,7 +746,7 @@ class Scheduler:
         self.active -= 1
         self.active_retries -= job.is_retry
         self.active_bulk -= job.bulk
-        self.inside.difference_update(r.id for r in job.recipients)
+        self.inside.difference_update((job.queue_id, r.id) for r in job.recipients)
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
         self._commit(job, results, events, now, 0)
@@ -920,7 +922,7 @@ class Scheduler:
             self.active -= 1
             self.active_retries -= job.is_retry
             self.active_bulk -= job.bulk
-            self.inside.difference_update(r.id for r in job.recipients)
+            self.inside.difference_update((job.queue_id, r.id) for r in job.recipients)
             if job.body is not None:
                 self.kept -= len(job.body)
                 job.body = None
@@ -1049,10 +1051,12 @@ class Scheduler:
             for job in jobs:
                 # a recipient held while in memory and released before Control dropped it
                 # is due in the spool again, and still in memory: it goes out once, from there
-                job.recipients = [r for r in job.recipients if r.id not in self.inside]
+                job.recipients = [
+                    r for r in job.recipients if (job.queue_id, r.id) not in self.inside
+                ]
                 if not job.recipients:
                     continue
-                self.inside.update(r.id for r in job.recipients)
+                self.inside.update((job.queue_id, r.id) for r in job.recipients)
                 self.active += 1
                 self.active_retries += job.is_retry
                 self.active_bulk += job.bulk
@@ -1083,7 +1087,8 @@ class Scheduler:
                     kept.append(job)
                     continue
                 retry = job.is_retry
-                self.inside.difference_update(r.id for r in job.recipients if r.id not in active)
+                gone = (r.id for r in job.recipients if r.id not in active)
+                self.inside.difference_update((job.queue_id, rid) for rid in gone)
                 job.recipients = [r for r in job.recipients if r.id in active]
                 if not job.recipients:
                     self.active -= 1
