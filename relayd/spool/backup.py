@@ -24,6 +24,7 @@ import shutil
 import sqlite3
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,24 @@ def take(spool: Path, dest: Path, force: bool = False, method: str = "vacuum") -
     _writable(dest.parent)
     if not spool.is_file():
         raise Refused(f"no spool at {spool} (has relayd been started with this config?)")
-    partial = dest.with_name(dest.name + PARTIAL)
-    partial.unlink(missing_ok=True)  # left by a backup that was interrupted
-    old = os.umask(0o077)  # the copy holds the queued mail and the spool's secrets
-    try:
+    with _replacing(dest) as partial:
         _copy(spool, partial, method)
-        _fsync(partial)
         contents = check(partial)
+    return Contents(**(contents.as_json() | {"path": str(dest)}))
+
+
+@contextlib.contextmanager
+def _replacing(dest: Path) -> Iterator[Path]:
+    """The file to write ``dest``'s new contents to: ``dest`` with a .partial suffix, readable
+    by its owner only (it holds the queued mail and the spool's secrets), synced and renamed
+    over ``dest`` when the block ends well, removed when it fails: ``dest`` is whole or as it
+    was."""
+    partial = dest.with_name(dest.name + PARTIAL)
+    partial.unlink(missing_ok=True)  # left by a run that was interrupted
+    old = os.umask(0o077)
+    try:
+        yield partial
+        _fsync(partial)
         os.replace(partial, dest)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -86,7 +98,6 @@ def take(spool: Path, dest: Path, force: bool = False, method: str = "vacuum") -
     finally:
         os.umask(old)
     _fsync(dest.parent)
-    return Contents(**(contents.as_json() | {"path": str(dest)}))
 
 
 def _copy(spool: Path, partial: Path, method: str) -> None:
@@ -170,22 +181,12 @@ def restore(backup: Path, spool: Path, now: float, force: bool = False) -> Conte
         raise Refused(f"spool {spool} exists (use --force to replace it and the mail in it)")
     spool.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _writable(spool.parent)
-    partial = spool.with_name(spool.name + PARTIAL)
-    old = os.umask(0o077)
-    try:
+    with _replacing(spool) as partial:
         shutil.copyfile(backup, partial)
         _mark_restored(partial, backup, contents.newest_event, now)
-        _fsync(partial)
         # a WAL left by the replaced spool must never be applied to the restored one
         for suffix in ("-wal", "-shm", "-journal"):
             Path(f"{spool}{suffix}").unlink(missing_ok=True)
-        os.replace(partial, spool)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        os.umask(old)
-    _fsync(spool.parent)
     return Contents(**(contents.as_json() | {"path": str(spool)}))
 
 
