@@ -105,6 +105,20 @@ def test_sigterm_finishes_transaction_in_flight_then_exits(relay, dns_server, fa
     r.wait_event("deferred", rcpt="x@example.test")
 
 
+def test_sigterm_during_a_slow_delivery_logs_no_error(relay, dns_server, fake_mx):
+    """A stop that waits for a transaction in flight is not a failure: the health look must
+    not report the loops the stop itself is ending (seen: loops_stuck at every bench stop)."""
+    mx_zone(dns_server, "example.test", (10, "mx1.example.test", "127.0.0.10"))
+    mx = fake_mx("127.0.0.10", accept_delay=3)
+    r = relay()
+    send(r.port, ["x@example.test"])
+    wait_until(lambda: mx.connections, 15, "the delivery under way")
+    r.signal(signal.SIGTERM)
+    assert r.proc.wait(30) == 0
+    r.wait_event("delivered", rcpt="x@example.test")
+    assert [e for e in r.events() if e.get("level") == "error"] == []
+
+
 def test_systemd_notify_ready(relay, tmp_path, monkeypatch):
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -394,6 +394,8 @@ class QueueProcess:
             return
         self.stopping = True
         sd_notify("STOPPING=1")
+        if self.health.task is not None:  # the loops this stop ends are not stuck
+            self.health.task.cancel()
         timeout = self.config.server.shutdown_timeout
         log.info("stopping", timeout_s=timeout)
         deadline = time.monotonic() + timeout
@@ -407,8 +409,6 @@ class QueueProcess:
         self.reputation_task.cancel()
         self.backup_task.cancel()
         self.alerts_task.cancel()
-        if self.health.task is not None:
-            self.health.task.cancel()
         await self.monitoring.close()
         self.metrics.close()
         await self.webhooks.stop()
