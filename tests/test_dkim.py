@@ -325,6 +325,7 @@ def test_unsigned_headers_added_later_do_not_break_it(keys: dict[str, tuple[Dkim
         b"x\r\n",
         b"\tlead  and trail \t\r\n\r\nmiddle\t \tgap\r\n \r\n",
         b"no final newline",
+        b"runs" + b" " * 33 + b"of" + b" " * 16 + b"\t" * 5 + b"spaces " * 300 + b"  \r\n",
     ],
 )
 def test_body_canonicalization_edge_cases(

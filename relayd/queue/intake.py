@@ -26,6 +26,8 @@ from relayd.spool import api, store
 from relayd.spool.space import FreeSpace
 from relayd.spool.writer import Writer
 
+SIGN_CHUNK = 32  # messages signed per call on a signing thread
+
 
 class Admission(Protocol):
     """What intake needs of the scheduler: room in memory, and the hand-over."""
@@ -94,17 +96,19 @@ class Intake:
     async def _sign_and_insert(self, msgs: list[NewMessage], guard: Guard | None) -> Answer | None:
         loop = asyncio.get_running_loop()  # RSA in OpenSSL releases the GIL: sign beside the loop
         sent = [m for m in msgs if m.recipients]  # not the suppressed-only: nothing to send
-        signed = await asyncio.gather(
-            *(
-                # a large text arrives as a bytearray; the signer wants bytes
-                loop.run_in_executor(self.signing, self.signer.sign, bytes(m.body), m.received_at)
-                for m in sent
-            )
-        )
-        for msg, text in zip(sent, signed, strict=True):
+        # SIGN_CHUNK messages per executor call: a future per message cost the queue process
+        # a tenth of its time on a campaign's batches of 1,000
+        chunks = [sent[i : i + SIGN_CHUNK] for i in range(0, len(sent), SIGN_CHUNK)]
+        await asyncio.gather(*(loop.run_in_executor(self.signing, self._sign, c) for c in chunks))
+        return await self._insert(msgs, guard)
+
+    def _sign(self, msgs: list[NewMessage]) -> None:
+        """On a signing thread: each message's text with its signature."""
+        for msg in msgs:
+            # a large text arrives as a bytearray; the signer wants bytes
+            text = self.signer.sign(bytes(msg.body), msg.received_at)
             msg.signed = len(text) > len(msg.body)
             msg.body = text
-        return await self._insert(msgs, guard)
 
     def _insert(self, msgs: list[NewMessage], guard: Guard | None) -> asyncio.Future[Answer | None]:
         """Into the spool's next group commit; into memory at once when there is room (and
