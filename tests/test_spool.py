@@ -167,3 +167,22 @@ def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp
     assert f"spool {path} is damaged" in schema.verify(path)  # found by the whole check
     with pytest.raises(schema.SpoolDamaged, match="is damaged"):
         schema.prepare(path)  # small enough to check whole: refused
+
+
+def test_deleting_a_delivered_text_does_not_write_it_again(tmp_path: Path):
+    """Debian's SQLite overwrites deleted content by default (secure_delete=ON): a delivered
+    5 MB message cost 5 MB more of WAL and checkpoint, and stalled the writer for seconds."""
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    conn = schema.connect(path)
+    conn.execute(
+        "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin, body)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        ("AB", "a@x.test", 0.0, 4 << 20, "127.0.0.1", "c.test", "", b"x" * (4 << 20)),
+    )
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size == 0
+    conn.execute("DELETE FROM messages WHERE queue_id = 'AB'")
+    assert wal.stat().st_size < 256 << 10  # the freed pages are listed, not zeroed
+    conn.close()

@@ -46,6 +46,7 @@ def open_spool(path: Path, write: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(f"{path.as_uri()}?mode={mode}", uri=True, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=10000")  # the daemon's group commits are short
     conn.execute("PRAGMA foreign_keys=ON")  # deleting a message deletes its recipients
+    conn.execute("PRAGMA secure_delete=FAST")  # as the daemon's (schema.connect)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != SCHEMA_VERSION:
         conn.close()
