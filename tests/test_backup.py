@@ -15,7 +15,7 @@ import pytest
 from support.receiver import Receiver
 from support.util import mx_zone, send, steady_load, wait_until
 
-from relayd.spool import backup
+from relayd.spool import backup, schema
 
 DEFER = "451 4.3.0 busy, try later"
 
@@ -39,7 +39,7 @@ def test_backup_under_load_restored_on_a_lost_spool_delivers_all_acknowledged_be
         again = r.ctl("backup", str(file), check=False)
         live = r.ctl("restore", str(file), "--force", check=False)
     assert doc["path"] == str(file) and doc["bytes"] == file.stat().st_size
-    assert doc["schema_version"] == 5 and doc["newest_event"] > 0
+    assert doc["schema_version"] == schema.SCHEMA_VERSION and doc["newest_event"] > 0
     assert doc["messages"] >= len(before) and str(r.config_path) in doc["not_included"]
     assert not Path(f"{file}.partial").exists()
     assert again.returncode == 1 and f"backup: {file} exists (use --force" in again.stderr

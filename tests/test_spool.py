@@ -169,6 +169,61 @@ def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp
         schema.prepare(path)  # small enough to check whole: refused
 
 
+def test_a_version_5_spool_gets_the_text_last_keeping_messages_and_recipients(tmp_path: Path):
+    """The rebuild of messages (text last, see _V6) must not cascade to the recipients."""
+    path = tmp_path / "spool.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            schema._TABLES
+            + schema._V2
+            + schema._V3
+            + schema._V4
+            + schema._V5
+            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+            + " origin, body, envid, meta, stream) VALUES (7, 'Q7', 's@x.test', 1, 3, 'c',"
+            + " 'h', 't', x'616263', 'E7', '{}', 'bulk');"
+            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+            + " VALUES (7, 'r@y.test', 'y.test', 1, 5);"
+            + "PRAGMA user_version = 5;"
+        )
+    schema.prepare(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        columns = [r[1] for r in db.execute("PRAGMA table_info(messages)")]
+        assert columns[-1] == "body"
+        assert db.execute("SELECT id, queue_id, envid, stream, body FROM messages").fetchall() == [
+            (7, "Q7", "E7", "bulk", b"abc")
+        ]
+        assert db.execute("SELECT msg_id, rcpt, state FROM recipients").fetchall() == [
+            (7, "r@y.test", 1)
+        ]
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("DELETE FROM messages WHERE id = 7")  # the cascade still holds
+        assert db.execute("SELECT count(*) FROM recipients").fetchone() == (0,)
+
+
+def test_inserting_a_text_in_pieces_does_not_hold_it_in_memory(tmp_path: Path):
+    """SQLite materialises a zeroblob that is not its row's last column: 32 MB for 16 MB."""
+    path = tmp_path / "spool.sqlite"
+    schema.prepare(path)
+    conn = schema.connect(path)
+    size = 16 << 20
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here on
+    before = _status("VmRSS")
+    conn.execute(
+        "INSERT INTO messages (queue_id, sender, received_at, size, client, helo, origin, body)"
+        " VALUES (?,?,?,?,?,?,?,zeroblob(?))",
+        ("ZB", "a@x.test", 0.0, size, "127.0.0.1", "c.test", "", size),
+    )
+    assert _status("VmHWM") - before < size // 4
+    conn.close()
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(field + ":"))
+
+
 def test_deleting_a_delivered_text_does_not_write_it_again(tmp_path: Path):
     """Debian's SQLite overwrites deleted content by default (secure_delete=ON): a delivered
     5 MB message cost 5 MB more of WAL and checkpoint, and stalled the writer for seconds."""
