@@ -82,6 +82,8 @@ EX_OSERR = 71
 EX_DATAERR = 65  # the spool is damaged
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_M_MMAP_THRESHOLD = -3  # mallopt(3)
+MMAP_THRESHOLD = 256 * 1024  # glibc's own starting value is 128 KiB
 
 Bound = list[tuple[configuration.Listener, list[socket.socket]]]
 
@@ -694,7 +696,17 @@ def _become_ingress(parent: int) -> None:
         os._exit(1)
 
 
+def _fixed_mmap_threshold() -> None:
+    """Large buffers (a message's text, copied a few times on its way) mapped on their own and
+    given back to the kernel when freed. glibc raises its threshold to the size of the first
+    such buffer freed and keeps every later one in its heaps, where the threads' arenas hold on
+    to the memory: the queue process stayed 50-100 MB larger after 2,000 messages of 5 MB."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def run(config: configuration.Config, context: ssl.SSLContext | None, signer: Signer) -> int:
+    _fixed_mmap_threshold()  # before the fork: both processes keep it
     schema.prepare(config.server.spool_path)
     bound = bind(config)
     queue_end, ingress_end = socket.socketpair()
