@@ -12,6 +12,15 @@ import pytest
 from relayd.spool import schema
 from relayd.spool.writer import Writer
 
+# the schema as each version created it: version N is the first N scripts
+_SCRIPTS = (schema._TABLES, schema._V2, schema._V3, schema._V4, schema._V5)
+
+
+def old_spool(path: Path, version: int, rows: str) -> None:
+    """A spool as the relayd of schema ``version`` left it, holding ``rows`` (SQL)."""
+    with sqlite3.connect(path) as db:
+        db.executescript("".join(_SCRIPTS[:version]) + rows + f"PRAGMA user_version = {version};")
+
 
 def test_failing_operation_does_not_undo_its_neighbours_in_the_same_commit(tmp_path: Path):
     path = tmp_path / "spool.sqlite"
@@ -62,15 +71,14 @@ def test_prepare_refuses_a_spool_from_a_newer_relayd(tmp_path: Path):
 def test_a_version_1_spool_is_upgraded_in_place_keeping_its_mail(tmp_path: Path):
     """relayd before the outbox: a control table, no events. The mail stays; control goes."""
     path = tmp_path / "spool.sqlite"
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            schema._TABLES
-            + "CREATE TABLE control (id INTEGER PRIMARY KEY, action TEXT, msg_ids TEXT, at REAL);"
-            + "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
-            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
-            + " VALUES (1, 'r@y.test', 'y.test', 1, 0);"
-            + "PRAGMA user_version = 1;"
-        )
+    old_spool(
+        path,
+        1,
+        "CREATE TABLE control (id INTEGER PRIMARY KEY, action TEXT, msg_ids TEXT, at REAL);"
+        "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
+        "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+        " VALUES (1, 'r@y.test', 'y.test', 1, 0);",
+    )
     schema.prepare(path)
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -82,15 +90,13 @@ def test_a_version_1_spool_is_upgraded_in_place_keeping_its_mail(tmp_path: Path)
 def test_a_version_2_spool_gains_the_receipt_columns_keeping_its_mail(tmp_path: Path):
     """relayd before receipts: mail in flight keeps its state and gets the RFC 3461 defaults."""
     path = tmp_path / "spool.sqlite"
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            schema._TABLES
-            + schema._V2
-            + "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
-            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
-            + " VALUES (1, 'r@y.test', 'y.test', 1, 0);"
-            + "PRAGMA user_version = 2;"
-        )
+    old_spool(
+        path,
+        2,
+        "INSERT INTO messages VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', 0, x'00');"
+        "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+        " VALUES (1, 'r@y.test', 'y.test', 1, 0);",
+    )
     schema.prepare(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -107,15 +113,12 @@ def test_a_version_3_spool_gains_streams_and_the_suppression_list_keeping_its_ma
 ):
     """relayd before deliverability: mail in flight is transactional, nothing is suppressed."""
     path = tmp_path / "spool.sqlite"
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            schema._TABLES
-            + schema._V2
-            + schema._V3
-            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
-            + " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');"
-            + "PRAGMA user_version = 3;"
-        )
+    old_spool(
+        path,
+        3,
+        "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+        " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');",
+    )
     schema.prepare(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -130,18 +133,14 @@ def test_a_version_3_spool_gains_streams_and_the_suppression_list_keeping_its_ma
 def test_a_version_4_spool_gains_the_campaign_tables_keeping_its_mail(tmp_path: Path):
     """relayd before campaigns: mail in flight and the suppression list stay as they were."""
     path = tmp_path / "spool.sqlite"
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            schema._TABLES
-            + schema._V2
-            + schema._V3
-            + schema._V4
-            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
-            + " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');"
-            + "INSERT INTO suppressions (address, scope, reason, created)"
-            + " VALUES ('a@y.test', '*', 'manual', 0);"
-            + "PRAGMA user_version = 4;"
-        )
+    old_spool(
+        path,
+        4,
+        "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+        " origin, body) VALUES (1, 'Q1', 's@x.test', 0, 1, '', '', 't', x'00');"
+        "INSERT INTO suppressions (address, scope, reason, created)"
+        " VALUES ('a@y.test', '*', 'manual', 0);",
+    )
     schema.prepare(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
@@ -172,20 +171,15 @@ def test_a_spool_too_large_to_check_before_start_is_checked_whole_afterwards(tmp
 def test_a_version_5_spool_gets_the_text_last_keeping_messages_and_recipients(tmp_path: Path):
     """The rebuild of messages (text last, see _V6) must not cascade to the recipients."""
     path = tmp_path / "spool.sqlite"
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            schema._TABLES
-            + schema._V2
-            + schema._V3
-            + schema._V4
-            + schema._V5
-            + "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
-            + " origin, body, envid, meta, stream) VALUES (7, 'Q7', 's@x.test', 1, 3, 'c',"
-            + " 'h', 't', x'616263', 'E7', '{}', 'bulk');"
-            + "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
-            + " VALUES (7, 'r@y.test', 'y.test', 1, 5);"
-            + "PRAGMA user_version = 5;"
-        )
+    old_spool(
+        path,
+        5,
+        "INSERT INTO messages (id, queue_id, sender, received_at, size, client, helo,"
+        " origin, body, envid, meta, stream) VALUES (7, 'Q7', 's@x.test', 1, 3, 'c',"
+        " 'h', 't', x'616263', 'E7', '{}', 'bulk');"
+        "INSERT INTO recipients (msg_id, rcpt, domain, state, next_attempt)"
+        " VALUES (7, 'r@y.test', 'y.test', 1, 5);",
+    )
     schema.prepare(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
