@@ -13,6 +13,7 @@ import pytest
 
 from relayd.delivery import client as delivery
 from relayd.ingress.smtp import RelaySMTP
+from relayd.mime import headers
 from relayd.model.message import NewMessage
 from relayd.queue.scheduler import Budget
 from relayd.spool import schema, store
@@ -168,3 +169,16 @@ def test_line_length_check_matches_splitting_into_lines() -> None:
         expect = max(map(len, text.split(b"\r\n"))) > limit
         assert headers.longest_line_over(text, limit) is expect, (text, limit)
         assert headers.longest_line_over(bytearray(text), limit) is expect
+
+
+def test_the_line_end_scans_agree_with_their_definitions() -> None:
+    """has_bare_newlines and has_dot_line (one pass each over the bytes of every message)
+    against their definitions, on short random texts of CR, LF, dots and letters."""
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = bytes(rng.choice(b"\r\n.a") for _ in range(rng.randint(0, 12)))
+        pairs = text.count(b"\r\n")
+        bare = text.count(b"\r") != pairs or text.count(b"\n") != pairs
+        assert headers.has_bare_newlines(text) is bare, text
+        assert headers.has_bare_newlines(bytearray(text)) is bare, text
+        assert headers.has_dot_line(text) is (b"\r\n." in text), text

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from relayd.config import HostPort
 from relayd.delivery.dns import LookupFailure, Resolver
 from relayd.events.log import log
+from relayd.mime import headers
 from relayd.model.message import Job
 from relayd.model.status import Reply
 
@@ -414,7 +415,7 @@ def _stuffed(text: bytes) -> bytes:
     (``NewMessage.body``), so it is not checked again here (three passes over the bytes, a
     tenth of the CPU a 100 KB message costs); a text without a line-initial dot is returned as
     it is (no copy)."""
-    if b"\r\n." in text:
+    if headers.has_dot_line(text):
         text = text.replace(b"\r\n.", b"\r\n..")
     if text.startswith(b"."):
         text = b"." + text
