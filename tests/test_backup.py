@@ -66,11 +66,20 @@ def test_backup_under_load_restored_on_a_lost_spool_delivers_all_acknowledged_be
         return got if set(before) <= got else set()
 
     wait_until(delivered, 60, f"the {len(before)} messages acknowledged before the backup")
-    # the restored relayd's events do not reuse the ids of those lost with the old spool
-    conn = sqlite3.connect(f"{r.spool.as_uri()}?mode=ro", uri=True)
-    ids = [i for (i,) in conn.execute("SELECT id FROM events WHERE id > ?", (doc["newest_event"],))]
-    conn.close()
-    assert ids[0] == doc["newest_event"] + backup.EVENT_ID_JUMP and len(ids) > len(before)
+    # the restored relayd's events do not reuse the ids of those lost with the old spool; the
+    # MX has each message before relayd commits its result, so the events are waited for too
+
+    def new_events() -> list[int]:
+        conn = sqlite3.connect(f"{r.spool.as_uri()}?mode=ro", uri=True)
+        try:
+            query = "SELECT id FROM events WHERE id > ? ORDER BY id"
+            found = [i for (i,) in conn.execute(query, (doc["newest_event"],))]
+        finally:
+            conn.close()
+        return found if len(found) > len(before) else []
+
+    ids = wait_until(new_events, 30, f"more than {len(before)} events after the restore")
+    assert ids[0] == doc["newest_event"] + backup.EVENT_ID_JUMP
     print(f"recovery (restore start to first delivery): {recovery:.2f} s")
 
 
