@@ -108,7 +108,14 @@ def test_bulk_mail_holds_its_share_of_connections_and_transactional_mail_takes_t
             await until(lambda: len(mx.messages) == 9, "the rest of the bulk mail")
 
         run_queue(tmp_path, mx, body, toml)
-        assert mx.max_concurrent_connections == 3
+        # the third connection, unless a bulk connection took t0 at its next message first
+        # (seen on a busy machine: transactional mail goes first on any connection)
+        rcpts = [
+            [x for x in c.commands if x.upper().startswith("RCPT TO:<")] for c in mx.connections
+        ]
+        carried = next(r for r in rcpts if any(x.startswith("RCPT TO:<t0@") for x in r))
+        shared = any(x.startswith("RCPT TO:<b") for x in carried)
+        assert mx.max_concurrent_connections == 3 or shared
     finally:
         mx.stop()
 
