@@ -146,3 +146,45 @@ def test_mail_held_and_released_before_control_looks_goes_out_once(tmp_path):
         run_queue(tmp_path, mx, body, "[shaping.default]\nmax_connections = 2\n")
     finally:
         mx.stop()
+
+
+def test_mail_held_and_released_during_its_attempt_goes_out_once(tmp_path):
+    """A hold and its release made while the recipient is on a connection make it due in the
+    spool again; a look by the loader that runs after the remote 250 but before that result is
+    committed must not add a second job (it did: one contact got a campaign's mail twice after
+    a pause and a resume). The writer is gated so that the look commits before the result."""
+    mx = FakeMX("127.0.0.10", 0, pipelining=False).start()
+    mx.reply_gate = threading.Event()
+    try:
+
+        async def body(intake: Intake, scheduler: Scheduler, clock: Clock, spool: Path) -> None:
+            msg = message("a@example.test", clock.now)
+            await intake.submit([msg])
+            await until(lambda: mx.messages, "the MX to have the text, its 250 not yet sent")
+            ctl = contextlib.closing(admin.open_spool(spool, write=True))  # relayctl's way
+            with ctl as conn:
+                for action in ("hold", "release"):
+                    with admin.transaction(conn, write=True):
+                        admin.change(conn, action, [msg.queue_id], None, clock.now)
+            writer = scheduler.writer
+            entered, gate = threading.Event(), threading.Event()
+            writer.submit(lambda _: entered.set() or gate.wait(10))
+            await until(entered.is_set, "the writer held at the gate")
+            scheduler.poke()
+            await until(lambda: writer._queue.qsize() == 1, "the loader's look behind the gate")
+            assert mx.reply_gate is not None
+            mx.reply_gate.set()
+            await until(lambda: writer._queue.qsize() == 2, "the result behind the look")
+            gate.set()
+            await until(lambda: not left(spool), "the spool empty")
+            await writer.submit(lambda _: None)  # the look's answer has been handled
+            await until(lambda: not scheduler.active, "nothing left on a connection")
+
+        run_queue(tmp_path, mx, body)
+        assert len(mx.messages) == 1
+        assert sum(c.commands.count("DATA") for c in mx.connections) == 1
+        with sqlite3.connect(tmp_path / "spool.sqlite") as db:
+            kinds = db.execute("SELECT type FROM events WHERE rcpt IS NOT NULL ORDER BY id")
+            assert [k for (k,) in kinds] == ["delivered"]  # not also deferred, nor twice
+    finally:
+        mx.stop()

@@ -746,7 +746,6 @@ class Scheduler:
         self.active -= 1
         self.active_retries -= job.is_retry
         self.active_bulk -= job.bulk
-        self.inside.difference_update((job.queue_id, r.id) for r in job.recipients)
         if self._spool_has_due:
             self._poke.set()  # room freed: load more now rather than at the next poll
         self._commit(job, results, events, now, 0)
@@ -781,6 +780,9 @@ class Scheduler:
             retry = functools.partial(self._commit, job, results, events, now, tries + 1)
             self._spawn(self._retry_later("record", tries, error, retry, job.queue_id))
             return
+        # inside until now: a recipient held and released during the attempt is due in the
+        # spool, and a look of the loader committed before this result must not send it again
+        self.inside.difference_update((job.queue_id, r.id) for r in job.recipients)
         done = fut.result()
         emit(done.events)
         if done.dsns:

@@ -117,6 +117,8 @@ class FakeMX:
         self.data_reply = data_reply  # "{n}" becomes the message number
         self.data_replies: collections.deque[str] = collections.deque()  # used before data_reply
         self.accept_delay = accept_delay  # seconds before the reply to DATA
+        # when set to a clear Event: a message is recorded, then its reply waits for the event
+        self.reply_gate: threading.Event | None = None
         self.pipelining = pipelining  # offer PIPELINING in EHLO
         self.connections: list[Conn] = []
         self.messages: list[Received] = []
@@ -349,6 +351,8 @@ class FakeMX:
                             )
                         )
                         self._cond.notify_all()
+                if self.reply_gate is not None:
+                    await asyncio.to_thread(self.reply_gate.wait, 30)
                 await reply(answer)
                 mail_from, rcpts = None, []
             elif verb == "RSET":
