@@ -332,3 +332,24 @@ def test_keep_metadata_headers_delivers_them(relay, world):
     dsn_mail("ok@example.test", "", "", r.port, b"X-App-Order: 7\r\n" + ORIGINAL)
     assert b"X-App-Order: 7\r\n" in dest.wait_for_messages(1)[0].data
     assert r.wait_event("delivered")[0]["meta"] == {"Order": "7"}
+
+
+def test_relayctl_show_gives_the_dsn_parameters_the_message_came_with(relay, world):
+    dest, _ = world
+    dest.rcpt_replies["later@example.test"] = "451 4.3.0 try later"
+    r = relay()
+    params = "NOTIFY=FAILURE,DELAY ORCPT=rfc822;Later+2Bapp@Example.test"
+    qid = dsn_mail("later@example.test", "RET=HDRS ENVID=order+2B7", params, r.port, ORIGINAL)
+    qid = qid.rsplit(" ", 1)[1]
+    r.wait_event("deferred", queue_id=qid)
+    shown = json.loads(r.ctl("--json", "show", qid).stdout)
+    assert (shown["envid"], shown["ret"]) == ("order+7", "HDRS")
+    (rcpt,) = shown["recipients"]
+    assert (rcpt["notify"], rcpt["orcpt"]) == ("FAILURE,DELAY", "rfc822;Later+app@Example.test")
+    text = r.ctl("show", qid).stdout.splitlines()
+    assert next(x for x in text if x.startswith("envid:")).split() == ["envid:", "order+7"]
+    assert next(x for x in text if x.startswith("ret:")).split() == ["ret:", "HDRS"]
+    head = next(x for x in text if x.startswith("RECIPIENT"))
+    assert head.split()[-2:] == ["NOTIFY", "ORCPT"]
+    row = next(x for x in text if x.startswith("later@example.test"))
+    assert row.split()[-2:] == ["FAILURE,DELAY", "rfc822;Later+app@Example.test"]

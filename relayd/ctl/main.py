@@ -41,7 +41,7 @@ from relayd.ingress.credentials import (
 )
 from relayd.ingress.smtp import valid_address
 from relayd.mime import dkim
-from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, State
+from relayd.model.message import STREAMS, TRANSACTIONAL, UNFINISHED, Notify, State
 from relayd.receipts import endpoints
 from relayd.reputation.pools import addresses, exclusions
 from relayd.senderauth import report
@@ -119,6 +119,8 @@ def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
         **{k: msg[k] for k in ("queue_id", "sender", "client", "helo", "origin", "stream", "size")},
         "received_at": _iso(msg["received_at"]),
         "smtputf8": bool(msg["smtputf8"]),
+        "envid": msg["envid"],  # the DSN extension's (RFC 3461), None/"" when not given
+        "ret": msg["ret"] or None,
         "recipients": [
             {
                 "rcpt": r["rcpt"],
@@ -129,6 +131,8 @@ def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
                 "last_code": r["last_code"],
                 "last_reply": r["last_reply"],
                 "last_mx": r["last_mx"],
+                "notify": Notify.words(r["notify"]) or None,
+                "orcpt": r["orcpt"],
             }
             for r in recipients
         ],
@@ -198,6 +202,9 @@ def render_show(msg: Row) -> str:
         ["stream:", msg["stream"]],
         ["size:", f"{msg['size']} bytes{', SMTPUTF8' if msg['smtputf8'] else ''}"],
     ]
+    envelope += [[f"{k}:", msg[k]] for k in ("envid", "ret") if msg[k]]
+    # the DSN columns only where a recipient gave NOTIFY or ORCPT
+    dsn = [k for k in ("notify", "orcpt") if any(r[k] for r in msg["recipients"])]
     recipients = table(
         [
             [
@@ -207,10 +214,12 @@ def render_show(msg: Row) -> str:
                 r["next_attempt"] or "-",
                 r["last_mx"] or "-",
                 f"{r['last_code']} {r['last_reply']}" if r["last_code"] else "-",
+                *(r[k] or "-" for k in dsn),
             ]
             for r in msg["recipients"]
         ],
-        ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST MX", "LAST REPLY"],
+        ["RECIPIENT", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "LAST MX", "LAST REPLY"]
+        + [k.upper() for k in dsn],
     )
     content = msg.get("body", msg["headers"])
     return f"{table(envelope, ['', ''])}\n\n{recipients}\n\n{content}".rstrip("\n")

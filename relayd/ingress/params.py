@@ -26,7 +26,7 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+")
 _HEXCHAR = re.compile(r"\+([0-9A-Fa-f]{2})")
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")  # "printable (graphic and white space) US-ASCII"
 _ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext, for addr-type
-_NOTIFY = {"SUCCESS": Notify.SUCCESS, "FAILURE": Notify.FAILURE, "DELAY": Notify.DELAY}
+_NOTIFY = {word: flag for word, flag in Notify.NAMES.items() if flag != Notify.NEVER}
 
 
 class ParamError(ValueError):

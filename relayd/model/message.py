@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import ClassVar
 
 # A message's stream: its lane in the scheduler. Transactional mail (a password reset, a receipt)
 # never waits behind bulk mail (a newsletter) to the same destination; see queue.scheduler.
@@ -134,6 +135,17 @@ class Notify:
     FAILURE = 2
     DELAY = 4
     NEVER = 8
+    NAMES: ClassVar[dict[str, int]] = {
+        "SUCCESS": SUCCESS,
+        "FAILURE": FAILURE,
+        "DELAY": DELAY,
+        "NEVER": NEVER,
+    }
+
+    @staticmethod
+    def words(flags: int) -> str:
+        """The parameter's value as it was given (``SUCCESS,FAILURE``); "" when not given."""
+        return ",".join(name for name, bit in Notify.NAMES.items() if flags & bit)
 
 
 @dataclass

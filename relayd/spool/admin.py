@@ -118,15 +118,15 @@ def message(conn: sqlite3.Connection, queue_id: str) -> tuple[Row, list[Row]]:
     """A message's envelope (with its body) and its recipients with their last attempt."""
     cur = conn.execute(
         "SELECT id, queue_id, sender, received_at, client, helo, origin, stream, size, smtputf8,"
-        " body FROM messages WHERE queue_id = ?",
+        " envid, ret, body FROM messages WHERE queue_id = ?",
         (queue_id,),
     )
     msg = _row(cur, cur.fetchone())
     if msg is None:
         raise Refused(f"no message with queue id {queue_id}")
     cur = conn.execute(
-        "SELECT rcpt, state, attempts, next_attempt, last_attempt, last_code, last_reply, last_mx"
-        " FROM recipients WHERE msg_id = ? ORDER BY id",
+        "SELECT rcpt, state, attempts, next_attempt, last_attempt, last_code, last_reply, last_mx,"
+        " notify, orcpt FROM recipients WHERE msg_id = ? ORDER BY id",
         (msg["id"],),
     )
     return msg, [_row(cur, r) or {} for r in cur.fetchall()]
