@@ -134,8 +134,8 @@ def test_a_transactional_message_books_the_sites_rate_ahead_of_a_bulk_backlog(tm
         async def body(intake: Intake, _: Scheduler, clock: Clock, spool: Path) -> None:
             await intake.submit(bulk(60, clock))
             await until(lambda: len(mx.messages) >= 10, "the first bulk deliveries")
-            delivered = len(mx.messages)
             await intake.submit([message("t0@dest.test", TRANSACTIONAL, clock.now)])
+            delivered = len(mx.messages)  # t0 is in memory now (admitted at its commit)
             await until(lambda: "t0" in order(mx), "the transactional message")
             assert bulk_before(mx, "t0") <= delivered + BULK_AHEAD + 2  # 2: while it connects
             assert mx.max_concurrent_connections == 19  # 18 for bulk: more than BULK_AHEAD
