@@ -172,7 +172,7 @@ def test_line_length_check_matches_splitting_into_lines() -> None:
 
 
 def test_the_line_end_scans_agree_with_their_definitions() -> None:
-    """has_bare_newlines and has_dot_line (one pass each over the bytes of every message)
+    """has_bare_newlines, stuff_dots and unstuff_dots (one pass each over every message)
     against their definitions, on short random texts of CR, LF, dots and letters."""
     rng = random.Random(7)
     for _ in range(5000):
@@ -181,4 +181,7 @@ def test_the_line_end_scans_agree_with_their_definitions() -> None:
         bare = text.count(b"\r") != pairs or text.count(b"\n") != pairs
         assert headers.has_bare_newlines(text) is bare, text
         assert headers.has_bare_newlines(bytearray(text)) is bare, text
-        assert headers.has_dot_line(text) is (b"\r\n." in text), text
+        assert headers.stuff_dots(text) == text.replace(b"\r\n.", b"\r\n.."), text
+        assert headers.unstuff_dots(text) == text.replace(b"\r\n.", b"\r\n"), text
+        if b"\r\n." not in text:
+            assert headers.stuff_dots(text) is text  # not copied

@@ -415,8 +415,7 @@ def _stuffed(text: bytes) -> bytes:
     (``NewMessage.body``), so it is not checked again here (three passes over the bytes, a
     tenth of the CPU a 100 KB message costs); a text without a line-initial dot is returned as
     it is (no copy)."""
-    if headers.has_dot_line(text):
-        text = text.replace(b"\r\n.", b"\r\n..")
+    text = headers.stuff_dots(text)
     if text.startswith(b"."):
         text = b"." + text
     return text

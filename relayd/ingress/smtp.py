@@ -417,8 +417,7 @@ class RelaySMTP(SMTP):
                 raw = raw[1:]
             elif tail[-1:] == b"\r" and raw[:2] == b"\n.":
                 raw = b"\n" + raw[2:]
-            if headers.has_dot_line(raw):
-                raw = raw.replace(b"\r\n.", b"\r\n")
+            raw = headers.unstuff_dots(raw)
             if not content:
                 content = raw
             elif isinstance(content, bytes):
