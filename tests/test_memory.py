@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,18 @@ def test_the_line_end_scans_agree_with_their_definitions() -> None:
         assert headers.unstuff_dots(text) == text.replace(b"\r\n.", b"\r\n"), text
         if b"\r\n." not in text:
             assert headers.stuff_dots(text) is text  # not copied
+
+
+@pytest.mark.parametrize(
+    "command", [["-m", "relayd"], ["-c", "from relayd.__main__ import main; main()"]]
+)
+def test_the_daemon_does_not_load_rich_or_pygments(command: list[str]) -> None:
+    """structlog loads them whenever rich is installed (relayctl top needs it); the daemon keeps
+    them out, by both of its entry points (``python -m relayd`` and the ``relayd`` script)."""
+    config = Path(__file__).resolve().parents[1] / "conf" / "relayd.toml"
+    args = [sys.executable, "-X", "importtime", *command, "--check", "--config", str(config)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "structlog.dev" in done.stderr  # the import that would bring them in ran
+    loaded = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert not [m for m in loaded if m.startswith(("rich.", "pygments"))]
