@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from support.fakemx import FakeMX
 from support.queue import START, Clock, run_queue, until
@@ -19,6 +21,7 @@ from relayd.queue.control import Control
 from relayd.queue.intake import Intake
 from relayd.queue.scheduler import Scheduler
 from relayd.spool import admin
+from relayd.spool.writer import Writer
 
 
 def message(rcpt: str, received_at: float) -> NewMessage:
@@ -148,6 +151,20 @@ def test_mail_held_and_released_before_control_looks_goes_out_once(tmp_path):
         mx.stop()
 
 
+def recording(writer: Writer) -> list[str]:
+    """From now on, the name of each operation given to the writer, in the order it will run
+    (the scheduler's other loops may put theirs between them)."""
+    names: list[str] = []
+    submit = writer.submit
+
+    def recorded(fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[Any]:
+        names.append(getattr(fn, "func", fn).__qualname__)
+        return submit(fn)
+
+    writer.submit = recorded  # type: ignore[method-assign]
+    return names
+
+
 def test_mail_held_and_released_during_its_attempt_goes_out_once(tmp_path):
     """A hold and its release made while the recipient is on a connection make it due in the
     spool again; a look by the loader that runs after the remote 250 but before that result is
@@ -170,11 +187,13 @@ def test_mail_held_and_released_during_its_attempt_goes_out_once(tmp_path):
             entered, gate = threading.Event(), threading.Event()
             writer.submit(lambda _: entered.set() or gate.wait(10))
             await until(entered.is_set, "the writer held at the gate")
+            ops = recording(writer)
             scheduler.poke()
-            await until(lambda: writer._queue.qsize() == 1, "the loader's look behind the gate")
+            await until(lambda: "load_due" in ops, "the loader's look behind the gate")
             assert mx.reply_gate is not None
             mx.reply_gate.set()
-            await until(lambda: writer._queue.qsize() == 2, "the result behind the look")
+            await until(lambda: "attempt.<locals>.op" in ops, "the attempt's result behind it")
+            assert ops.index("load_due") < ops.index("attempt.<locals>.op")
             gate.set()
             await until(lambda: not left(spool), "the spool empty")
             await writer.submit(lambda _: None)  # the look's answer has been handled

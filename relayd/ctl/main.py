@@ -119,7 +119,7 @@ def show_message(conn: sqlite3.Connection, args: argparse.Namespace) -> Row:
         **{k: msg[k] for k in ("queue_id", "sender", "client", "helo", "origin", "stream", "size")},
         "received_at": _iso(msg["received_at"]),
         "smtputf8": bool(msg["smtputf8"]),
-        "envid": msg["envid"],  # the DSN extension's (RFC 3461), None/"" when not given
+        "envid": msg["envid"] or None,  # the DSN extension's (RFC 3461): None when not given
         "ret": msg["ret"] or None,
         "recipients": [
             {
